@@ -1,0 +1,185 @@
+"""Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): the training loss and the sampler.
+
+A clean latent video x0 and Gaussian noise are joined by a straight line
+
+    x_t = (1 - t) · x0 + t · noise,     t ∈ [0, 1],
+
+whose velocity dx_t/dt = noise - x0 is what the DiT learns to predict. Sampling integrates that
+ODE from pure noise (t = 1) to data (t = 0) with Euler steps, the timesteps bent by SD3's shift,
+and classifier-free guidance (Ho & Salimans 2022) mixing the text-conditioned and the
+unconditional velocity, both from one forward pass over a batch of two.
+
+Frame conditioning (Open-Sora): latent frames whose mask is 1 are given (clean latents). They are
+held at x0 in x_t, fed to the model as extra channels, and left out of the loss; the same rule
+serves text→video (mask all 0), image→video (first frame) and extension (first k frames).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's shift: t' = s·t / (1 + (s - 1)·t). s > 1 moves time towards the noisy end."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sampling_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """steps + 1 times from 1 down to 0 (float32), evenly spaced before the shift."""
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def _frames(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, T') frame mask as (B, 1, T', 1, 1), to broadcast over latents (B, C, T', H, W)."""
+    return mask[:, None, :, None, None]
+
+
+def apply_frame_conditioning(x: torch.Tensor, cond_latents: torch.Tensor | None,
+                             cond_mask: torch.Tensor | None) -> torch.Tensor:
+    """x with the given latent frames (mask 1) replaced by the conditioning latents."""
+    if cond_latents is None or cond_mask is None:
+        return x
+    m = _frames(cond_mask.to(x.dtype))
+    return x * (1 - m) + cond_latents.to(x.dtype) * m
+
+
+class FlowMatchSampler:
+    """Euler sampler for rectified flow with a timestep shift and classifier-free guidance.
+
+    Args:
+        steps: default number of Euler steps.
+        guidance: default guidance scale w; v = v_uncond + w·(v_cond - v_uncond). w = 1 is the
+            conditional model alone (one forward per step instead of a batch of two).
+        shift: SD3 timestep shift.
+    """
+
+    def __init__(self, steps: int = 20, guidance: float = 4.5, shift: float = 1.0):
+        self.steps, self.guidance, self.shift = steps, guidance, shift
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
+               uncond_text: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None, *,
+               cond_latents: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+               steps: int | None = None, guidance: float | None = None,
+               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Latents x0 (B, C, T', H', W') from noise of that shape, given text states (B, L, D).
+
+        `uncond_text`/`uncond_mask` (the empty or negative caption) are needed when guidance != 1.
+        `cond_latents` (B, C, T', H', W') with `cond_mask` (B, T') hold given frames fixed.
+        """
+        steps = self.steps if steps is None else steps
+        guidance = self.guidance if guidance is None else guidance
+        use_cfg = guidance != 1.0
+        if use_cfg and uncond_text is None:
+            raise ValueError("classifier-free guidance needs the unconditional text states")
+
+        b = noise.shape[0]
+        if use_cfg:  # one forward over [cond; uncond]
+            text = torch.cat([text, uncond_text])
+            text_mask = None if text_mask is None else torch.cat([text_mask, uncond_mask])
+            cond_in = None if cond_latents is None else torch.cat([cond_latents, cond_latents])
+            mask_in = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+        else:
+            cond_in, mask_in = cond_latents, cond_mask
+
+        timesteps = sampling_timesteps(steps, self.shift).to(noise.device)
+        x = apply_frame_conditioning(noise, cond_latents, cond_mask)
+        for i in range(steps):
+            t, t_next = timesteps[i], timesteps[i + 1]
+            x_in = torch.cat([x, x]) if use_cfg else x
+            v = model(x_in, t.expand(x_in.shape[0]), text, text_mask, cond_in, mask_in).float()
+            if use_cfg:
+                v_cond, v_uncond = v[:b], v[b:]
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            x = x + (t_next - t) * v  # Euler step towards t = 0
+            x = apply_frame_conditioning(x, cond_latents, cond_mask)
+            if callback is not None:
+                callback(i, x)
+        return x
+
+
+# --- training -------------------------------------------------------------------------------------
+
+#: Default share of training samples per frame-conditioning task (the rest are text→video).
+COND_PROBS = {"i2v": 0.1, "extend": 0.1, "interpolate": 0.05}
+
+
+def random_frame_masks(batch: int, frames: int, probs: dict[str, float] | None = None,
+                       generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(batch, frames) float masks of given latent frames, one task drawn per sample.
+
+    Tasks: "i2v" (the first frame), "extend" (the first k, 1 <= k < frames), "interpolate" (first
+    and last); otherwise none (text→video).
+    """
+    probs = COND_PROBS if probs is None else probs
+    masks = torch.zeros(batch, frames)
+    u = torch.rand(batch, generator=generator)
+    ks = torch.randint(1, max(frames, 2), (batch,), generator=generator)
+    for i in range(batch):
+        edge = 0.0
+        for task, p in probs.items():
+            if edge <= u[i] < edge + p:
+                if task == "i2v":
+                    masks[i, 0] = 1
+                elif task == "extend":
+                    masks[i, : int(ks[i])] = 1
+                elif task == "interpolate":
+                    masks[i, 0] = masks[i, -1] = 1
+                else:
+                    raise ValueError(f"unknown conditioning task {task!r}")
+            edge += p
+    if frames == 1:
+        masks.zero_()  # nothing left to generate otherwise
+    return masks.to(device)
+
+
+def sample_training_timesteps(batch: int, method: str = "logit_normal", shift: float = 1.0,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """t per sample: "logit_normal" (SD3: sigmoid of N(0, 1)) or "uniform", then shifted."""
+    if method == "logit_normal":
+        t = torch.sigmoid(torch.randn(batch, generator=generator))
+    elif method == "uniform":
+        t = torch.rand(batch, generator=generator)
+    else:
+        raise ValueError(f"unknown timestep sampling {method!r}")
+    return shift_timesteps(t, shift)
+
+
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                       *, uncond_text: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None,
+                       text_dropout: float = 0.1, cond_probs: dict[str, float] | None = None,
+                       timestep_sampling: str = "logit_normal", shift: float = 1.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean squared error of the predicted velocity on the frames to generate (a scalar).
+
+    x0: clean latents (B, C, T', H', W') from the VAE. text/text_mask: caption states. With
+    `uncond_text` (B or 1 rows), each caption is replaced by it with probability `text_dropout`
+    so that the model also learns the unconditional velocity that guidance needs. Randomness
+    (noise, t, masks, dropout) is drawn on the CPU from `generator`, so a seeded step is repeatable
+    on any device.
+    """
+    b, _, frames = x0.shape[:3]
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    t = sample_training_timesteps(b, timestep_sampling, shift, generator).to(device)
+    cond_mask = random_frame_masks(b, frames, cond_probs, generator, device)
+
+    t_ = t.to(x0.dtype)[:, None, None, None, None]
+    x_t = apply_frame_conditioning((1 - t_) * x0 + t_ * noise, x0, cond_mask)
+    cond_latents = x0 * _frames(cond_mask.to(x0.dtype))
+
+    if uncond_text is not None and text_dropout > 0:
+        drop = (torch.rand(b, generator=generator) < text_dropout).to(device)
+        text = torch.where(drop[:, None, None], uncond_text.expand_as(text), text)
+        if text_mask is not None:
+            text_mask = torch.where(drop[:, None], uncond_mask.expand_as(text_mask), text_mask)
+
+    v_pred = model(x_t, t, text, text_mask, cond_latents, cond_mask)
+    target = noise - x0
+    weight = 1 - _frames(cond_mask.to(v_pred.dtype))  # given frames are not learned
+    err = (v_pred.float() - target.float()).pow(2) * weight
+    denom = weight.expand_as(err).sum().clamp_min(1.0)
+    return err.sum() / denom

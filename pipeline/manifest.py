@@ -1,0 +1,354 @@
+"""Manifests: read a Parquet / JSON Lines manifest from any fsspec URI and validate its rows.
+
+A manifest is one row per clip. Only `id` and `prompt` are required; unknown columns pass through
+into the clip's metadata. Reading fails as a whole (`ManifestError`, exit code 2) only when the
+manifest itself is unusable; a bad row becomes a `RowError` and the other rows go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models.interface import GridLimits
+from pipeline import storage
+from pipeline.errors import one_line
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_PROMPT_CHARS = 2000
+MAX_GUIDANCE = 30.0
+SEED_RANGE = (0, 2**32 - 1)
+
+# Modes the renderer knows; only t2v renders until the generation-modes work lands.
+SUPPORTED_MODES = ("t2v",)
+PLANNED_MODES = ("i2v", "extend", "interpolate", "remix", "storyboard", "image")
+
+#: Columns the manifest contract defines; every other column passes through into the metadata.
+KNOWN_COLUMNS = (
+    "id", "prompt", "negative_prompt", "seconds", "fps", "width", "height", "seed", "steps",
+    "guidance", "mode", "image", "video",
+)
+
+
+class ManifestError(Exception):
+    """The manifest as a whole cannot be used (missing, unreadable, wrong format, no prompt column)."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that will not be rendered: `row` is its 0-based position in the manifest."""
+
+    row: int
+    id: str | None
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """A validated manifest row: everything needed to render it, plus what passes through."""
+
+    row: int
+    id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    fps: int
+    seed: int
+    steps: int
+    guidance: float
+    mode: str
+    passthrough: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+    def request_sha256(self, *, model_sha256: str, recaptioner: str) -> str:
+        """Hash of everything that decides the frames: equal hash → the same clip (resume key)."""
+        render = {k: v for k, v in asdict(self).items() if k not in ("row", "passthrough")}
+        render.update(model_sha256=model_sha256, recaptioner=recaptioner)
+        return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
+
+
+def default_seed(clip_id: str) -> int:
+    """The seed of a row that names none: stable across runs and machines, derived from its id."""
+    return int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:4], "big")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """Read a manifest: a Parquet file, a folder of Parquet files, or a JSON Lines file.
+
+    JSON Lines are read line by line, so a malformed line or a value of the wrong type costs only
+    its own row: such a row is kept with a `_line_error` column that validation reports.
+    """
+    try:
+        fs, path = storage.resolve(uri)
+        if not fs.exists(path):
+            raise ManifestError(f"manifest not found: {uri}")
+        if fs.isdir(path):
+            files = sorted(
+                p for p in fs.find(path)
+                if not posixpath.basename(p).startswith((".", "_")) and fs.isfile(p)
+            )
+            if not files:
+                raise ManifestError(f"manifest folder is empty: {uri}")
+            tables = [_read_one(fs, p, uri) for p in files]
+            try:
+                table = pa.concat_tables(tables, promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise ManifestError(f"manifest files under {uri} have clashing schemas: {one_line(e, 300)}")
+        else:
+            table = _read_one(fs, path, uri)
+    except ManifestError:
+        raise
+    except Exception as e:  # permissions, network, corrupt files: all unusable, one line each
+        raise ManifestError(f"cannot read manifest {uri}: {one_line(e, 300)}") from e
+    if "prompt" not in table.column_names:
+        raise ManifestError(
+            f"manifest {uri} has no 'prompt' column (columns: {', '.join(table.column_names) or 'none'})"
+        )
+    return table
+
+
+def _read_one(fs, path: str, uri: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    name = path.lower()
+    if data[:4] == b"PAR1" or name.endswith((".parquet", ".pq")):
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except Exception as e:
+            raise ManifestError(f"{uri}: not a readable Parquet file ({one_line(e, 300)})")
+    if name.endswith((".jsonl", ".ndjson", ".json")) or data.lstrip()[:1] == b"{":
+        return _read_jsonl(data, uri)
+    raise ManifestError(
+        f"{uri}: not a Parquet or JSON Lines manifest (use .parquet, .jsonl or a folder of Parquet files)"
+    )
+
+
+def _read_jsonl(data: bytes, uri: str) -> pa.Table:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{uri}: JSON Lines manifest is not UTF-8 text")
+    records: list[dict[str, Any]] = []
+    parsed = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append({"_line_error": f"line {lineno} is not valid JSON ({e.msg})"})
+            continue
+        if not isinstance(value, dict):
+            records.append({"_line_error": f"line {lineno} is a JSON {type(value).__name__}, not an object"})
+            continue
+        parsed += 1
+        records.append(value)
+    if records and not parsed:
+        raise ManifestError(f"{uri}: no line is a JSON object; not a JSON Lines manifest")
+    columns: dict[str, None] = {}
+    for r in records:
+        columns.update(dict.fromkeys(r))
+    if "prompt" not in columns:
+        raise ManifestError(f"manifest {uri} has no 'prompt' field in any line")
+    # Columns whose values do not share one type stay Python objects (as JSON text in Arrow);
+    # validation converts each value on its own, so one wrong value fails only its row.
+    arrays, mixed = {}, []
+    for name in columns:
+        values = [r.get(name) for r in records]
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            arrays[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+            mixed.append(name)
+    table = pa.table(arrays)
+    return table.replace_schema_metadata({JSON_COLUMNS_KEY: json.dumps(mixed)}) if mixed else table
+
+
+#: Schema metadata naming columns whose JSON values did not share a type: they hold JSON text,
+#: decoded value by value during validation.
+JSON_COLUMNS_KEY = b"reelforge.json_columns"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(table: pa.Table, limits: GridLimits) -> tuple[list[ClipSpec], list[RowError]]:
+    """Check every row against the contract and the model's limits.
+
+    Returns the rows to render (manifest order) and one `RowError` per rejected row. Duplicate ids:
+    the first valid-looking row keeps the id, each later copy is an error.
+    """
+    mixed = set(json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]")))
+    passthrough_names = [n for n in table.column_names if n not in KNOWN_COLUMNS and not n.startswith("_")]
+    rows = table.to_pylist()
+    specs: list[ClipSpec] = []
+    errors: list[RowError] = []
+    first_row_of: dict[str, int] = {}
+    for i, raw in enumerate(rows):
+        if mixed:
+            raw = {k: (json.loads(v) if k in mixed and isinstance(v, str) else v) for k, v in raw.items()}
+        try:
+            spec = _validate_row(i, raw, limits, {n: raw.get(n) for n in passthrough_names})
+        except _Invalid as e:
+            errors.append(RowError(i, e.clip_id, "validate", str(e)))
+            continue
+        if spec.id in first_row_of:
+            errors.append(RowError(i, spec.id, "validate", f"duplicate id {spec.id!r} (first used on row {first_row_of[spec.id]})"))
+            continue
+        first_row_of[spec.id] = i
+        specs.append(spec)
+    return specs, errors
+
+
+class _Invalid(ValueError):
+    def __init__(self, reason: str, clip_id: str | None):
+        super().__init__(reason)
+        self.clip_id = clip_id
+
+
+def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: dict) -> ClipSpec:
+    clip_id = None
+    if raw.get("_line_error"):
+        raise _Invalid(raw["_line_error"], None)
+
+    value = raw.get("id")
+    if _missing(value):
+        raise _Invalid("id is missing", None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _Invalid(f"id must be a string, got {type(value).__name__}", None)
+    reason = storage.validate_key(value)
+    if reason:
+        raise _Invalid(reason, None)
+    clip_id = value
+
+    def bad(msg: str) -> _Invalid:
+        return _Invalid(msg, clip_id)
+
+    prompt = raw.get("prompt")
+    if _missing(prompt):
+        raise bad("prompt is missing")
+    if not isinstance(prompt, str):
+        raise bad(f"prompt must be text, got {type(prompt).__name__}")
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        raise bad("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise bad(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+
+    negative = raw.get("negative_prompt")
+    if _missing(negative):
+        negative = ""
+    elif not isinstance(negative, str):
+        raise bad(f"negative_prompt must be text, got {type(negative).__name__}")
+    elif len(negative) > MAX_PROMPT_CHARS:
+        raise bad(f"negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}")
+    negative = " ".join(negative.split())
+
+    mode = raw.get("mode")
+    mode = "t2v" if _missing(mode) else mode
+    if mode not in SUPPORTED_MODES:
+        if mode in PLANNED_MODES:
+            raise bad(f"mode {mode!r} is not supported by this version (supported: {', '.join(SUPPORTED_MODES)})")
+        raise bad(f"unknown mode {mode!r} (supported: {', '.join(SUPPORTED_MODES)})")
+
+    fps = _integer(raw.get("fps"), "fps", limits.default_fps, bad)
+    if not limits.min_fps <= fps <= limits.max_fps:
+        raise bad(f"fps={fps} is outside {limits.min_fps}..{limits.max_fps}")
+
+    seconds = _number(raw.get("seconds"), "seconds", limits.default_seconds, bad)
+    if seconds <= 0:
+        raise bad(f"seconds must be positive, got {seconds:g}")
+    frames = _frames_for(seconds, fps, limits)
+    if frames > limits.max_frames:
+        longest = limits.max_frames / fps
+        raise bad(f"seconds={seconds:g} at {fps} fps is {frames} frames; the model's maximum is "
+                  f"{limits.max_frames} frames ({longest:g} s at {fps} fps)")
+
+    width = _integer(raw.get("width"), "width", limits.default_width, bad)
+    height = _integer(raw.get("height"), "height", limits.default_height, bad)
+    for name, v in (("width", width), ("height", height)):
+        if v % limits.size_multiple or not limits.min_size <= v <= limits.max_size:
+            raise bad(f"{name}={v} is not on the model's grid; nearest allowed is {_nearest_size(v, limits)} "
+                      f"(multiples of {limits.size_multiple} from {limits.min_size} to {limits.max_size})")
+    if width * height > limits.max_pixels:
+        raise bad(f"{width}x{height} is {width * height} pixels; the model's maximum is {limits.max_pixels}")
+
+    seed = raw.get("seed")
+    seed = default_seed(clip_id) if _missing(seed) else _integer(seed, "seed", 0, bad)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad(f"seed={seed} is outside {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+
+    steps = _integer(raw.get("steps"), "steps", limits.default_steps, bad)
+    if not 1 <= steps <= limits.max_steps:
+        raise bad(f"steps={steps} is outside 1..{limits.max_steps}")
+
+    guidance = _number(raw.get("guidance"), "guidance", limits.default_guidance, bad)
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise bad(f"guidance={guidance:g} is outside 0..{MAX_GUIDANCE:g}")
+
+    return ClipSpec(i, clip_id, prompt, negative, width, height, frames, fps, seed, steps, guidance, mode,
+                    passthrough)
+
+
+def _frames_for(seconds: float, fps: int, limits: GridLimits) -> int:
+    """Frames for a duration: the nearest multiple of the model's frame step, at least one step."""
+    m = limits.frame_multiple
+    return max(m, int(round(seconds * fps / m)) * m)
+
+
+def _nearest_size(v: int, limits: GridLimits) -> int:
+    m = limits.size_multiple
+    nearest = int(round(v / m)) * m
+    return min(max(nearest, limits.min_size), limits.max_size)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _number(v: Any, name: str, default: float, bad) -> float:
+    if _missing(v):
+        return float(default)
+    if isinstance(v, bool):
+        raise bad(f"{name} must be a number, got a boolean")
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise bad(f"{name} must be a number, got {v!r}")
+    if not isinstance(v, (int, float)):
+        raise bad(f"{name} must be a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise bad(f"{name} must be finite, got {v}")
+    return float(v)
+
+
+def _integer(v: Any, name: str, default: int, bad) -> int:
+    if _missing(v):
+        return int(default)
+    number = _number(v, name, default, bad)
+    if number != int(number):
+        raise bad(f"{name} must be a whole number, got {number:g}")
+    return int(number)

@@ -1,0 +1,250 @@
+"""`reel render`: a manifest in, videos + metadata + errors + run.json out, on Ray Data.
+
+    read + validate (driver) → recaption (CPU actors) → render (GPU/CPU actors) → encode + write (CPU)
+
+The driver reads the manifest (exact row numbers, duplicate ids, a one-line error when the
+manifest itself is unusable), drops rows whose outputs already exist with the same request hash
+(resume), and streams the rest through the stages; the first MP4 lands while later clips are
+still being sampled. Exit codes: 0 all rendered or skipped, 3 some rows failed, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.errors import one_line
+from pipeline.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
+from pipeline.stages import RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
+
+EXIT_OK, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 2, 3
+
+ERRORS_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
+@dataclass
+class RenderConfig:
+    manifest: str
+    out: str
+    model: str = "default"
+    recaptioner: str | None = None  # None: the model's own (config `recaptioner`), else "plain"
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray started here
+    limit: int | None = None
+    resume: bool = True
+    replicas: int | None = None  # render replicas; None: one per GPU, or one on a CPU-only cluster
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+    threads_per_replica: int | None = None  # torch threads in a CPU replica; None: the node's cores
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    rows: int = 0
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+    wall_seconds: float = 0.0
+    startup_seconds: float = 0.0
+
+
+class UsageError(Exception):
+    """The run cannot start (bad manifest, model or output): exit 2, nothing written."""
+
+
+def render_manifest(cfg: RenderConfig) -> RunSummary:
+    started = dt.datetime.now(dt.timezone.utc)
+    t_start = time.perf_counter()
+    run_id = started.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    summary = RunSummary(run_id)
+
+    try:
+        table = read_manifest(cfg.manifest)
+    except ManifestError as e:
+        raise UsageError(str(e)) from None
+    if cfg.limit is not None:
+        table = table.slice(0, cfg.limit)
+    from models.generator import describe_model
+
+    try:
+        model_info, limits, model_recaptioner = describe_model(cfg.model)
+    except Exception as e:
+        raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
+    recaptioner = cfg.recaptioner or model_recaptioner or "plain"
+    _check_recaptioner(recaptioner)
+    model = {"name": model_info.name, "version": model_info.version, "weights_sha256": model_info.weights_sha256}
+
+    specs, errors = validate(table, limits)
+    summary.rows, summary.errors = table.num_rows, list(errors)
+    hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner) for s in specs}
+    done = _completed_requests(cfg.out) if cfg.resume else {}
+    todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
+    summary.skipped = len(specs) - len(todo)
+    if summary.skipped:
+        _say(f"skipping {summary.skipped} clip(s) already rendered with the same parameters", cfg)
+
+    if todo:
+        t_ray = time.perf_counter()
+        _init_ray(cfg.address)
+        summary.startup_seconds = time.perf_counter() - t_ray
+        passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
+        items = [_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
+        stages = build_stages(cfg, recaptioner, model, run_id)
+        for row in _stream(items, stages, cfg):
+            if row.get("error"):
+                summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
+            else:
+                summary.rendered += 1
+
+    summary.failed = len(summary.errors)
+    summary.exit_code = EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+    summary.wall_seconds = time.perf_counter() - t_start
+    _write_errors(cfg.out, summary)
+    _write_run_json(cfg, summary, started, model, recaptioner)
+    return summary
+
+
+def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str) -> list[Stage]:
+    """The processor: recaption → render → write, each with the resources it runs under."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    gpus_per_replica = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (1 if gpus else 0)
+    if cfg.replicas:
+        replicas = cfg.replicas
+    elif gpus_per_replica:
+        replicas = max(1, int(gpus // gpus_per_replica))
+    else:
+        replicas = 1
+    threads = cfg.threads_per_replica
+    if threads is None and not gpus_per_replica:
+        threads = os.cpu_count() or 1
+    # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
+    # Ray Data's own read and output tasks and the job deadlocks (see shared/STACK.md).
+    light = {"num_cpus": 0.25}
+    return [
+        Stage(RecaptionUDF, {"recaptioner": recaptioner},
+              {"compute": ActorPoolStrategy(size=1), **light}),
+        Stage(RenderUDF, {"model": cfg.model, "num_threads": threads},
+              {"compute": ActorPoolStrategy(min_size=1, max_size=replicas), "batch_size": 1,
+               # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
+               # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
+               "num_cpus": cfg.cpus_per_replica, "num_gpus": gpus_per_replica}),
+        Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id},
+              {"compute": ActorPoolStrategy(size=1), **light}),
+    ]
+
+
+def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig):
+    import ray
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar of our own, counting clips
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for stage in stages:
+        ds = stage.apply(ds)
+    failed = 0
+    with tqdm(total=len(items), unit="clip", desc="rendering", disable=not cfg.progress, file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            failed += bool(row.get("error"))
+            bar.update(1)
+            bar.set_postfix(failed=failed, refresh=False)
+            yield row
+
+
+def _item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
+    item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
+    item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
+                timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="")
+    return item
+
+
+def _completed_requests(out: str) -> dict[str, str]:
+    """id → request hash of every clip whose metadata (written last) exists under `out`."""
+    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "request_sha256"])
+    if table is None:
+        return {}
+    return dict(zip(table.column("id").to_pylist(), table.column("request_sha256").to_pylist()))
+
+
+def _write_errors(out: str, summary: RunSummary) -> None:
+    """errors/ lists the rows that failed in the latest run (a fresh dataset each run)."""
+    prefix = storage.join(out, "errors")
+    rows = [{**asdict(e), "run_id": summary.run_id} for e in sorted(summary.errors, key=lambda e: e.row)]
+    storage.write_parquet_atomic(storage.join(prefix, "errors.parquet"), pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+    for name in storage.list_names(prefix):
+        if name != "errors.parquet":
+            storage.delete(storage.join(prefix, name))
+
+
+def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime, model: dict, recaptioner: str) -> None:
+    versions = {}
+    for dist in ("reelforge", "ray", "torch", "deepspeed", "transformers", "pyarrow"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    storage.write_json_atomic(storage.join(cfg.out, "run.json"), {
+        "run_id": summary.run_id,
+        "manifest": cfg.manifest,
+        "out": cfg.out,
+        "counts": {"rows": summary.rows, "rendered": summary.rendered, "skipped": summary.skipped,
+                   "failed": summary.failed},
+        "exit_code": summary.exit_code,
+        "model": model,
+        "recaptioner": recaptioner,
+        "config": asdict(cfg),
+        "versions": versions,
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "wall_seconds": round(summary.wall_seconds, 3),
+        "ray_startup_seconds": round(summary.startup_seconds, 3),
+    })
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # A local Ray for this run: no dashboard, an object store sized for clips not datasets.
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ray.init(include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
+                 logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _check_recaptioner(name: str) -> None:
+    from pipeline.recaption import RECAPTIONERS
+
+    if name not in RECAPTIONERS:
+        raise UsageError(f"unknown recaptioner {name!r} (known: {', '.join(sorted(RECAPTIONERS))})")
+
+
+def _say(msg: str, cfg: RenderConfig) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from models.config import DiTConfig
+from models.dit import AttnProcessor, RotaryPosEmbed3D, VideoDiT, apply_rotary_emb
+
+
+def make_dit(**kw):
+    cfg = dict(hidden_size=48, num_layers=2, num_heads=2, freq_dim=32, zero_init=False, latent_channels=4, text_dim=16)
+    torch.manual_seed(0)
+    return VideoDiT(DiTConfig(**{**cfg, **kw})).eval()
+
+
+def text(b=1, n=5, length=8, dim=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[:, :n] = True
+    return torch.randn(b, length, dim, generator=g), mask
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 1, 1)])
+@pytest.mark.parametrize("t,h,w", [(4, 16, 16), (2, 16, 24), (4, 24, 16), (8, 8, 8)])
+def test_any_grid_gives_a_velocity_of_the_latent_shape(patch, t, h, w):
+    dit = make_dit(patch_size=list(patch))
+    x = torch.randn(2, 4, t, h, w)
+    ctx, mask = text(2)
+    with torch.no_grad():
+        v = dit(x, torch.tensor([0.3, 0.9]), ctx, mask)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_zero_init_starts_at_zero_velocity():
+    dit = make_dit(zero_init=True)
+    ctx, mask = text()
+    with torch.no_grad():
+        assert dit(torch.randn(1, 4, 2, 8, 8), torch.tensor([0.5]), ctx, mask).abs().max() == 0
+
+
+def test_padded_text_tokens_are_masked_out():
+    dit = make_dit()
+    x, t = torch.randn(1, 4, 2, 8, 8), torch.tensor([0.5])
+    ctx, mask = text(n=5)
+    other = ctx.clone()
+    other[:, 5:] = 100.0  # padding positions: must not matter
+    with torch.no_grad():
+        a, b = dit(x, t, ctx, mask), dit(x, t, other, mask)
+        c = dit(x, t, other, torch.ones_like(mask))
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)
+
+
+def test_frame_conditioning_channels():
+    dit = make_dit()
+    assert dit.in_channels == 2 * 4 + 1
+    x, t, (ctx, mask) = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5]), text()
+    cond = torch.randn_like(x)
+    with torch.no_grad():
+        plain = dit(x, t, ctx, mask)
+        assert torch.equal(plain, dit(x, t, ctx, mask, torch.zeros_like(x), torch.zeros(1, 4)))
+        given = dit(x, t, ctx, mask, cond, torch.tensor([[1.0, 0, 0, 0]]))
+    assert not torch.allclose(plain, given)
+
+
+def test_rope_is_relative_and_follows_the_grid():
+    rope = RotaryPosEmbed3D(head_dim=24)
+    assert (rope.t_dim, rope.h_dim, rope.w_dim) == (8, 8, 8)
+    cos, sin = rope((2, 3, 4), torch.device("cpu"))
+    assert cos.shape == sin.shape == (1, 24, 1, 24)
+    # <R_m q, R_n k> depends only on m - n: shift both positions by one step in width
+    q, k = torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
+    def rotated(i):
+        return apply_rotary_emb(q, cos[:, i:i + 1], sin[:, i:i + 1]), apply_rotary_emb(k, cos[:, i:i + 1], sin[:, i:i + 1])
+    (q0, _), (_, k1), (q1, _), (_, k2) = rotated(0), rotated(1), rotated(1), rotated(2)
+    assert torch.allclose((q0 * k1).sum(), (q1 * k2).sum(), atol=1e-5)
+
+
+def test_attention_processor_can_be_swapped():
+    dit = make_dit()
+    x, t, (ctx, mask) = torch.randn(1, 4, 2, 8, 8), torch.tensor([0.5]), text()
+    calls = []
+
+    class Counting(AttnProcessor):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(hidden_states.shape)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    with torch.no_grad():
+        ref = dit(x, t, ctx, mask)
+        dit.set_attn_processor(Counting())
+        out = dit(x, t, ctx, mask)
+    assert torch.equal(ref, out) and len(calls) == 2 * 2  # self + cross per block
+
+
+def test_parallel_plan_names_real_modules():
+    dit = make_dit()
+    names = dict(dit.named_modules())
+    assert set(VideoDiT._cp_plan) <= set(names)
+    assert VideoDiT._cp_plan["blocks.0"]["hidden_states"].split_dim == 1
+    assert VideoDiT._cp_plan["proj_out"].gather_dim == 1
+    assert all(any(n.split(".")[-1] == keep or n == keep for n in names) for keep in VideoDiT._keep_in_fp32_modules)
