@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -50,12 +51,21 @@ def bare_loop(manifest: str, out: str, model: str) -> float:
     writer = ClipWriter(out, {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}, "bench")
     for s in specs:
         caption = recaptioner.recaption(s.prompt, s.seed)
-        frames = generator.generate([RenderRequest(caption, s.width, s.height, s.frames, s.fps, s.seed, s.steps, s.guidance)])[0].frames
+        out = generator.generate([RenderRequest(caption, s.width, s.height, s.frames, s.fps, s.seed, s.steps, s.guidance)])[0]
         row = {"id": s.id, "row": s.row, "prompt": s.prompt, "caption": caption, "recaptioner": recaptioner.name,
                "mode": s.mode, "seed": s.seed, "fps": s.fps, "steps": s.steps, "guidance": s.guidance,
-               "request_sha256": "", "timings": "{}"}
-        writer.write(row, frames)
+               "request_sha256": "", "timings": json.dumps(out.timings)}
+        writer.write(row, out.frames)
     return time.perf_counter() - t0
+
+
+def stage_medians(out: str) -> dict[str, float]:
+    """Median seconds per stage over the clips written under `out` (from their metadata)."""
+    from pipeline import storage
+
+    timings = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["timings"]).column("timings").to_pylist()
+    return {k: round(statistics.median(t[k] for t in timings if t[k] is not None), 3)
+            for k in timings[0] if any(t[k] is not None for t in timings)}
 
 
 def pipeline(manifest: str, out: str, model: str) -> tuple[float, float]:
@@ -85,11 +95,13 @@ def main() -> None:
         pq.write_table(pa.Table.from_pylist(manifest_rows(args.rows)), manifest)
         loop_s = bare_loop(manifest, f"{tmp}/loop", args.model)
         pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model)
+        medians = {"loop": stage_medians(f"{tmp}/loop"), "pipeline": stage_medians(f"{tmp}/pipeline")}
     result = {
         "rows": args.rows, "model": args.model, "cpus": os.cpu_count(),
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
         "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
         "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3), "ray_init_seconds": round(startup_s, 2),
+        "median_stage_seconds": medians,
     }
     print(json.dumps(result, indent=2))
 

@@ -58,39 +58,6 @@ def grid_limits(config: ModelConfig) -> GridLimits:
     return limits
 
 
-def check_request(request: RenderRequest, limits: GridLimits) -> None:
-    """Raise ValueError (one line, naming the nearest allowed value) for a request off the grid."""
-    r, m = request, limits.size_multiple
-    for name, v in (("width", r.width), ("height", r.height)):
-        if v % m or not limits.min_size <= v <= limits.max_size:
-            nearest = min(max(int(round(v / m)) * m, limits.min_size), limits.max_size)
-            raise ValueError(f"{name}={v} is not on the model's grid; nearest allowed is {nearest} "
-                             f"(multiples of {m} from {limits.min_size} to {limits.max_size})")
-    if r.width * r.height > limits.max_pixels:
-        raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; the model's maximum is {limits.max_pixels}")
-    fm = limits.frame_multiple
-    if r.frames % fm or not fm <= r.frames <= limits.max_frames:
-        nearest = min(max(int(round(r.frames / fm)) * fm, fm), limits.max_frames)
-        raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is {nearest} "
-                         f"(multiples of {fm} up to {limits.max_frames})")
-    if not limits.min_fps <= r.fps <= limits.max_fps:
-        raise ValueError(f"fps={r.fps} is outside {limits.min_fps}..{limits.max_fps}")
-    if not 1 <= r.steps <= limits.max_steps:
-        raise ValueError(f"steps={r.steps} is outside 1..{limits.max_steps}")
-    if not (r.guidance >= 0 and np.isfinite(r.guidance)):
-        raise ValueError(f"guidance={r.guidance} must be a finite number >= 0")
-    if r.cond_frames is not None or r.cond_index:
-        frames = r.cond_frames
-        if frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3) or frames.dtype != np.uint8:
-            shape = None if frames is None else (frames.shape, str(frames.dtype))
-            raise ValueError(f"cond_frames must be uint8 K x {r.height} x {r.width} x 3, got {shape}")
-        if len(r.cond_index) != frames.shape[0]:
-            raise ValueError(f"cond_index has {len(r.cond_index)} positions for {frames.shape[0]} cond_frames")
-        bad = [i for i in r.cond_index if not 0 <= i < r.frames]
-        if bad or len(set(r.cond_index)) != len(r.cond_index):
-            raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in 0..{r.frames - 1}")
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -111,7 +78,7 @@ class DiffusionVideoGenerator:
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
     def check(self, request: RenderRequest) -> None:
-        check_request(request, self.limits)
+        self.limits.check(request)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:

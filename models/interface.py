@@ -46,6 +46,42 @@ class GridLimits:
     default_steps: int
     default_guidance: float
 
+    def nearest_size(self, v: int) -> int:
+        """The allowed width/height nearest to `v`."""
+        m = self.size_multiple
+        return min(max(int(round(v / m)) * m, self.min_size), self.max_size)
+
+    def check(self, request: "RenderRequest") -> None:
+        """Raise ValueError (one line, naming the nearest allowed value) for a request off the grid."""
+        r, m = request, self.size_multiple
+        for name, v in (("width", r.width), ("height", r.height)):
+            if v % m or not self.min_size <= v <= self.max_size:
+                raise ValueError(f"{name}={v} is not on the model's grid; nearest allowed is {self.nearest_size(v)} "
+                                 f"(multiples of {m} from {self.min_size} to {self.max_size})")
+        if r.width * r.height > self.max_pixels:
+            raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; the model's maximum is {self.max_pixels}")
+        fm = self.frame_multiple
+        if r.frames % fm or not fm <= r.frames <= self.max_frames:
+            nearest = min(max(int(round(r.frames / fm)) * fm, fm), self.max_frames)
+            raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is {nearest} "
+                             f"(multiples of {fm} up to {self.max_frames})")
+        if not self.min_fps <= r.fps <= self.max_fps:
+            raise ValueError(f"fps={r.fps} is outside {self.min_fps}..{self.max_fps}")
+        if not 1 <= r.steps <= self.max_steps:
+            raise ValueError(f"steps={r.steps} is outside 1..{self.max_steps}")
+        if not (r.guidance >= 0 and np.isfinite(r.guidance)):
+            raise ValueError(f"guidance={r.guidance} must be a finite number >= 0")
+        if r.cond_frames is not None or r.cond_index:
+            frames = r.cond_frames
+            if frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3) or frames.dtype != np.uint8:
+                shape = None if frames is None else (frames.shape, str(frames.dtype))
+                raise ValueError(f"cond_frames must be uint8 K x {r.height} x {r.width} x 3, got {shape}")
+            if len(r.cond_index) != frames.shape[0]:
+                raise ValueError(f"cond_index has {len(r.cond_index)} positions for {frames.shape[0]} cond_frames")
+            bad = [i for i in r.cond_index if not 0 <= i < r.frames]
+            if bad or len(set(r.cond_index)) != len(r.cond_index):
+                raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in 0..{r.frames - 1}")
+
 
 @dataclass(frozen=True)
 class RenderRequest:

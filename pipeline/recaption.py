@@ -4,6 +4,9 @@ Sora (after DALL·E 3) trains on long, detailed captions and rewrites each user 
 style before sampling. A recaptioner is anything with a `name` (recorded in the metadata and part
 of the resume key, so changing it re-renders) and `recaption(prompt, seed) -> caption`; the seed
 lets a recaptioner fill in what the prompt leaves open, reproducibly.
+
+Registered: "plain" (`PlainRecaptioner`) and "shapes" (`pipeline.shapes_recaption.ShapesRecaptioner`,
+the shapes world's canonical captions; it loads the MiniLM vocabulary index once per process).
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ class PlainRecaptioner:
         return caption if caption[-1] in ".!?" else caption + "."
 
 
-RECAPTIONERS: dict[str, Callable[[], Recaptioner]] = {"plain": PlainRecaptioner}
+def _shapes() -> Recaptioner:
+    from pipeline.shapes_recaption import ShapesRecaptioner  # loads MiniLM: only when asked for
+
+    return ShapesRecaptioner()
+
+
+RECAPTIONERS: dict[str, Callable[[], Recaptioner]] = {"plain": PlainRecaptioner, "shapes": _shapes}
 
 
 def load_recaptioner(spec: str) -> Recaptioner:

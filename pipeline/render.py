@@ -103,6 +103,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         t_ray = time.perf_counter()
         _init_ray(cfg.address)
         summary.startup_seconds = time.perf_counter() - t_ray
+        _check_output_reachable(cfg.out)
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
         items = [_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
         stages = build_stages(cfg, recaptioner, model, run_id)
@@ -160,6 +161,7 @@ def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own, counting clips
     ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     for stage in stages:
         ds = stage.apply(ds)
@@ -222,6 +224,16 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
     })
 
 
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines and its "progress bars disabled" notice stay in its log file
+    (ray-data.log in the session folder); the terminal shows our bar and warnings."""
+    data_logger = logging.getLogger("ray.data")
+    for handler in data_logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -229,7 +241,6 @@ def _init_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
@@ -237,6 +248,17 @@ def _init_ray(address: str | None) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         ray.init(include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
                  logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _check_output_reachable(out: str) -> None:
+    """Workers on every node write outputs: a plain path only works when the cluster is one node.
+    A `file://` URI says the path is shared (every node mounts it)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if "://" not in out and len(nodes) > 1:
+        raise UsageError(f"--out {out} is a node-local path but the Ray cluster has {len(nodes)} nodes; "
+                         f"use shared storage: s3://…, gs://…, or file://{os.path.abspath(out)} if every node mounts it")
 
 
 def _check_recaptioner(name: str) -> None:

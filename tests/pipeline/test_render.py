@@ -148,8 +148,9 @@ def test_render_replica_killed_mid_job_is_replaced(ray_session, tmp_path):
                 # Ray titles an actor's process "ray::MapWorker(MapBatches(RenderUDF))…"
                 for proc in psutil.process_iter(["pid", "cmdline"]):
                     if "RenderUDF" in " ".join(proc.info["cmdline"] or []):
+                        videos_before_kill = len(list((out / "videos").iterdir()))
                         os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                        killed.append(videos_before_kill)
                         return
             time.sleep(0.2)
 
@@ -158,6 +159,8 @@ def test_render_replica_killed_mid_job_is_replaced(ray_session, tmp_path):
     code = render(write_manifest(tmp_path / "m.parquet", rows), "--out", out)
     killer.join()
     assert killed, "no render replica was found to kill"
+    # streaming: the first MP4 was in storage while later clips were still being sampled
+    assert 1 <= killed[0] < len(rows)
     assert code == 0
     meta = read_dataset(str(out / "metadata")).to_pylist()
     assert sorted(m["id"] for m in meta) == sorted(r["id"] for r in rows)
