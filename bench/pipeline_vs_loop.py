@@ -68,7 +68,8 @@ def stage_medians(out: str) -> dict[str, float]:
             for k in timings[0] if any(t[k] is not None for t in timings)}
 
 
-def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads: int | None) -> tuple[float, float]:
+def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads: int | None,
+             cpus: float | None) -> tuple[float, float]:
     import ray
 
     from pipeline.render import RenderConfig, render_manifest
@@ -78,7 +79,8 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = render_manifest(RenderConfig(manifest, out, model=model, progress=False, replicas=replicas,
-                                           threads_per_replica=threads))
+                                           threads_per_replica=threads,
+                                           **({"cpus_per_replica": cpus} if cpus else {})))
     elapsed = time.perf_counter() - t1
     assert summary.rendered == summary.rows, summary.errors[:3]
     ray.shutdown()
@@ -91,13 +93,14 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--replicas", type=int, help="render replicas (default: reel render's)")
     parser.add_argument("--threads", type=int, help="torch threads per replica (default: reel render's)")
+    parser.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (default: reel render's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         manifest = f"{tmp}/bench.parquet"
         pq.write_table(pa.Table.from_pylist(manifest_rows(args.rows)), manifest)
         loop_s = bare_loop(manifest, f"{tmp}/loop", args.model)
-        pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model, args.replicas, args.threads)
+        pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model, args.replicas, args.threads, args.cpus_per_replica)
         medians = {"loop": stage_medians(f"{tmp}/loop"), "pipeline": stage_medians(f"{tmp}/pipeline")}
     result = {
         "rows": args.rows, "model": args.model, "cpus": os.cpu_count(),

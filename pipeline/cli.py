@@ -56,10 +56,13 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
                         help="skip clips already under OUT with the same parameters (default: on)")
     p.add_argument("--recaptioner", metavar="NAME", help="recaptioner (default: the model's own, else 'plain')")
     p.add_argument("--replicas", type=int, metavar="N",
-                        help="render replicas (default: one per GPU, or one on a CPU-only cluster)")
+                        help="render replicas (default: one per GPU; without GPUs, one per CPU core / --threads)")
     p.add_argument("--gpus-per-replica", type=float, metavar="G", help="GPUs per render replica (default: 1 if the cluster has GPUs)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="CPUs reserved per render replica (default: %(default)s)")
-    p.add_argument("--threads", type=int, metavar="T", help="torch threads per CPU replica (default: the node's cores)")
+    p.add_argument("--cpus-per-replica", type=float, metavar="C",
+                   help="CPUs a render replica reserves in Ray (default: 1 with GPUs, 0.5 without)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch threads per replica (default: 1 on CPU; raise it for big models, "
+                        "fewer replicas use less memory)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
