@@ -49,6 +49,8 @@ class VAEConfig:
             k <= len(block_out_channels) - 1. The first k level steps halve height and width.
         temporal_compression: how many pixel frames make one latent frame: 1, 2, 4, ... The last
             log2 of it level steps halve the frame count (causally).
+        temporal_kernel: kernel of the causal temporal half of every (2+1)D convolution; 1 leaves
+            them per-frame, so frames mix only where the frame count is halved or doubled.
         scaling_factor: latents are `(z - shift_factor) * scaling_factor` after encoding (and the
             inverse before decoding), so the DiT sees roughly unit-variance latents.
         shift_factor: see `scaling_factor`.
@@ -60,6 +62,7 @@ class VAEConfig:
     layers_per_block: int = 1
     spatial_compression: int = 4
     temporal_compression: int = 4
+    temporal_kernel: int = 3
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
 
@@ -83,6 +86,9 @@ class DiTConfig:
             identity and the output layer at zero, the right start for training. False keeps
             everything random, so an untrained model still gives varied, text-dependent output
             (useful for tests of the plumbing).
+        pooled_text: also add the masked mean of the text states (through an MLP) to the timestep
+            conditioning of every adaLN, as SD3 and Flux add a pooled text vector: a global signal
+            beside cross-attention that a small model learns scene-wide attributes from far sooner.
         latent_channels: channels of the latent video; filled from `vae.latent_channels`.
         text_dim: width of the text encoder's token states; filled from `text.dim`.
     """
@@ -97,6 +103,7 @@ class DiTConfig:
     qk_norm: bool = True
     eps: float = 1e-6
     zero_init: bool = True
+    pooled_text: bool = False
     latent_channels: int | None = None
     text_dim: int | None = None
 
@@ -215,6 +222,8 @@ class ModelConfig:
             if factor < 1 or factor & (factor - 1) or int(math.log2(factor)) > levels:
                 raise ConfigError(f"vae.{name}={factor} must be a power of two up to 2**{levels} "
                                   f"(one halving per level step of block_out_channels)")
+        if v.temporal_kernel < 1:
+            raise ConfigError(f"vae.temporal_kernel={v.temporal_kernel} must be >= 1")
         if len(d.patch_size) != 3 or d.patch_size[1] != d.patch_size[2] or min(d.patch_size) < 1:
             raise ConfigError(f"dit.patch_size={d.patch_size} must be [pt, p, p] with positive entries")
         if d.hidden_size % d.num_heads:

@@ -152,6 +152,14 @@ class TextProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
+def pool_text(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Masked mean of text token states (B, L, D) → (B, D) (sentence-transformers' pooling)."""
+    if mask is None:
+        return states.mean(dim=1)
+    m = mask.to(states.dtype)[..., None]
+    return (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
 class RotaryPosEmbed3D(nn.Module):
     """3D RoPE: the head dim is split into time, height and width parts, each rotated by its axis.
 
@@ -269,7 +277,7 @@ class VideoDiT(nn.Module):
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
     # Numerically delicate: kept in fp32 when the rest is cast to half precision.
-    _keep_in_fp32_modules = ["time_embedding", "adaLN_modulation", "norm_out"]
+    _keep_in_fp32_modules = ["time_embedding", "pooled_text_embedding", "adaLN_modulation", "norm_out"]
     _no_split_modules = ["TransformerBlock"]
 
     def __init__(self, config: DiTConfig):
@@ -284,6 +292,9 @@ class VideoDiT(nn.Module):
         self.patch_embedding = nn.Linear(self.in_channels * pt * ph * pw, d)
         self.time_embedding = TimestepEmbedding(config.freq_dim, d)
         self.text_embedding = TextProjection(config.text_dim, d)
+        # pooled text → the adaLN conditioning vector (same MLP shape as the timestep's)
+        self.pooled_text_embedding = (nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+                                      if config.pooled_text else None)
         self.rope = RotaryPosEmbed3D(d // config.num_heads, config.rope_theta)
         self.blocks = nn.ModuleList([
             TransformerBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm, config.eps)
@@ -351,6 +362,8 @@ class VideoDiT(nn.Module):
         temb = self.time_embedding(timestep.expand(b) if timestep.ndim == 0 else timestep)
         context = self.text_embedding(encoder_hidden_states)
         mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        if self.pooled_text_embedding is not None:
+            temb = temb + self.pooled_text_embedding(pool_text(encoder_hidden_states, mask).to(temb.dtype))
 
         for block in self.blocks:
             x = block(x, context, temb, rotary_emb, mask)

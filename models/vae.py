@@ -67,26 +67,28 @@ class CausalTemporalConv(nn.Conv3d):
 
 
 class Conv2Plus1d(nn.Module):
-    """A factorised 3×3×3 convolution: spatial 3×3 per frame, then causal temporal kernel 3."""
+    """A factorised 3×3×k convolution: spatial 3×3 per frame, then a causal temporal kernel k
+    (k = 1: the spatial convolution alone)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, temporal_kernel: int = 3):
         super().__init__()
         self.spatial = FrameConv(in_channels, out_channels, 3, padding=1)
-        self.temporal = CausalTemporalConv(out_channels, out_channels, 3)
+        self.temporal = CausalTemporalConv(out_channels, out_channels, temporal_kernel) if temporal_kernel > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.temporal(self.spatial(x))
+        x = self.spatial(x)
+        return x if self.temporal is None else self.temporal(x)
 
 
 class ResBlock(nn.Module):
     """norm → SiLU → conv → norm → SiLU → conv, plus a (1×1 projected) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, temporal_kernel: int = 3):
         super().__init__()
         self.norm1 = ChannelRMSNorm(in_channels)
-        self.conv1 = Conv2Plus1d(in_channels, out_channels)
+        self.conv1 = Conv2Plus1d(in_channels, out_channels, temporal_kernel)
         self.norm2 = ChannelRMSNorm(out_channels)
-        self.conv2 = Conv2Plus1d(out_channels, out_channels)
+        self.conv2 = Conv2Plus1d(out_channels, out_channels, temporal_kernel)
         self.skip = FrameConv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,17 +145,18 @@ class Encoder(nn.Module):
         super().__init__()
         ch = cfg.block_out_channels
         steps = _level_steps(cfg)
-        self.conv_in = Conv2Plus1d(cfg.in_channels, ch[0])
+        k = cfg.temporal_kernel
+        self.conv_in = Conv2Plus1d(cfg.in_channels, ch[0], k)
         self.down_blocks = nn.ModuleList()
         for i, out_ch in enumerate(ch):
             in_ch = ch[max(i - 1, 0)]
-            level = nn.Sequential(*[ResBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.layers_per_block)])
+            level = nn.Sequential(*[ResBlock(in_ch if j == 0 else out_ch, out_ch, k) for j in range(cfg.layers_per_block)])
             if i < len(steps) and any(steps[i]):
                 level.append(Downsample(out_ch, *steps[i]))
             self.down_blocks.append(level)
-        self.mid_block = ResBlock(ch[-1], ch[-1])
+        self.mid_block = ResBlock(ch[-1], ch[-1], k)
         self.norm_out = ChannelRMSNorm(ch[-1])
-        self.conv_out = Conv2Plus1d(ch[-1], 2 * cfg.latent_channels)
+        self.conv_out = Conv2Plus1d(ch[-1], 2 * cfg.latent_channels, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -168,18 +171,19 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.block_out_channels
         steps = _level_steps(cfg)
-        self.conv_in = Conv2Plus1d(cfg.latent_channels, ch[-1])
-        self.mid_block = ResBlock(ch[-1], ch[-1])
+        k = cfg.temporal_kernel
+        self.conv_in = Conv2Plus1d(cfg.latent_channels, ch[-1], k)
+        self.mid_block = ResBlock(ch[-1], ch[-1], k)
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(len(ch))):  # deepest level first
-            level = nn.Sequential(*[ResBlock(ch[i], ch[i]) for _ in range(cfg.layers_per_block + 1)])
+            level = nn.Sequential(*[ResBlock(ch[i], ch[i], k) for _ in range(cfg.layers_per_block + 1)])
             if i > 0:
                 spatial, temporal = steps[i - 1]
                 level.append(Upsample(ch[i], ch[i - 1], spatial, temporal) if spatial or temporal
                              else FrameConv(ch[i], ch[i - 1], 1))
             self.up_blocks.append(level)
         self.norm_out = ChannelRMSNorm(ch[0])
-        self.conv_out = Conv2Plus1d(ch[0], cfg.in_channels)
+        self.conv_out = Conv2Plus1d(ch[0], cfg.in_channels, k)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))

@@ -91,9 +91,27 @@ def test_attention_processor_can_be_swapped():
 
 
 def test_parallel_plan_names_real_modules():
-    dit = make_dit()
+    dit = make_dit(pooled_text=True)
     names = dict(dit.named_modules())
     assert set(VideoDiT._cp_plan) <= set(names)
     assert VideoDiT._cp_plan["blocks.0"]["hidden_states"].split_dim == 1
     assert VideoDiT._cp_plan["proj_out"].gather_dim == 1
     assert all(any(n.split(".")[-1] == keep or n == keep for n in names) for keep in VideoDiT._keep_in_fp32_modules)
+
+
+def test_pooled_text_conditions_every_block_and_ignores_padding():
+    from models.dit import pool_text
+
+    states = torch.arange(24, dtype=torch.float32).reshape(1, 3, 8)
+    mask = torch.tensor([[True, True, False]])
+    assert torch.equal(pool_text(states, mask), states[0, :2].mean(0, keepdim=True))
+    dit = make_dit(pooled_text=True)
+    x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5])
+    ctx, m = text()
+    padded = ctx.clone()
+    padded[~m] = 100.0  # whatever sits in the padding must not matter
+    with torch.no_grad():
+        a = dit(x, t, ctx, m)
+        assert torch.allclose(a, dit(x, t, padded, m), atol=1e-5)
+        dit.pooled_text_embedding[-1].bias.add_(1.0)  # the pooled path reaches the output
+        assert not torch.allclose(a, dit(x, t, ctx, m), atol=1e-4)

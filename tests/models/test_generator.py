@@ -90,4 +90,4 @@ def test_default_model_renders_the_default_clip():
     [out] = g.generate([request(width=limits.default_width, height=limits.default_height, frames=frames,
                                 steps=2, guidance=limits.default_guidance)])
     assert out.frames.shape == (16, 64, 64, 3)
-    assert sum(p.numel() for p in g.dit.parameters()) > 5_000_000
+    assert sum(p.numel() for p in g.dit.parameters()) > 1_000_000  # sized for CPUs: docs/MODEL_CARD.md

@@ -1,0 +1,153 @@
+"""Training the default model on the shapes world, under Ray Train or in one plain process.
+
+    from models.training import TrainConfig
+    from pipeline.train import train
+
+    cfg = TrainConfig(out_dir=".train/default", vae_steps=800, dit_steps=2500, minutes=80)
+    summary = train(cfg)                               # one process, no Ray
+    summary = train(cfg, num_workers=2, use_gpu=True)  # Ray Train: TorchTrainer, one rank per worker
+
+The maths and the loop live in `models.training` (`train_model`); this module supplies the data
+(`ShapesWorldSource`: random scenes without the held-out colour-shape pairs, their canonical
+captions) and the runner. Under Ray each worker runs `train_model` with DeepSpeed over the process
+group that Ray Train's `TorchTrainer` created (gloo on CPUs, NCCL on GPUs); every worker draws its
+own clips (seeded by rank), so the data is sharded by construction and the out_dir (checkpoints,
+caches, loss curves) must be shared storage on a multi-node cluster. On a 2-CPU machine use one
+worker with a fractional CPU (`cpus_per_worker=0.5`): whole-CPU actors can starve Ray's own tasks
+there; the worker still uses every core for torch (`threads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from models.training import TrainConfig, train_model
+from pipeline.shapes_world import all_scenes, canonical_caption, render_scene, sample_scenes
+
+
+class ShapesWorldSource:
+    """Training clips of the shapes world (shared/SHAPES_WORLD.md): held-in scenes only, random
+    placement, size and speed, 64x64 by default, with their canonical captions."""
+
+    def __init__(self, width: int = 64, height: int = 64, frames: int = 16):
+        self.width, self.height, self.frames = width, height, frames
+        self.captions = [canonical_caption(s) for s in all_scenes(include_held_out=False)]
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        scenes = sample_scenes(rng, n, include_held_out=False)
+        clips = np.stack([render_scene(s, width=self.width, height=self.height, frames=self.frames, rng=rng)
+                          for s in scenes])
+        return clips, [canonical_caption(s) for s in scenes]
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, num_workers: int | None = None, use_gpu: bool = False,
+          cpus_per_worker: float | None = None, source: object | None = None) -> dict:
+    """Run the training job: in this process when `num_workers` is None, else under Ray Train.
+
+    Returns rank 0's summary (see `models.training.train_model`).
+    """
+    if num_workers is None:
+        return train_model(cfg, source or ShapesWorldSource())
+    return train_ray(cfg, num_workers, use_gpu, cpus_per_worker)
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: `train_model` over the process group Ray Train set up."""
+    import ray.train
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    if cfg.threads is None:  # Ray pins OMP threads to the (fractional) CPU request; use the cores
+        cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1)))
+    summary = train_model(cfg, ShapesWorldSource(**config.get("source", {})))
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+
+
+def train_ray(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
+              cpus_per_worker: float | None = None) -> dict:
+    """The job under Ray Train's `TorchTrainer` (joins a running cluster or starts a local one)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    if cpus_per_worker is None:
+        total = ray.cluster_resources().get("CPU", 1.0)
+        # leave Ray's own tasks room on a small node: fractional CPUs (STACK.md "Ray on 2 cores")
+        cpus_per_worker = 1.0 if total / num_workers >= 4 else 0.5
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"train": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"reelforge-train-{int(time.time())}",
+                             storage_path=os.path.abspath(os.path.join(cfg.out_dir, "ray"))),
+    )
+    os.environ.update(env)  # propagated to the workers by Ray Train (and the driver's own imports)
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+# --- command line (jobs/train_default.py and `reel train`) ---------------------------------
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a training run."""
+    d = TrainConfig(out_dir="")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, caches, loss curves, weights)")
+    p.add_argument("--model", default=d.model, help="model config to train (shipped name, .json, folder)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="VAE optimiser steps (0: skip)")
+    p.add_argument("--dit-steps", type=int, default=d.dit_steps, help="DiT optimiser steps (0: skip)")
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch, help="VAE clips per step per worker")
+    p.add_argument("--dit-batch", type=int, default=d.dit_batch, help="DiT clips per step per worker")
+    p.add_argument("--vae-lr", type=float, default=d.vae_lr)
+    p.add_argument("--dit-lr", type=float, default=d.dit_lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear LR warm-up of each phase")
+    p.add_argument("--vae-crop", type=int, default=d.vae_crop, help="VAE training crop in pixels (0: whole clip)")
+    p.add_argument("--vae-frames", type=int, default=d.vae_frames, help="VAE training window in frames (0: whole clip)")
+    p.add_argument("--latent-clips", type=int, default=d.latent_clips, help="clips in the DiT's latent cache (per worker)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="decay of the DiT weights' moving average")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss-curve rows")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--minutes", type=float, default=None, help="wall-time budget of this call; then checkpoint and stop "
+                                                               "(go on later with --resume)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--data-workers", type=int, default=d.data_workers,
+                   help="processes drawing clips ahead of the steps (0: inline; give a GPU run most cores)")
+    p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=(1, 2), help="DeepSpeed ZeRO stage")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (omit: one process, no Ray)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray Train worker reserves")
+    p.add_argument("--export", default=None, help="path of the final weights (default OUT/model.safetensors)")
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        out_dir=a.out, model=a.model, vae_steps=a.vae_steps, dit_steps=a.dit_steps, vae_batch=a.vae_batch,
+        dit_batch=a.dit_batch, vae_lr=a.vae_lr, dit_lr=a.dit_lr, warmup_steps=a.warmup_steps, vae_crop=a.vae_crop,
+        vae_frames=a.vae_frames, latent_clips=a.latent_clips, ema_decay=a.ema_decay,
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every, seed=a.seed, minutes=a.minutes,
+        threads=a.threads, data_workers=a.data_workers, zero_stage=a.zero_stage, resume=a.resume,
+        export_path=a.export)
+
+
+def run_from_args(a: argparse.Namespace) -> dict:
+    """Train as the parsed options say; rank 0's summary."""
+    return train(config_from_args(a), num_workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker)
+
+
+__all__ = ["ShapesWorldSource", "TrainConfig", "add_train_arguments", "config_from_args", "run_from_args", "train", "train_ray"]

@@ -1,0 +1,116 @@
+"""Training (models/training.py via pipeline/train.py) on the tiny config: the steps learn, a paused
+run resumes to the same step count and the same weights, and the export loads as a model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import load_config
+from models.dit import VideoDiT
+from models.generator import load_generator
+from models.interface import RenderRequest
+from models.training import TrainConfig, dit_step, init_distributed, make_engine, to_tensor, vae_step
+from models.vae import VideoAutoencoder
+from models.weights import sha256_bytes
+from pipeline.shapes_world import Scene, canonical_caption, render_scene
+from pipeline.train import ShapesWorldSource, train
+
+SCENES = [Scene(shape, colour, bg, motion) for shape, colour, bg, motion in (
+    ("circle", "red", "black", "right"), ("square", "blue", "gray", "up"),
+    ("triangle", "white", "navy", "grows"), ("diamond", "green", "brown", "still"))]
+
+
+class FewScenes(ShapesWorldSource):
+    """The shapes world cut to four scenes (so the caption cache takes a moment, not seconds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.captions = [canonical_caption(s) for s in SCENES]
+
+    def sample(self, rng, n):
+        scenes = [SCENES[i] for i in rng.integers(0, len(SCENES), size=n)]
+        return np.stack([render_scene(s, rng=rng) for s in scenes]), [canonical_caption(s) for s in scenes]
+
+
+def tiny_cfg(out, **kw):
+    base = dict(out_dir=str(out), model="tiny", vae_steps=4, dit_steps=4, vae_batch=2, dit_batch=4,
+                vae_crop=32, vae_frames=8, latent_clips=8, checkpoint_every=100, log_every=1, threads=1,
+                warmup_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return init_distributed()
+
+
+def test_vae_and_dit_steps_decrease_the_loss(dist, tmp_path):
+    _, world, device = dist
+    cfg = tiny_cfg(tmp_path, vae_lr=3e-3, dit_lr=3e-3, warmup_steps=1)
+    model = load_config("tiny")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = to_tensor(np.stack([render_scene(s, rng=rng) for s in SCENES[:2]]))[:, :, :8, :32, :32]
+    engine, _, _ = make_engine(VideoAutoencoder(model.vae), cfg.vae_lr, 0.0, 20, cfg, 2, world, device)
+    vae_losses = [vae_step(engine, x, cfg, torch.Generator().manual_seed(1))["loss"] for _ in range(12)]
+    assert np.mean(vae_losses[-3:]) < 0.8 * np.mean(vae_losses[:3])
+
+    x0 = torch.randn(4, model.vae.latent_channels, 2, 8, 8)
+    text, mask = torch.randn(4, 16, model.text.dim), torch.ones(4, 16, dtype=torch.bool)
+    engine, _, _ = make_engine(VideoDiT(model.dit), cfg.dit_lr, 0.0, 20, cfg, 4, world, device)
+    dit_losses = [dit_step(engine, x0, text, mask, torch.zeros(1, 16, model.text.dim), mask[:1], cfg,
+                           torch.Generator().manual_seed(2)) for _ in range(12)]
+    assert np.mean(dit_losses[-3:]) < 0.8 * np.mean(dit_losses[:3])
+
+
+def _curve(path):
+    lines = path.read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def straight_run(dist, tmp_path_factory):
+    """One uninterrupted tiny run: (its out_dir, its summary)."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = train(tiny_cfg(out), source=FewScenes())
+    assert summary["finished"] and (out / "loss_dit.csv").exists()
+    return out, summary
+
+
+def test_paused_run_resumes_to_the_same_steps_and_weights(straight_run, tmp_path):
+    a, straight = straight_run
+
+    paused = train(tiny_cfg(tmp_path / "b", pause_at=2), source=FewScenes())
+    assert not paused["finished"] and paused["phase"] == "vae"
+    assert (tmp_path / "b" / "vae" / "ckpt" / "latest").read_text().strip() == "step2"
+    paused = train(tiny_cfg(tmp_path / "b", pause_at=2, resume=True), source=FewScenes())
+    assert not paused["finished"] and paused["phase"] == "dit"  # the VAE went on to 4, the DiT paused at 2
+    resumed = train(tiny_cfg(tmp_path / "b", resume=True), source=FewScenes())
+    assert resumed["finished"]
+
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [(e["phase"], e["step"]) for e in log if e["event"] == "resume"] == [("vae", 2), ("dit", 2)]
+    for phase in ("vae", "dit"):
+        steps = [int(r["step"]) for r in _curve(tmp_path / "b" / f"loss_{phase}.csv")]
+        assert steps == [1, 2, 3, 4]  # every step once, none repeated after the resume
+        assert [r["loss"] for r in _curve(tmp_path / "b" / f"loss_{phase}.csv")] == \
+               [r["loss"] for r in _curve(a / f"loss_{phase}.csv")]
+    assert resumed["weights_sha256"] == straight["weights_sha256"]  # bit for bit
+
+
+def test_exported_weights_load_as_a_model(straight_run, tmp_path):
+    out, summary = straight_run
+    path = out / "model.safetensors"
+    assert summary["weights"] == str(path) and summary["weights_sha256"] == sha256_bytes(path.read_bytes())
+    vae_info = json.loads((out / "vae" / "final.json").read_text())
+    config = {"base": "tiny", "name": "trained-tiny", "version": "0.0.1", "weights": str(path),
+              "weights_sha256": summary["weights_sha256"],
+              "vae": {"scaling_factor": vae_info["scaling_factor"], "shift_factor": vae_info["shift_factor"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    gen = load_generator(str(tmp_path), device="cpu")
+    assert gen.info.weights_sha256 == summary["weights_sha256"]
+    [out] = gen.generate([RenderRequest(caption=canonical_caption(SCENES[0]), width=32, height=32, frames=8,
+                                        fps=8, seed=1, steps=2, guidance=2.0)])
+    assert out.frames.shape == (8, 32, 32, 3) and out.frames.dtype == np.uint8
