@@ -460,30 +460,9 @@ def expand(spec: CampaignSpec | str, sample: int | None = None, seed: int = 0, *
                            variant=vkey[:12])
                 row.update(values)
                 rows.append(row)
-    return rows
-
-
-def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as a manifest table with fixed column types (strings for the pass-through columns)."""
     if not rows:
         raise CampaignError("the campaign expands to no rows")
-    types = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(),
-             "seconds": pa.float64(), "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(),
-             "seed": pa.int64(), "steps": pa.int64(), "guidance": pa.float64()}
-    names = list(rows[0])
-    schema = pa.schema([(n, types.get(n, pa.string())) for n in names])
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def write_manifest(rows: list[dict[str, Any]], out: str) -> None:
-    """Write rows as a Parquet manifest (or JSON Lines when `out` ends in .jsonl), atomically."""
-    from pipeline import storage
-
-    if out.endswith(".jsonl"):
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-        storage.write_bytes_atomic(out, data)
-    else:
-        storage.write_parquet_atomic(out, to_table(rows))
+    return rows
 
 
 def _scalar_text(v: Any) -> str:
@@ -510,5 +489,5 @@ def _kind(v: Any) -> str:
     return {dict: "a mapping", _Map: "a mapping", list: "a list", _Seq: "a list", type(None): "nothing"}.get(type(v), type(v).__name__)
 
 
-__all__ = ["CampaignError", "CampaignSpec", "Placement", "expand", "grid_size", "load_spec", "to_table",
-           "variant_key", "write_manifest"]
+__all__ = ["CampaignError", "CampaignSpec", "Placement", "expand", "grid_size", "load_spec",
+           "variant_key"]

@@ -36,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_render_options(render)
 
     _add_campaign_parser(sub)
+    _add_eval_parser(sub)
+    _add_train_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "render":
         return _render(args)
     if args.command == "campaign":
         return _campaign(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "train":
+        return _train(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -126,6 +132,7 @@ def _add_campaign_parser(sub) -> None:
 
 def _campaign(args: argparse.Namespace) -> int:
     from pipeline import campaign, storage
+    from pipeline.manifest import write_manifest
 
     prog = f"reel campaign {args.campaign_command}"
     try:
@@ -139,14 +146,92 @@ def _campaign(args: argparse.Namespace) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     if args.campaign_command == "expand":
-        campaign.write_manifest(rows, args.out)
+        write_manifest(rows, args.out)
         print(f"{len(rows)} rows ({len({r['variant'] for r in rows})} variants x {len(spec.placements)} placements) "
               f"→ {args.out}", file=sys.stderr)
         return 0
     manifest = storage.join(args.out, "manifest.parquet")
-    campaign.write_manifest(rows, manifest)
+    write_manifest(rows, manifest)
     args.manifest, args.model = manifest, args.model or spec.model or "default"
     return _render(args)
+
+
+EVAL_HELP = """\
+Render a prompt set and judge every clip by its pixels (shared/SHAPES_WORLD.md): adherence per
+attribute (shape, colour, background, motion), for held-in and held-out colour-shape pairs apart,
+and permanence (the share of frames in which the object is visible).
+
+By default the shipped set of free-form user prompts (pipeline/eval_prompts.jsonl: JSON Lines of
+{"prompt", "shape", "colour", "background", "motion"}, an attribute null when the prompt leaves it
+open) goes through the whole pipeline, as `reel render` would run it (recaptioner, model, H.264),
+and the MP4s are judged. OUT gets render/ (resumable), clips.parquet (per prompt: caption,
+intended and found attributes) and eval.json (the summary).
+
+With --scenes N the model alone is judged instead: N fresh held-in and N held-out scenes rendered
+from their canonical captions, no recaptioner (the summary goes to OUT/scenes.json).
+"""
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="render a prompt set and judge the clips' adherence by their pixels",
+                       description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="OUT", help="output URI for the renders and the report")
+    p.add_argument("--prompts", metavar="URI", help="prompt set, JSON Lines (default: the shipped user-prompt set)")
+    p.add_argument("--model", default="default", metavar="NAME|URI", help="model to judge (default: %(default)s)")
+    p.add_argument("--recaptioner", metavar="NAME", help="recaptioner (default: the model's own)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
+    p.add_argument("--scenes", type=int, metavar="N", help="judge the model alone on N held-in + N held-out scenes")
+    p.add_argument("--seed", type=int, default=12345, metavar="S", help="seed of the --scenes draw (default: %(default)s)")
+    p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: a local Ray)")
+    p.add_argument("--replicas", type=int, metavar="N", help="render replicas (as for reel render)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch threads per replica (as for reel render)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline import storage
+    from pipeline.evaluate import EvalError, PromptEval, evaluate_prompts, evaluate_scenes, format_summary
+
+    try:
+        if args.scenes is not None:
+            if args.scenes < 1:
+                raise EvalError("--scenes must be 1 or more")
+            summary = evaluate_scenes(args.model, clips=args.scenes, seed=args.seed, steps=args.steps,
+                                      guidance=args.guidance, threads=args.threads, progress=args.progress)
+            storage.write_json_atomic(storage.join(args.out, "scenes.json"), summary)
+            report = storage.join(args.out, "scenes.json")
+        else:
+            summary = evaluate_prompts(PromptEval(
+                out=args.out, model=args.model, recaptioner=args.recaptioner, steps=args.steps,
+                guidance=args.guidance, limit=args.limit, address=args.address, replicas=args.replicas,
+                threads_per_replica=args.threads, progress=args.progress, **({"prompts": args.prompts} if args.prompts else {})))
+            report = storage.join(args.out, "eval.json")
+    except EvalError as e:
+        print(f"reel eval: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"→ {report}", file=sys.stderr)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from pipeline.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train the default model on the shapes world (jobs/train_default.py)",
+                       description="Train a model on the shapes world: the VAE, then the DiT, on DeepSpeed, "
+                                   "resumable (--resume); in this process, or under Ray Train with --workers.")
+    add_train_arguments(p)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.train import run_from_args
+
+    print(json.dumps(run_from_args(args), default=str), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

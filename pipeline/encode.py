@@ -1,4 +1,4 @@
-"""Frames → H.264 MP4 (+ a JPEG thumbnail), and a probe that reads an MP4 back.
+"""Frames → H.264 MP4 (+ a JPEG thumbnail), and a probe and a decoder that read an MP4 back.
 
 `encode_mp4` pipes raw RGB frames into the ffmpeg binary bundled with imageio-ffmpeg and gets an MP4
 that browsers play: libx264, yuv420p, `+faststart` (the moov box before mdat, so playback starts
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_mp4", "encode_jpeg", "thumbnail_frame", "probe_mp4", "mp4_top_level_boxes", "ffmpeg_exe",
+__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "thumbnail_frame", "probe_mp4", "mp4_top_level_boxes", "ffmpeg_exe",
            "EncodeError"]
 
 DEFAULT_CRF = 18
@@ -128,6 +128,22 @@ def encode_mp4(
             raise EncodeError(f"ffmpeg exited with {proc.returncode} encoding {t}x{w}x{h}: {log}")
         with open(out, "rb") as f:
             return f.read()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Every frame of an MP4 as uint8 RGB (T, H, W, 3), through the same bundled ffmpeg."""
+    import imageio_ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        reader = imageio_ffmpeg.read_frames(f.name, pix_fmt="rgb24", bits_per_pixel=24)
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
+    if not frames:
+        raise ValueError("the MP4 holds no video frames")
+    return np.stack(frames)
 
 
 def thumbnail_frame(frames: np.ndarray) -> np.ndarray:

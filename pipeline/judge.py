@@ -40,11 +40,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from pipeline.shapes_world import (ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, Scene, coverage,
+from pipeline.shapes_world import (ATTRIBUTES, BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, Scene, coverage,
                                    shape_area_factor, shape_centroid_offset)
 
 COARSE_DISTANCE = 48.0   # sRGB distance from the background for the coarse object mask
@@ -256,36 +256,62 @@ def judge_clip(frames: np.ndarray) -> JudgeResult:
     return JudgeResult(shape, colour, background, motion, float(visible.mean()), details)
 
 
-def adherence(result: JudgeResult, scene: Scene) -> dict[str, bool]:
-    """Attribute -> whether the judge found the scene's value in the clip."""
-    return {a: getattr(result, a) == getattr(scene, a) for a in ATTRIBUTES}
+Target = Union[Scene, Mapping[str, Optional[str]]]
 
 
-def _summary(pairs: list[tuple[JudgeResult, Scene]]) -> dict:
+def expected_attributes(target: Target) -> dict[str, str]:
+    """The attributes a clip is judged on: all four of a Scene; of a mapping (a user's prompt with
+    its intended attributes), those it names (None or absent: the user left it open)."""
+    if isinstance(target, Scene):
+        return target.as_dict()
+    return {a: target[a] for a in ATTRIBUTES if target.get(a) is not None}
+
+
+def is_held_out(target: Target) -> bool | None:
+    """Whether the target's colour-shape pair is held out from training; None when the target
+    does not name both."""
+    want = expected_attributes(target)
+    if "colour" not in want or "shape" not in want:
+        return None
+    return (want["colour"], want["shape"]) in HELD_OUT
+
+
+def adherence(result: JudgeResult, target: Target) -> dict[str, bool]:
+    """Attribute -> whether the judge found the target's value in the clip (named attributes only)."""
+    return {a: getattr(result, a) == v for a, v in expected_attributes(target).items()}
+
+
+def _summary(pairs: list[tuple[JudgeResult, Target]]) -> dict:
     n = len(pairs)
     if n == 0:
         return {"clips": 0}
     found = [adherence(r, s) for r, s in pairs]
-    per_attr = {a: sum(f[a] for f in found) / n for a in ATTRIBUTES}
+    per_attr = {}
+    for a in ATTRIBUTES:
+        judged = [f[a] for f in found if a in f]
+        if judged:
+            per_attr[a] = sum(judged) / len(judged)
+    scored = [f for f in found if f]
     return {
         "clips": n,
         "attributes": per_attr,
-        "adherence": sum(sum(f.values()) / len(ATTRIBUTES) for f in found) / n,
-        "all_attributes": sum(all(f.values()) for f in found) / n,
+        "adherence": sum(sum(f.values()) / len(f) for f in scored) / max(len(scored), 1),
+        "all_attributes": sum(all(f.values()) for f in scored) / max(len(scored), 1),
         "permanence": sum(r.visible_frames for r, _ in pairs) / n,
     }
 
 
-def aggregate(results: Iterable[JudgeResult], scenes: Iterable[Scene]) -> dict:
-    """Adherence over clips: per-attribute adherence, mean adherence (share of attributes found,
-    averaged over clips), the share of clips with every attribute right, and permanence (share of
-    frames with the object visible, averaged over clips) — for all clips and, apart, for the
-    held-in and held-out colour-shape pairs."""
-    pairs = list(zip(results, scenes, strict=True))
+def aggregate(results: Iterable[JudgeResult], targets: Iterable[Target]) -> dict:
+    """Adherence over clips: per-attribute adherence (over the clips whose target names that
+    attribute), mean adherence (share of named attributes found, averaged over clips), the share
+    of clips with every named attribute right, and permanence (share of frames with the object
+    visible, averaged over clips) — for all clips and, apart, for the held-in and held-out
+    colour-shape pairs (targets naming both)."""
+    pairs = list(zip(results, targets, strict=True))
     return {
         **_summary(pairs),
-        "held_in": _summary([p for p in pairs if not p[1].held_out]),
-        "held_out": _summary([p for p in pairs if p[1].held_out]),
+        "held_in": _summary([p for p in pairs if is_held_out(p[1]) is False]),
+        "held_out": _summary([p for p in pairs if is_held_out(p[1])]),
     }
 
 

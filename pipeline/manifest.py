@@ -81,6 +81,28 @@ class ClipSpec:
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
+COLUMN_TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seconds": pa.float64(),
+                "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(), "seed": pa.int64(),
+                "steps": pa.int64(), "guidance": pa.float64(), "mode": pa.string()}
+
+
+def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with the same keys) as a manifest table: the contract's columns with their
+    types, strings for every pass-through column."""
+    names = list(rows[0]) if rows else ["id", "prompt"]
+    schema = pa.schema([(n, COLUMN_TYPES.get(n, pa.string())) for n in names])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_manifest(rows: list[dict[str, Any]], out: str) -> None:
+    """Write rows as a Parquet manifest (or JSON Lines when `out` ends in .jsonl), atomically."""
+    if out.endswith(".jsonl"):
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        storage.write_bytes_atomic(out, data)
+    else:
+        storage.write_parquet_atomic(out, manifest_table(rows))
+
+
 def default_seed(clip_id: str) -> int:
     """The seed of a row that names none: stable across runs and machines, derived from its id."""
     return int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:4], "big")

@@ -50,9 +50,9 @@ def test_full_cross_product_with_exclusions():
     assert r["prompt"] == f"A {r['style']} shot of {r['product']} {r['setting']}. {r['cta']}"
     assert {"campaign", "placement", "aspect", "product", "setting", "style", "cta"} <= set(r)
     # Every row is a valid manifest row for the model.
-    from pipeline.campaign import to_table
+    from pipeline.manifest import manifest_table
 
-    specs, errors = validate(to_table(rows), TINY)
+    specs, errors = validate(manifest_table(rows), TINY)
     assert not errors and len(specs) == len(rows)
 
 
