@@ -7,6 +7,9 @@ lets a recaptioner fill in what the prompt leaves open, reproducibly.
 
 Registered: "plain" (`PlainRecaptioner`) and "shapes" (`pipeline.shapes_recaption.ShapesRecaptioner`,
 the shapes world's canonical captions; it loads the MiniLM vocabulary index once per process).
+Spec strings starting with "llm:" or "openai:" load an LLM recaptioner (`pipeline.llm_recaption`):
+"llm:PATH_OR_URI" (a local transformers causal LM) or "openai:MODEL@BASE_URL" (an OpenAI-compatible
+chat endpoint), optionally followed by ";fallback=NAME;keep=0.8;temperature=0.7".
 """
 
 from __future__ import annotations
@@ -47,10 +50,29 @@ def _shapes() -> Recaptioner:
 RECAPTIONERS: dict[str, Callable[[], Recaptioner]] = {"plain": PlainRecaptioner, "shapes": _shapes}
 
 
+LLM_PREFIXES = ("llm:", "openai:")
+
+
+def check_recaptioner_spec(spec: str) -> None:
+    """Raises ValueError unless `spec` names a registered recaptioner or is a well-formed LLM spec;
+    loads nothing."""
+    if spec in RECAPTIONERS:
+        return
+    if spec.startswith(LLM_PREFIXES):
+        from pipeline.llm_recaption import parse_spec
+
+        parse_spec(spec)
+        return
+    raise ValueError(f"unknown recaptioner {spec!r}: write one of {', '.join(sorted(RECAPTIONERS))}, "
+                     "'llm:PATH_OR_URI' (a local transformers causal LM) or 'openai:MODEL@BASE_URL' "
+                     "(an OpenAI-compatible endpoint)")
+
+
 def load_recaptioner(spec: str) -> Recaptioner:
-    """A recaptioner by registered name."""
-    try:
-        factory = RECAPTIONERS[spec]
-    except KeyError:
-        raise ValueError(f"unknown recaptioner {spec!r} (known: {', '.join(sorted(RECAPTIONERS))})") from None
-    return factory()
+    """A recaptioner by registered name, or an LLM recaptioner by spec ("llm:…", "openai:…")."""
+    if spec in RECAPTIONERS:
+        return RECAPTIONERS[spec]()
+    check_recaptioner_spec(spec)
+    from pipeline.llm_recaption import from_spec  # transformers / openai: only when asked for
+
+    return from_spec(spec)

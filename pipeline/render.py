@@ -270,11 +270,13 @@ def _check_output_reachable(out: str) -> None:
                          f"use shared storage: s3://…, gs://…, or file://{os.path.abspath(out)} if every node mounts it")
 
 
-def _check_recaptioner(name: str) -> None:
-    from pipeline.recaption import RECAPTIONERS
+def _check_recaptioner(spec: str) -> None:
+    from pipeline.recaption import check_recaptioner_spec
 
-    if name not in RECAPTIONERS:
-        raise UsageError(f"unknown recaptioner {name!r} (known: {', '.join(sorted(RECAPTIONERS))})")
+    try:
+        check_recaptioner_spec(spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _say(msg: str, cfg: RenderConfig) -> None:

@@ -165,3 +165,11 @@ def test_render_replica_killed_mid_job_is_replaced(ray_session, tmp_path):
     meta = read_dataset(str(out / "metadata")).to_pylist()
     assert sorted(m["id"] for m in meta) == sorted(r["id"] for r in rows)
     assert len(list((out / "videos").iterdir())) == len(rows)
+
+
+def test_an_unknown_recaptioner_is_refused_in_one_line_before_anything_runs(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD[:1])
+    assert render(manifest, "--out", tmp_path / "o", "--recaptioner", "nope") == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown recaptioner 'nope'" in err and "llm:PATH_OR_URI" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
