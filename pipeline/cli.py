@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_campaign_parser(sub)
     _add_eval_parser(sub)
     _add_train_parser(sub)
+    _add_serve_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "render":
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "serve":
+        return _serve(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -231,6 +234,70 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.train import run_from_args
 
     print(json.dumps(run_from_args(args), default=str), flush=True)
+    return 0
+
+
+SERVE_HELP = """\
+Serve the OpenAI Videos API (POST/GET /v1/videos, /v1/videos/{id}, /content, …) on Ray Serve.
+Videos render with the same model, recaptioner, encoder and storage layout as `reel render`,
+into OUT; accepted jobs are kept in a SQLite file (--store) and survive a restart.
+
+Clients authenticate with a bearer key from REEL_API_KEYS (comma-separated) or --api-key-file
+(one key a line); without any key the server does not start. /healthz and /readyz are open.
+Every option has a REELFORGE_<OPTION> variable used by `pipeline.serve:app` (cluster/rayservice.yaml).
+"""
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI Videos API on Ray Serve",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--model", metavar="NAME|URI", help="model to serve (default: REELFORGE_MODEL, else 'default')")
+    p.add_argument("--out", metavar="OUT", help="output URI (default: REELFORGE_OUT, else renders/online)")
+    p.add_argument("--store", metavar="PATH", help="job store, a SQLite file (default: OUT/.serve/jobs.sqlite "
+                                                   "for a local OUT, else ~/.reelforge/jobs.sqlite)")
+    p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--api-key-file", metavar="PATH", help="file of API keys, one a line (adds to REEL_API_KEYS)")
+    p.add_argument("--recaptioner", metavar="NAME", help="recaptioner (default: the model's own, else 'plain')")
+    p.add_argument("--replicas", type=int, metavar="N", help="render replicas (default: 1)")
+    p.add_argument("--min-replicas", type=int, metavar="N", help="autoscaling: fewest render replicas")
+    p.add_argument("--max-replicas", type=int, metavar="N", help="autoscaling: most render replicas (turns it on)")
+    p.add_argument("--cpus-per-replica", type=float, metavar="C", help="CPUs a render replica reserves (default: 0.5)")
+    p.add_argument("--gpus-per-replica", type=float, metavar="G", help="GPUs per render replica (default: 0)")
+    p.add_argument("--threads", dest="threads_per_replica", type=int, metavar="T",
+                   help="torch threads per render replica (default: 1)")
+    p.add_argument("--max-queued", type=int, metavar="N", help="queued videos before creates get 429 (default: 64)")
+    p.add_argument("--max-inflight-per-key", type=int, metavar="N",
+                   help="queued + rendering videos per API key before 429 (default: 8)")
+    p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest request body / upload (default: 10)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.render import UsageError
+    from pipeline.serve import ServeConfig, key_hash, read_key_file, run
+
+    options = {k: getattr(args, k) for k in (
+        "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
+        "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key")}
+    if args.max_upload_mb is not None:
+        options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
+    try:
+        cfg = ServeConfig.from_env(**options)
+        if args.api_key_file:
+            keys = {key_hash(k) for k in read_key_file(args.api_key_file)}
+            cfg = ServeConfig.from_env(**options, api_key_sha256=tuple(sorted(keys | set(cfg.api_key_sha256))))
+    except (OSError, ValueError) as e:
+        print(f"reel serve: {e}", file=sys.stderr)
+        return 2
+    if not cfg.api_key_sha256:
+        print("reel serve: no API key: set REEL_API_KEYS (comma-separated) or pass --api-key-file", file=sys.stderr)
+        return 2
+    try:
+        run(cfg, host=args.host, port=args.port, address=args.address)
+    except UsageError as e:
+        print(f"reel serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

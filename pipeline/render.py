@@ -101,11 +101,11 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
 
     if todo:
         t_ray = time.perf_counter()
-        _init_ray(cfg.address)
+        init_ray(cfg.address)
         summary.startup_seconds = time.perf_counter() - t_ray
-        _check_output_reachable(cfg.out)
+        check_output_reachable(cfg.out)
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
-        items = [_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
+        items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
         stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items))
         for row in _stream(items, stages, cfg):
             if row.get("error"):
@@ -183,7 +183,8 @@ def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig)
             yield row
 
 
-def _item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
+def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
+    """A validated clip as the row the stages pass along (the online endpoint builds the same)."""
     item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
     item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
                 timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="")
@@ -243,7 +244,7 @@ def _quiet_ray_data_console() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -259,7 +260,7 @@ def _init_ray(address: str | None) -> None:
                  logging_level=logging.WARNING, log_to_driver=False)
 
 
-def _check_output_reachable(out: str) -> None:
+def check_output_reachable(out: str) -> None:
     """Workers on every node write outputs: a plain path only works when the cluster is one node.
     A `file://` URI says the path is shared (every node mounts it)."""
     import ray

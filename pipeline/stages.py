@@ -188,15 +188,18 @@ class WriteUDF:
         self.writer = ClipWriter(out, model, run_id)
 
     def write_row(self, row: dict[str, Any]) -> None:
-        shape = json.loads(row["frames_shape"])
-        frames = np.frombuffer(row["frames_data"], dtype=np.uint8).reshape(shape)
-        record = self.writer.write(row, frames)
+        record = self.writer.write(row, row_frames(row))
         row["video_uri"] = record["video_uri"]
         row["timings"] = json.dumps(record["timings"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = _each_row(batch, "write", self.write_row)
         return out.drop(columns=["frames_data", "frames_shape", "passthrough"], errors="ignore")
+
+
+def row_frames(row: dict[str, Any]) -> np.ndarray:
+    """The frames `RenderUDF.render_row` left in a row, as uint8 (T, H, W, 3)."""
+    return np.frombuffer(row["frames_data"], dtype=np.uint8).reshape(json.loads(row["frames_shape"]))
 
 
 def passthrough_bytes(values: dict[str, Any], schema: pa.Schema) -> bytes:
