@@ -195,13 +195,11 @@ def test_entry_points_named_by_image_and_manifests_exist():
         if mod.startswith("jobs."):
             assert "__main__" in (ROOT / (mod.replace(".", "/") + ".py")).read_text()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    # Named ahead of the code, and marked so in cluster/rayservice.yaml: `reel serve`, pipeline.serve:app.
-    future_cmds, future_modules = {"serve"}, {"pipeline.serve"}
-    service = (ROOT / "cluster" / "rayservice.yaml").read_text()
-    assert "FUTURE WORK" in service
-    for import_path in re.findall(r"import_path: ([\w.]+):\w+", text):
-        assert import_path in future_modules or importlib.util.find_spec(import_path), import_path
-    for cmd in set(re.findall(r"\breel ([a-z][\w-]*)", text)) - {"--help"} - future_cmds:
+    for import_path, attr in re.findall(r"import_path: ([\w.]+):(\w+)", text):
+        assert importlib.util.find_spec(import_path), import_path
+        source = (ROOT / (import_path.replace(".", "/") + ".py")).read_text()
+        assert re.search(rf"^{attr}\b.*=", source, re.M), f"{import_path}:{attr} is not defined"
+    for cmd in set(re.findall(r"\breel ([a-z][\w-]*)", text)) - {"--help"}:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0, f"reel {cmd}: no such command"
