@@ -204,7 +204,7 @@ def test_entry_points_named_by_image_and_manifests_exist():
             main([cmd, "--help"])
         assert e.value.code == 0, f"reel {cmd}: no such command"
     assert "reel" in scripts
-    for job in ("render_manifest", "render_campaign", "nightly_sweep"):
+    for job in ("render_manifest", "render_campaign", "nightly_sweep", "train_default"):
         assert importlib.util.find_spec(f"jobs.{job}") is not None
 
 
