@@ -41,7 +41,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import ModelConfig, load_config
+from models.config import ModelConfig
 from models.dit import VideoDiT
 from models.sampler import flow_matching_loss
+from models.train_config import TrainConfig
 from models.vae import VideoAutoencoder
 from models.weights import build_modules, save_weights
 
@@ -64,84 +65,6 @@ class ClipSource(Protocol):
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
         ...
-
-
-@dataclass
-class TrainConfig:
-    """One training run.
-
-    Attributes:
-        out_dir: checkpoints, caches, loss curves and the final weights go here.
-        model: the model config to train (a shipped name, a .json path, or a folder).
-        model_overrides: merged over `model` (a nested dict like the JSON), e.g. smaller sizes.
-        vae_steps / dit_steps: optimiser steps of each phase (0 skips the phase; a skipped VAE
-            phase needs `vae/final.*` from an earlier run in `out_dir`).
-        vae_batch / dit_batch: clips per step per rank.
-        vae_lr / dit_lr: peak AdamW learning rates (linear warm-up, then cosine to 10%).
-        warmup_steps: linear warm-up of each phase.
-        weight_decay: AdamW weight decay (DiT; the VAE uses none).
-        vae_crop / vae_frames: VAE training crops (pixels, frames); 0 = the whole clip.
-        kl_weight: weight of the KL term per latent element.
-        init_logvar: initial log-variance of the VAE's posterior (see `init_posterior_logvar`).
-        object_weight: weight of the L1 averaged over the object's pixels only (far from the
-            clip's median colour), so a small object counts as much as the background.
-        edge_weight: weight of the L1 on spatial finite differences.
-        latent_clips: clips encoded for the DiT's latent cache (per rank).
-        text_dropout: share of DiT samples trained with the empty caption (for guidance).
-        ema_decay: decay of the DiT's exponential moving average (exported instead of the raw weights).
-        grad_clip: gradient-norm clipping.
-        zero_stage: DeepSpeed ZeRO stage (1 or 2).
-        checkpoint_every: steps between checkpoints; keep_checkpoints of them are kept.
-        log_every: steps between loss-curve rows.
-        seed: seed of everything random (data, noise, masks), mixed with rank and step.
-        minutes: wall-time budget of this call (all phases); on running out the current phase
-            saves a checkpoint and the call returns (resume later). None = no limit.
-        threads: torch intra-op threads (None: leave as is).
-        resume: continue from the latest checkpoints in `out_dir`.
-        pause_at: pause a phase when its step count reaches this in this call (as if the time
-            ran out: checkpoint, return; a phase resumed at or past it runs on); for staged runs
-            and tests. None = run to the end.
-        export_path: where `train_model` writes the final weights (default out_dir/model.safetensors).
-        data_workers: processes that draw training clips ahead of the steps (0: drawn inline). The
-            shapes world renders on the CPU (~8 ms a clip): enough for CPU training, far too slow
-            to feed a GPU, so give a GPU run most of its host's cores here.
-    """
-
-    out_dir: str
-    model: str = "default"
-    model_overrides: dict = field(default_factory=dict)
-    vae_steps: int = 1000
-    dit_steps: int = 3000
-    vae_batch: int = 8
-    dit_batch: int = 16
-    vae_lr: float = 1e-3
-    dit_lr: float = 5e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    vae_crop: int = 32
-    vae_frames: int = 8
-    kl_weight: float = 1e-4
-    init_logvar: float = -8.0
-    object_weight: float = 1.0
-    edge_weight: float = 0.5
-    latent_clips: int = 4000
-    text_dropout: float = 0.1
-    ema_decay: float = 0.995
-    grad_clip: float = 1.0
-    zero_stage: int = 1
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    minutes: float | None = None
-    threads: int | None = None
-    resume: bool = False
-    pause_at: int | None = None
-    export_path: str | None = None
-    data_workers: int = 0
-
-    def model_config(self) -> ModelConfig:
-        return load_config(self.model, self.model_overrides or None)
 
 
 # --- distributed setup ----------------------------------------------------------------------

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import storage
-from pipeline.judge import ATTRIBUTES, JudgeResult, aggregate, expected_attributes, is_held_out, judge_clip
-from pipeline.shapes_world import VOCABULARY, Scene, all_scenes, canonical_caption, render_scene, sample_scenes
+from pipeline.encode import decode_mp4
+from pipeline.judge import ATTRIBUTES, JudgeResult, aggregate, is_held_out, judge_clip
+from pipeline.shapes_world import VOCABULARY, canonical_caption, render_scene, sample_scenes
 
 DEFAULT_PROMPTS = str(Path(__file__).with_name("eval_prompts.jsonl"))
 
@@ -117,8 +119,6 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
         if m is None:
             result = JudgeResult(None, None, None, None, 0.0, {"error": "not rendered"})
         else:
-            from pipeline.encode import decode_mp4
-
             result = judge_clip(decode_mp4(storage.read_bytes(m["video_uri"])))
         results.append(result)
         targets.append(p)
@@ -131,18 +131,9 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
     summary.update(prompts=cfg.prompts, model=cfg.model, rendered=sum(c["rendered"] for c in clips),
                    failed=[{"id": e.id, "reason": e.reason} for e in run.errors],
                    render_seconds=round(render_seconds, 1), run_id=run.run_id, options=asdict(cfg))
-    import pyarrow as pa
-
     storage.write_parquet_atomic(storage.join(cfg.out, "clips.parquet"), pa.Table.from_pylist(clips))
     storage.write_json_atomic(storage.join(cfg.out, "eval.json"), summary)
     return summary
-
-
-def held_out_scenes(rng: np.random.Generator | int, n: int) -> list[Scene]:
-    """`n` scenes drawn uniformly (with replacement) from those with a held-out colour-shape pair."""
-    rng = np.random.default_rng(rng)
-    pool = [s for s in all_scenes(include_held_out=True) if s.held_out]
-    return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
 
 def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345, steps: int | None = None,
@@ -156,7 +147,7 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
 
     gen = load_generator(model, num_threads=threads)
     rng = np.random.default_rng(seed)
-    scenes = sample_scenes(rng, clips, include_held_out=False) + held_out_scenes(rng, clips)
+    scenes = sample_scenes(rng, clips, include_held_out=False) + sample_scenes(rng, clips, held_out_only=True)
     seeds = rng.integers(0, 2 ** 31 - 1, size=len(scenes))
     results, seconds = [], []
     for i, (scene, s) in enumerate(zip(scenes, seeds)):
@@ -189,7 +180,7 @@ def vae_roundtrip_adherence(vae, clips: int = 64, seed: int = 777, held_out: boo
     from models.training import to_tensor
 
     rng = np.random.default_rng(seed)
-    scenes = held_out_scenes(rng, clips) if held_out else sample_scenes(rng, clips)
+    scenes = sample_scenes(rng, clips, held_out_only=held_out)
     results, err = [], []
     with torch.no_grad():
         for scene in scenes:
@@ -217,5 +208,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_PROMPTS", "EvalError", "PromptEval", "evaluate_prompts", "evaluate_scenes", "expected_attributes",
-           "format_summary", "held_out_scenes", "load_prompt_set", "vae_roundtrip_adherence"]
+__all__ = ["DEFAULT_PROMPTS", "EvalError", "PromptEval", "evaluate_prompts", "evaluate_scenes", "format_summary",
+           "load_prompt_set", "vae_roundtrip_adherence"]

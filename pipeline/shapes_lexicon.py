@@ -187,18 +187,11 @@ def _build_lexicon() -> dict[tuple[str, ...], Entry]:
     for family, words in COLOUR_WORDS.items():
         for w in words:
             add(w, Entry("colour", family))
-    for value, words in MOTION_WORDS.items():
-        for w in words:
-            add(w, Entry("motion", value))
-    for value, words in APPROX_MOTION_WORDS.items():
-        for w in words:
-            add(w, Entry("motion", value, exact=False))
-    for value, words in SHAPE_WORDS.items():
-        for w in words:
-            add(w, Entry("shape", value))
-    for value, words in APPROX_SHAPE_WORDS.items():
-        for w in words:
-            add(w, Entry("shape", value, exact=False))
+    for kind, table, exact in (("motion", MOTION_WORDS, True), ("motion", APPROX_MOTION_WORDS, False),
+                               ("shape", SHAPE_WORDS, True), ("shape", APPROX_SHAPE_WORDS, False)):
+        for value, words in table.items():
+            for w in words:
+                add(w, Entry(kind, value, exact=exact))
     for w in COLOUR_MODIFIERS:
         add(w, Entry("modifier", w))
     for w, d in DIRECTION_WORDS.items():

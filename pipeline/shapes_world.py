@@ -107,7 +107,7 @@ def canonical_caption(scene: Scene) -> str:
 
 
 def all_scenes(include_held_out: bool = True) -> Iterator[Scene]:
-    """Every scene of the world (784 with the held-out pairs, 588 without), in a fixed order."""
+    """Every scene of the world (784 with the held-out pairs, 672 without), in a fixed order."""
     for shape in SHAPES:
         for colour in COLOURS:
             if not include_held_out and (colour, shape) in HELD_OUT:
@@ -132,11 +132,12 @@ def scene_from_caption(caption: str) -> Scene:
         raise ValueError(f"not a canonical shapes-world caption: {caption!r}") from None
 
 
-def sample_scenes(rng: np.random.Generator | int, n: int, include_held_out: bool = False) -> list[Scene]:
+def sample_scenes(rng: np.random.Generator | int, n: int, include_held_out: bool = False,
+                  held_out_only: bool = False) -> list[Scene]:
     """`n` scenes drawn uniformly (with replacement) from the world; the held-out colour-shape
-    pairs only when `include_held_out`."""
+    pairs only when `include_held_out`, nothing else when `held_out_only`."""
     rng = np.random.default_rng(rng)
-    pool = list(all_scenes(include_held_out))
+    pool = [s for s in all_scenes(include_held_out or held_out_only) if s.held_out or not held_out_only]
     return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
 

@@ -1,6 +1,6 @@
 """Training the default model on the shapes world, under Ray Train or in one plain process.
 
-    from models.training import TrainConfig
+    from models.train_config import TrainConfig
     from pipeline.train import train
 
     cfg = TrainConfig(out_dir=".train/default", vae_steps=800, dit_steps=2500, minutes=80)
@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from models.training import TrainConfig, train_model
+from models.train_config import TrainConfig
 from pipeline.shapes_world import all_scenes, canonical_caption, render_scene, sample_scenes
 
 
@@ -55,6 +55,8 @@ def train(cfg: TrainConfig, num_workers: int | None = None, use_gpu: bool = Fals
     Returns rank 0's summary (see `models.training.train_model`).
     """
     if num_workers is None:
+        from models.training import train_model  # torch + DeepSpeed: only when training
+
         return train_model(cfg, source or ShapesWorldSource())
     return train_ray(cfg, num_workers, use_gpu, cpus_per_worker)
 
@@ -62,6 +64,8 @@ def train(cfg: TrainConfig, num_workers: int | None = None, use_gpu: bool = Fals
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: `train_model` over the process group Ray Train set up."""
     import ray.train
+
+    from models.training import train_model
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
