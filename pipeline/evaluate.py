@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import one_line
 from pipeline.encode import decode_mp4
 from pipeline.judge import ATTRIBUTES, JudgeResult, aggregate, is_held_out, judge_clip
 from pipeline.shapes_world import VOCABULARY, canonical_caption, render_scene, sample_scenes
@@ -88,7 +89,7 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
     """Render the prompt set through the pipeline and judge every clip; the summary (also in
     OUT/eval.json). Rows that fail to render count as not adherent and are listed."""
     from pipeline.manifest import write_manifest
-    from pipeline.render import RenderConfig, render_manifest
+    from pipeline.render import RenderConfig, UsageError, render_manifest
 
     prompts = load_prompt_set(cfg.prompts)[: cfg.limit]
     rows = []
@@ -103,13 +104,15 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
     manifest, render_out = storage.join(cfg.out, "manifest.parquet"), storage.join(cfg.out, "render")
     write_manifest(rows, manifest)
     t0 = time.perf_counter()
-    run = render_manifest(RenderConfig(manifest=manifest, out=render_out, model=cfg.model,
-                                       recaptioner=cfg.recaptioner, address=cfg.address,
-                                       replicas=cfg.replicas, threads_per_replica=cfg.threads_per_replica,
-                                       progress=cfg.progress))
+    try:
+        run = render_manifest(RenderConfig(manifest=manifest, out=render_out, model=cfg.model,
+                                           recaptioner=cfg.recaptioner, address=cfg.address,
+                                           replicas=cfg.replicas, threads_per_replica=cfg.threads_per_replica,
+                                           progress=cfg.progress))
+    except UsageError as e:  # a bad model or option: nothing rendered, so leave nothing behind
+        storage.delete(manifest)
+        raise EvalError(str(e)) from None
     render_seconds = time.perf_counter() - t0
-    if run.exit_code == 2:
-        raise EvalError("; ".join(e.reason for e in run.errors[:1]) or "the render could not start")
     meta = storage.read_parquet_dataset(storage.join(render_out, "metadata"))
     by_id = {r["id"]: r for r in meta.to_pylist()} if meta is not None else {}
 
@@ -145,7 +148,10 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
     from models.generator import load_generator
     from models.interface import RenderRequest
 
-    gen = load_generator(model, num_threads=threads)
+    try:
+        gen = load_generator(model, num_threads=threads)
+    except (ValueError, OSError) as e:  # ConfigError / WeightsError are ValueErrors
+        raise EvalError(f"cannot load model {model!r}: {one_line(e)}") from None
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(rng, clips, include_held_out=False) + sample_scenes(rng, clips, held_out_only=True)
     seeds = rng.integers(0, 2 ** 31 - 1, size=len(scenes))

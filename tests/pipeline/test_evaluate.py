@@ -112,3 +112,12 @@ def test_contact_sheet_places_every_clip_row_by_row():
     assert [img[0, x, 0] for x in (0, 8, 16)] == [0, 40, 70]  # frames 0, 4 (rounded from 3.5), 7
     assert (img[4:6] == 255).all()  # the gap between rows
     assert (img[7:9, 2:4] == 200).all() and (img[6, 0] == 255).all()  # the small clip, centred
+
+
+@pytest.mark.parametrize("extra", [[], ["--scenes", "1"]])
+def test_reel_eval_rejects_an_unknown_model_in_one_line(tmp_path, capsys, extra):
+    out = tmp_path / "o"
+    assert main(["eval", "--out", str(out), "--model", "no-such-model", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reel eval: cannot load model 'no-such-model'") and "\n" not in err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
