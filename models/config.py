@@ -155,7 +155,11 @@ class GridConfig:
         min_size: smallest width or height in pixels.
         max_size: largest width or height in pixels.
         max_pixels: largest width * height.
-        max_frames: longest clip in pixel frames.
+        max_frames: longest clip in pixel frames (longer than `window_frames`: sampled in windows).
+        window_frames: frames sampled in one pass (the length the model was trained on, or a
+            little more); a longer request is sampled in overlapping windows, each conditioned on
+            the last `context_frames` of the one before. null: `max_frames` (one pass always).
+        context_frames: frames a window shares with the one before it. null: half a window.
         min_fps: lowest frame rate a request may ask for.
         max_fps: highest frame rate a request may ask for.
         max_steps: most sampling steps a request may ask for.
@@ -169,6 +173,8 @@ class GridConfig:
     max_size: int = 256
     max_pixels: int = 256 * 256
     max_frames: int = 64
+    window_frames: int | None = None
+    context_frames: int | None = None
     min_fps: int = 1
     max_fps: int = 30
     max_steps: int = 100
@@ -176,6 +182,35 @@ class GridConfig:
     default_height: int = 64
     default_fps: int = 8
     default_seconds: float = 2.0
+
+
+@dataclass
+class ParallelConfig:
+    """How one replica of the model spreads over a group of devices (`models/parallel.py`).
+
+    The group has sp * tp * cfg ranks; every layout gives the single-device result (to float
+    rounding). A layout that cannot work is refused when the group is built, before any request.
+
+    Attributes:
+        sp: sequence-parallel degree: the spacetime tokens are split over sp ranks; attention
+            is USP (DeepSpeed-Ulysses all-to-all over heads, times ring attention over the
+            sequence), so sp may exceed the head count.
+        tp: tensor-parallel degree: attention heads and the MLP are split over tp ranks
+            (Megatron column/row split); must divide the heads and the MLP width.
+        cfg: 1, or 2 to run the conditional and unconditional passes of classifier-free
+            guidance on two ranks (needs guidance != 1).
+        ulysses: the Ulysses part of sp (a divisor of sp that divides the heads per tp rank);
+            the ring degree is sp / ulysses. null: the largest that fits.
+    """
+
+    sp: int = 1
+    tp: int = 1
+    cfg: int = 1
+    ulysses: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.sp * self.tp * self.cfg
 
 
 @dataclass
@@ -192,6 +227,7 @@ class ModelConfig:
         recaptioner: name of the recaptioner that turns prompts into this model's caption style,
             or null for the pipeline's default.
         vae, dit, text, sampler, grid: the parts, see their classes.
+        parallel: the default layout of a multi-device replica (sp/tp/cfg 1: one device).
         source: where the config was loaded from (set by `load_config`, not read from JSON).
     """
 
@@ -206,6 +242,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str | None = None
 
     def __post_init__(self):
@@ -236,6 +273,10 @@ class ModelConfig:
             raise ConfigError(f"text.kind={self.text.kind!r} must be 'minilm' or 'hf'")
         if self.text.kind == "hf" and not self.text.path:
             raise ConfigError("text.kind='hf' needs text.path (a local folder or fsspec URI)")
+        par = self.parallel
+        if min(par.sp, par.tp) < 1 or par.cfg not in (1, 2) or (par.ulysses is not None and par.ulysses < 1):
+            raise ConfigError(f"parallel: sp={par.sp} and tp={par.tp} must be >= 1, cfg={par.cfg} 1 or 2, "
+                              f"ulysses={par.ulysses} null or >= 1")
         if self.weights_sha256 is not None and len(self.weights_sha256) != 64:
             raise ConfigError(f"weights_sha256 must be 64 hex digits, got {self.weights_sha256!r}")
 
@@ -289,7 +330,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     raw = copy.deepcopy(raw)
     raw.pop("base", None)
     parts = {"vae": VAEConfig, "dit": DiTConfig, "text": TextConfig, "sampler": SamplerConfig,
-             "grid": GridConfig}
+             "grid": GridConfig, "parallel": ParallelConfig}
     _check_keys(raw, ModelConfig, "")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():

@@ -12,6 +12,7 @@ and VAE run under bf16 autocast; on CPU everything is fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Sequence
 
@@ -30,6 +31,16 @@ def grid_limits(config: ModelConfig) -> GridLimits:
     g, p = config.grid, config.dit.patch_size
     size_multiple = config.vae.spatial_compression * p[1]
     frame_multiple = config.vae.temporal_compression * p[0]
+    max_frames = g.max_frames // frame_multiple * frame_multiple
+    window = max_frames if g.window_frames is None else g.window_frames
+    context = g.context_frames if g.context_frames is not None else window // 2 // frame_multiple * frame_multiple
+    if window % frame_multiple or not frame_multiple <= window <= max_frames:
+        raise ConfigError(f"config {config.name!r}: grid.window_frames={window} must be a multiple of "
+                          f"{frame_multiple} in {frame_multiple}..{max_frames}")
+    if context % frame_multiple or not 0 < context < window:
+        if window < max_frames or context:
+            raise ConfigError(f"config {config.name!r}: grid.context_frames={context} must be a multiple of "
+                              f"{frame_multiple} greater than 0 and less than window_frames={window}")
     limits = GridLimits(
         size_multiple=size_multiple,
         min_size=-(-max(g.min_size, size_multiple) // size_multiple) * size_multiple,
@@ -37,6 +48,8 @@ def grid_limits(config: ModelConfig) -> GridLimits:
         max_pixels=g.max_pixels,
         frame_multiple=frame_multiple,
         max_frames=g.max_frames // frame_multiple * frame_multiple,
+        window_frames=window,
+        context_frames=context,
         min_fps=g.min_fps,
         max_fps=g.max_fps,
         max_steps=g.max_steps,
@@ -90,24 +103,67 @@ class DiffusionVideoGenerator:
         t0 = self._now()
         text, text_mask = self.text_encoder.encode([r.caption])
         uncond, uncond_mask = self.text_encoder.encode([r.negative_caption])
-        t1 = self._now()
+        timings = {"text": self._now() - t0, "sample": 0.0, "decode": 0.0}
+        if r.strength == 0.0:  # a remix at strength 0 is the input itself
+            return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8), timings=timings)
 
+        out = np.zeros((r.frames, r.height, r.width, 3), dtype=np.uint8)
+        have = np.zeros(r.frames, dtype=bool)  # frames given or already sampled
+        if r.cond_frames is not None:
+            for i, frame in zip(r.cond_index, r.cond_frames):
+                out[i], have[i] = frame, True
+        for w, (a, b) in enumerate(self.windows(r)):
+            index = tuple(int(i) for i in np.flatnonzero(have[a:b]))
+            window = dataclasses.replace(
+                r, frames=b - a, seed=window_seed(r.seed, w),
+                cond_frames=out[a:b][list(index)] if index else None, cond_index=index,
+                init_frames=None if r.init_frames is None else r.init_frames[a:b])
+            frames = self._sample_window(window, text, text_mask, uncond, uncond_mask, timings)
+            new = ~have[a:b]
+            out[a:b][new] = frames[new]
+            have[a:b] = True
+        return RenderOutput(frames=out, timings=timings)
+
+    def windows(self, r: RenderRequest) -> list[tuple[int, int]]:
+        """The [start, end) frame ranges sampled one after another for a request.
+
+        One window when the request fits `window_frames`. Otherwise windows of that length, each
+        overlapping the one before by `context_frames` (the last one aligned to the clip's end):
+        forward from the start, or backward from the end when the only given frames are at the
+        end (extension backwards), so each window conditions on frames already there.
+        """
+        n, size, step = r.frames, self.limits.window_frames, self.limits.window_frames - self.limits.context_frames
+        if n <= size:
+            return [(0, n)]
+        starts = list(range(0, n - size, step)) + [n - size]
+        given = sorted(r.cond_index) if r.cond_frames is not None else []
+        if given and given[0] >= n - size and given[-1] == n - 1:  # only a suffix is given
+            return [(n - s - size, n - s) for s in starts]
+        return [(s, s + size) for s in starts]
+
+    def _sample_window(self, r: RenderRequest, text, text_mask, uncond, uncond_mask,
+                       timings: dict[str, float]) -> np.ndarray:
+        """Frames (uint8 T×H×W×3) of one window; adds its seconds to `timings`."""
+        t1 = self._now()
         shape = (1, *self.vae.latent_shape(r.frames, r.height, r.width))
         noise = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(r.seed))
         with self._autocast():
             cond_latents, cond_mask = self.encode_conditioning(r)
+            remix = r.init_frames is not None and r.strength < 1.0
+            init = self.vae.encode(pixels_to_video(r.init_frames, self.device)).float() if remix else None
             latents = self.sampler.sample(
                 self.dit, noise.to(self.device), text, text_mask, uncond, uncond_mask,
                 cond_latents=cond_latents, cond_mask=cond_mask, steps=r.steps, guidance=r.guidance,
+                init_latents=init, strength=r.strength if remix else 1.0,
             )
         t2 = self._now()
-
         with self._autocast():
             video = self.vae.decode(latents)  # (1, 3, T, H, W), about [-1, 1]
         frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
-        t3 = self._now()
-        return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": t3 - t2})
+        timings["sample"] += t2 - t1
+        timings["decode"] += self._now() - t2
+        return frames
 
     def encode_conditioning(self, r: RenderRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Latents and latent-frame mask (1, T') of a request's given frames; (None, None) if none.
@@ -139,6 +195,17 @@ class DiffusionVideoGenerator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def window_seed(seed: int, window: int) -> int:
+    """The noise seed of a request's `window`-th window (the first uses the request's own seed)."""
+    return seed if window == 0 else (seed + window * 0x9E3779B97F4A7C15) % 2**63
+
+
+def pixels_to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) as the VAE's input (1, 3, T, H, W) in [-1, 1]."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1
+    return video.permute(3, 0, 1, 2)[None].to(device)
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,

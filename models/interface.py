@@ -28,6 +28,8 @@ class GridLimits:
 
     Width and height must be multiples of `size_multiple` (the VAE's spatial factor times the
     patch size); the frame count a multiple of `frame_multiple` (the VAE's temporal factor).
+    A request longer than `window_frames` is sampled in windows of that length, each holding the
+    last `context_frames` of the one before fixed (frame conditioning), up to `max_frames`.
     """
 
     size_multiple: int
@@ -36,6 +38,8 @@ class GridLimits:
     max_pixels: int
     frame_multiple: int
     max_frames: int
+    window_frames: int
+    context_frames: int
     min_fps: int
     max_fps: int
     max_steps: int
@@ -81,6 +85,15 @@ class GridLimits:
             bad = [i for i in r.cond_index if not 0 <= i < r.frames]
             if bad or len(set(r.cond_index)) != len(r.cond_index):
                 raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in 0..{r.frames - 1}")
+        if not 0 <= r.strength <= 1:
+            raise ValueError(f"strength={r.strength} must be in [0, 1]")
+        if r.init_frames is not None:
+            frames = r.init_frames
+            if frames.shape != (r.frames, r.height, r.width, 3) or frames.dtype != np.uint8:
+                raise ValueError(f"init_frames must be uint8 {r.frames} x {r.height} x {r.width} x 3, "
+                                 f"got {frames.shape} {frames.dtype}")
+        elif r.strength < 1:
+            raise ValueError("strength < 1 needs init_frames (the video to remix)")
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,12 @@ class RenderRequest:
     """One clip to sample. `frames` is the pixel-frame count (a multiple of `frame_multiple`).
 
     `cond_frames` (uint8 K×H×W×3) with `cond_index` (K pixel-frame positions) give frames that are
-    known (image→video, extension); they are encoded and held fixed through frame conditioning.
+    known (image→video, extension, interpolation); they are encoded, held fixed through frame
+    conditioning, and returned as given.
+
+    `init_frames` (uint8 T×H×W×3) with `strength` < 1 remix a video (SDEdit): sampling starts from
+    the video's latents noised to t = strength instead of from pure noise, so 0 returns the video
+    and 1 ignores it.
     """
 
     caption: str
@@ -102,6 +120,8 @@ class RenderRequest:
     negative_caption: str = ""
     cond_frames: np.ndarray | None = field(default=None, compare=False)
     cond_index: tuple[int, ...] = ()
+    init_frames: np.ndarray | None = field(default=None, compare=False)
+    strength: float = 1.0
 
 
 @dataclass

@@ -11,7 +11,8 @@ unconditional velocity, both from one forward pass over a batch of two.
 
 Frame conditioning (Open-Sora): latent frames whose mask is 1 are given (clean latents). They are
 held at x0 in x_t, fed to the model as extra channels, and left out of the loss; the same rule
-serves text→video (mask all 0), image→video (first frame) and extension (first k frames).
+serves text→video (mask all 0), image→video (first frame), extension (first k frames forward, last
+k backward) and interpolation (first and last).
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ class FlowMatchSampler:
                uncond_text: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None, *,
                cond_latents: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                steps: int | None = None, guidance: float | None = None,
+               init_latents: torch.Tensor | None = None, strength: float = 1.0,
                callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Latents x0 (B, C, T', H', W') from noise of that shape, given text states (B, L, D).
 
         `uncond_text`/`uncond_mask` (the empty or negative caption) are needed when guidance != 1.
         `cond_latents` (B, C, T', H', W') with `cond_mask` (B, T') hold given frames fixed.
+        `init_latents` with `strength` s < 1 (SDEdit, Meng et al. 2022): start from the straight
+        line's point x_s = (1 - s)·init + s·noise and integrate from t = s to 0 in `steps` steps (the
+        schedule scaled into [0, s]); s = 0 returns `init_latents`.
         """
         steps = self.steps if steps is None else steps
         guidance = self.guidance if guidance is None else guidance
@@ -76,7 +81,38 @@ class FlowMatchSampler:
         if use_cfg and uncond_text is None:
             raise ValueError("classifier-free guidance needs the unconditional text states")
 
-        b = noise.shape[0]
+        velocity = self.velocity_fn(model, guidance, text, text_mask, uncond_text, uncond_mask,
+                                    cond_latents, cond_mask)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        timesteps = sampling_timesteps(steps, self.shift).to(noise.device)
+        x = noise
+        if strength < 1.0:
+            if init_latents is None:
+                raise ValueError("strength < 1 needs init_latents")
+            if strength == 0.0:
+                return init_latents.clone()
+            timesteps = timesteps * strength
+            x = (1 - strength) * init_latents.to(noise.dtype) + strength * noise
+        x = apply_frame_conditioning(x, cond_latents, cond_mask)
+        for i in range(steps):
+            t, t_next = timesteps[i], timesteps[i + 1]
+            v = velocity(x, t)
+            x = x + (t_next - t) * v  # Euler step towards t = 0
+            x = apply_frame_conditioning(x, cond_latents, cond_mask)
+            if callback is not None:
+                callback(i, x)
+        return x
+
+    def velocity_fn(self, model: nn.Module, guidance: float, text: torch.Tensor, text_mask: torch.Tensor | None,
+                    uncond_text: torch.Tensor | None, uncond_mask: torch.Tensor | None,
+                    cond_latents: torch.Tensor | None, cond_mask: torch.Tensor | None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The guided velocity v(x, t) (float32) of one step: here one forward over [cond; uncond].
+
+        The hook a parallel sampler overrides (CFG parallelism puts the two halves on two ranks).
+        """
+        use_cfg = guidance != 1.0
         if use_cfg:  # one forward over [cond; uncond]
             text = torch.cat([text, uncond_text])
             text_mask = None if text_mask is None else torch.cat([text_mask, uncond_mask])
@@ -85,34 +121,30 @@ class FlowMatchSampler:
         else:
             cond_in, mask_in = cond_latents, cond_mask
 
-        timesteps = sampling_timesteps(steps, self.shift).to(noise.device)
-        x = apply_frame_conditioning(noise, cond_latents, cond_mask)
-        for i in range(steps):
-            t, t_next = timesteps[i], timesteps[i + 1]
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
             x_in = torch.cat([x, x]) if use_cfg else x
             v = model(x_in, t.expand(x_in.shape[0]), text, text_mask, cond_in, mask_in).float()
             if use_cfg:
                 v_cond, v_uncond = v[:b], v[b:]
                 v = v_uncond + guidance * (v_cond - v_uncond)
-            x = x + (t_next - t) * v  # Euler step towards t = 0
-            x = apply_frame_conditioning(x, cond_latents, cond_mask)
-            if callback is not None:
-                callback(i, x)
-        return x
+            return v
+
+        return velocity
 
 
 # --- training -------------------------------------------------------------------------------------
 
 #: Default share of training samples per frame-conditioning task (the rest are text→video).
-COND_PROBS = {"i2v": 0.1, "extend": 0.1, "interpolate": 0.05}
+COND_PROBS = {"i2v": 0.1, "extend": 0.1, "extend_backward": 0.05, "interpolate": 0.05}
 
 
 def random_frame_masks(batch: int, frames: int, probs: dict[str, float] | None = None,
                        generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """(batch, frames) float masks of given latent frames, one task drawn per sample.
 
-    Tasks: "i2v" (the first frame), "extend" (the first k, 1 <= k < frames), "interpolate" (first
-    and last); otherwise none (text→video).
+    Tasks: "i2v" (the first frame), "extend" (the first k, 1 <= k < frames), "extend_backward"
+    (the last k), "interpolate" (first and last); otherwise none (text→video).
     """
     probs = COND_PROBS if probs is None else probs
     masks = torch.zeros(batch, frames)
@@ -126,6 +158,8 @@ def random_frame_masks(batch: int, frames: int, probs: dict[str, float] | None =
                     masks[i, 0] = 1
                 elif task == "extend":
                     masks[i, : int(ks[i])] = 1
+                elif task == "extend_backward":
+                    masks[i, frames - int(ks[i]):] = 1
                 elif task == "interpolate":
                     masks[i, 0] = masks[i, -1] = 1
                 else:

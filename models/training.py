@@ -16,7 +16,7 @@ Phases, each resumable from its own DeepSpeed checkpoints under `out_dir`:
 2. Latent cache (`latents-rank{r}.pt`): `latent_clips` fresh clips per run, encoded once with the
    final VAE; caption states for all of `source.captions` and the empty caption (`text_cache.pt`).
 3. DiT (`dit/`): rectified flow (`models.sampler.flow_matching_loss`): logit-normal t, random
-   frame-conditioning masks (i2v / extend / interpolate: some latent frames given clean), caption
+   frame-conditioning masks (i2v / extend forward and backward / interpolate: some latent frames given clean), caption
    dropout (`text_dropout`, the empty caption) for classifier-free guidance; an EMA of the weights.
 4. Export (`export_weights`): `{vae.*, dit.* (EMA)}` as one safetensors file and its sha256.
 

@@ -10,12 +10,24 @@ Render every row of a manifest into videos, thumbnails and metadata under OUT.
 
 MANIFEST is a Parquet file, a folder of Parquet files, or a JSON Lines file, at any fsspec URI
 (local path, file://, s3://, gs://). One row per clip; columns: id and prompt (required),
-negative_prompt, seconds, fps, width, height, seed, steps, guidance, mode; any other column is
-copied into the clip's metadata. S3-compatible stores are reached with the usual AWS settings
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile).
+negative_prompt, seconds, fps, width, height, seed, steps, guidance, mode, blur_faces; any other
+column is copied into the clip's metadata. S3-compatible stores are reached with the usual AWS
+settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile).
 
-Under OUT: videos/{id}.mp4, thumbnails/{id}.jpg, metadata/ (Parquet, one row per clip),
-errors/ (Parquet: row, id, stage, reason for each row that failed in this run) and run.json.
+Modes (the mode column; inferred from the columns a row fills when it names none):
+  t2v          text → video (default)
+  image        a single frame, written as images/{id}.png
+  i2v          image (a PNG/JPEG/WebP URI) becomes the first frame
+  extend       video (URI) + seconds more; direction forward (default) or backward; the output
+               holds the input plus the new part unless extension_only is true
+  interpolate  image + image_end (keyframes) or video + video_end (clips): fill the gap
+  remix        video + a new prompt + strength in [0, 1] (0 keeps the video, 1 ignores it)
+  storyboard   shots: a list of {prompt, seconds}; one video, each shot continuing the last
+Rows with inputs and no width/height take the input's size, snapped to the model's grid.
+
+Under OUT: videos/{id}.mp4 (images/{id}.png for stills), thumbnails/{id}.jpg, metadata/
+(Parquet, one row per clip), errors/ (Parquet: row, id, stage, reason for each row that failed
+in this run, e.g. stage safety: "blocked by policy: <category>") and run.json.
 
 Exit status: 0 every row rendered or skipped as already done; 3 some rows failed (the others
 are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written).
@@ -39,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_parser(sub)
     _add_train_parser(sub)
     _add_serve_parser(sub)
+    _add_verify_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "render":
@@ -51,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "verify":
+        return _verify(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -72,6 +87,12 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads per replica (default: 1 on CPU; raise it for big models, "
                         "fewer replicas use less memory)")
+    p.add_argument("--policy", metavar="FILE|URI|none",
+                   help="safety policy (JSON/YAML, see docs/SAFETY.md) checked on every prompt and caption "
+                        "before sampling; blocked rows land in errors/ (default: the shipped policy; "
+                        "'none' turns the gate off)")
+    p.add_argument("--blur-faces", action="store_true",
+                   help="blur faces in every output (a row can also ask with blur_faces=true)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -85,7 +106,8 @@ def _render(args: argparse.Namespace) -> int:
         manifest=args.manifest, out=args.out, model=args.model, recaptioner=args.recaptioner,
         address=args.address, limit=args.limit, resume=args.resume, replicas=args.replicas,
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-        threads_per_replica=args.threads, progress=args.progress,
+        threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
+        blur_faces=args.blur_faces,
     )
     try:
         summary = render_manifest(cfg)
@@ -299,6 +321,41 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"reel serve: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+VERIFY_HELP = """\
+Check the provenance of rendered outputs: the invisible watermark in the frames (score and
+verdict), the container tags (generator, model, weights sha256, caption hash) and the C2PA
+manifest (validity and signer; REEL_C2PA_TRUST_ANCHORS names CA certificates to trust).
+FILE is an MP4, PNG or JPEG at a local path or any fsspec URI.
+
+Exit status: 0 every file carries the watermark; 1 some file does not; 2 a file cannot be read.
+"""
+
+
+def _add_verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check the watermark, tags and C2PA manifest of rendered files",
+                       description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", metavar="FILE", help="MP4, PNG or JPEG (local path or fsspec URI)")
+    p.add_argument("--json", action="store_true", help="print one JSON report per file (JSON Lines)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.provenance import ProvenanceError, UnreadableInput, format_report, read_provenance
+
+    unmarked = unreadable = False
+    for path in args.files:
+        try:
+            report = read_provenance(path)
+        except (UnreadableInput, ProvenanceError) as e:
+            print(f"reel verify: {e}", file=sys.stderr)
+            unreadable = True
+            continue
+        print(json.dumps(report) if args.json else format_report(report), flush=True)
+        unmarked |= not report["ok"]
+    return 2 if unreadable else 1 if unmarked else 0
 
 
 if __name__ == "__main__":

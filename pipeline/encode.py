@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "thumbnail_frame", "probe_mp4", "mp4_top_level_boxes", "ffmpeg_exe",
+__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "encode_png", "thumbnail_frame", "probe_mp4", "mp4_top_level_boxes", "ffmpeg_exe",
            "EncodeError"]
 
 DEFAULT_CRF = 18
@@ -166,6 +166,22 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(frame), "RGB" if frame.ndim == 3 else "L").save(
         buf, "JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def encode_png(frame: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """One (H, W, 3) uint8 frame → PNG bytes (lossless; deterministic), `text` as tEXt/iTXt chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+    info = PngInfo()
+    for key, value in (text or {}).items():  # tEXt is Latin-1: other text goes in iTXt (UTF-8)
+        info.add_text(str(key), str(value)) if str(value).isascii() else info.add_itxt(str(key), str(value))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame), "RGB").save(buf, "PNG", pnginfo=info, optimize=False)
     return buf.getvalue()
 
 

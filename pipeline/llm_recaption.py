@@ -467,47 +467,50 @@ class LLMRecaptioner:
         self.last_source: str | None = None
         self.last_reason = ""
         self.stats = {"llm": 0, "fallback": 0}
-        self._cache: OrderedDict[tuple[str, int], LLMCaption] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, str], LLMCaption] = OrderedDict()
         self._cache_size = cache_size
 
-    def messages(self, prompt: str) -> list[dict[str, str]]:
+    def messages(self, prompt: str, context: str = "") -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         for user, caption in self.examples:
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": caption}]
+        if context:  # a storyboard's later shot: carry the subject and style over the cut
+            prompt = (f"{prompt}\n\n(This is the next shot of one video. The previous shot's caption: {context} "
+                      "Keep its subject, setting and style unless this prompt changes them.)")
         return msgs + [{"role": "user", "content": prompt}]
 
-    def recaption_with_source(self, prompt: str, seed: int) -> LLMCaption:
+    def recaption_with_source(self, prompt: str, seed: int, context: str = "") -> LLMCaption:
         prompt = " ".join(prompt.split())
         if not prompt:
             raise ValueError("prompt is empty")
-        key = (prompt, int(seed))
+        key = (prompt, int(seed), context)
         if key in self._cache:
             self._cache.move_to_end(key)
             result = self._cache[key]
         else:
-            result = self._ask(prompt, int(seed))
+            result = self._ask(prompt, int(seed), context)
         self.last_source, self.last_reason = result.source, result.reason
         self.stats[result.source] += 1
         return result
 
-    def recaption(self, prompt: str, seed: int) -> str:
-        return self.recaption_with_source(prompt, seed).caption
+    def recaption(self, prompt: str, seed: int, context: str = "") -> str:
+        return self.recaption_with_source(prompt, seed, context).caption
 
-    def _ask(self, prompt: str, seed: int) -> LLMCaption:
+    def _ask(self, prompt: str, seed: int, context: str = "") -> LLMCaption:
         t0 = time.perf_counter()
         raw = None
         try:
-            raw = self.backend.complete(self.messages(prompt), seed, self.temperature, self.max_new_tokens)
+            raw = self.backend.complete(self.messages(prompt, context), seed, self.temperature, self.max_new_tokens)
             caption = clean_answer(raw, self.max_chars)
             reason = check_caption(prompt, caption, self.keep)
         except Exception as e:  # a failing model or endpoint must not fail the clip
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         if not reason:
             result = LLMCaption(caption, "llm", "", raw)
-            self._cache[(prompt, seed)] = result
+            self._cache[(prompt, seed, context)] = result
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return result
         log.info("recaptioner %s: fallback to %s for %r after %.1fs (%s)", self.name, self.fallback.name,
                  prompt, time.perf_counter() - t0, reason)
-        return LLMCaption(self.fallback.recaption(prompt, seed), "fallback", reason, raw)
+        return LLMCaption(self.fallback.recaption(prompt, seed, context=context), "fallback", reason, raw)

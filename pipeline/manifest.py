@@ -13,7 +13,7 @@ import json
 import math
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
@@ -27,14 +27,18 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PROMPT_CHARS = 2000
 SEED_RANGE = (0, 2**32 - 1)
 
-# Modes the renderer knows; only t2v renders until the generation-modes work lands.
-SUPPORTED_MODES = ("t2v",)
-PLANNED_MODES = ("i2v", "extend", "interpolate", "remix", "storyboard", "image")
+#: Generation modes (a row's `mode`; inferred from its columns when missing, see `infer_mode`).
+MODES = ("t2v", "i2v", "extend", "interpolate", "remix", "storyboard", "image")
+DIRECTIONS = ("forward", "backward")
+#: The strength of a remix whose row gives none.
+DEFAULT_STRENGTH = 0.75
+MAX_SHOTS = 32
 
 #: Columns the manifest contract defines; every other column passes through into the metadata.
 KNOWN_COLUMNS = (
     "id", "prompt", "negative_prompt", "seconds", "fps", "width", "height", "seed", "steps",
-    "guidance", "mode", "image", "video",
+    "guidance", "mode", "image", "image_end", "video", "video_end", "direction", "extension_only",
+    "strength", "shots", "blur_faces",
 )
 
 
@@ -69,21 +73,44 @@ class ClipSpec:
     guidance: float
     mode: str
     passthrough: dict[str, Any] = field(default_factory=dict, compare=False)
+    _: KW_ONLY  # the generation modes' fields
+    image: str = ""
+    image_end: str = ""
+    video: str = ""
+    video_end: str = ""
+    direction: str = "forward"
+    extension_only: bool = False
+    strength: float = 1.0
+    shots: tuple[tuple[str, int], ...] = ()
+    blur_faces: bool = False
 
     @property
     def seconds(self) -> float:
         return self.frames / self.fps
 
     def request_sha256(self, *, model_sha256: str, recaptioner: str) -> str:
-        """Hash of everything that decides the frames: equal hash → the same clip (resume key)."""
-        render = {k: v for k, v in asdict(self).items() if k not in ("row", "passthrough")}
+        """Hash of everything that decides the frames: equal hash → the same clip (resume key).
+
+        Media inputs enter by URI: an input replaced at the same URI does not re-render.
+        """
+        defaults = {f.name: f.default for f in fields(ClipSpec) if f.name in MODE_FIELDS}
+        render = {k: v for k, v in asdict(self).items()
+                  if k not in ("row", "passthrough") and not (k in defaults and v == defaults[k])}
         render.update(model_sha256=model_sha256, recaptioner=recaptioner)
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
+#: ClipSpec fields of the generation modes; left out of the resume key at their defaults, so a
+#: text→video clip keeps the key it had before the modes existed.
+MODE_FIELDS = ("image", "image_end", "video", "video_end", "direction", "extension_only", "strength", "shots",
+               "blur_faces")
+
+
 COLUMN_TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seconds": pa.float64(),
                 "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(), "seed": pa.int64(),
-                "steps": pa.int64(), "guidance": pa.float64(), "mode": pa.string()}
+                "steps": pa.int64(), "guidance": pa.float64(), "mode": pa.string(), "strength": pa.float64(),
+                "extension_only": pa.bool_(), "blur_faces": pa.bool_(),
+                "shots": pa.list_(pa.struct([("prompt", pa.string()), ("seconds", pa.float64())]))}
 
 
 def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -140,7 +167,7 @@ def read_manifest(uri: str) -> pa.Table:
         raise
     except Exception as e:  # permissions, network, corrupt files: all unusable, one line each
         raise ManifestError(f"cannot read manifest {uri}: {one_line(e, 300)}") from e
-    if "prompt" not in table.column_names:
+    if "prompt" not in table.column_names and "shots" not in table.column_names:
         raise ManifestError(
             f"manifest {uri} has no 'prompt' column (columns: {', '.join(table.column_names) or 'none'})"
         )
@@ -188,7 +215,7 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     columns: dict[str, None] = {}
     for r in records:
         columns.update(dict.fromkeys(r))
-    if "prompt" not in columns:
+    if "prompt" not in columns and "shots" not in columns:
         raise ManifestError(f"manifest {uri} has no 'prompt' field in any line")
     # Columns whose values do not share one type stay Python objects (as JSON text in Arrow);
     # validation converts each value on its own, so one wrong value fails only its row.
@@ -267,43 +294,63 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     def bad(msg: str) -> _Invalid:
         return _Invalid(msg, clip_id)
 
+    shots = _shots(raw.get("shots"), bad)
     prompt = raw.get("prompt")
-    if _missing(prompt):
-        raise bad("prompt is missing")
-    if not isinstance(prompt, str):
-        raise bad(f"prompt must be text, got {type(prompt).__name__}")
-    prompt = " ".join(prompt.split())
-    if not prompt:
-        raise bad("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise bad(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if _missing(prompt) and shots:
+        prompt = " ".join(p for p, _ in shots)
+    prompt = _text(prompt, "prompt", bad)
 
     negative = raw.get("negative_prompt")
-    if _missing(negative):
-        negative = ""
-    elif not isinstance(negative, str):
-        raise bad(f"negative_prompt must be text, got {type(negative).__name__}")
-    elif len(negative) > MAX_PROMPT_CHARS:
-        raise bad(f"negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}")
-    negative = " ".join(negative.split())
+    negative = "" if _missing(negative) else _text(negative, "negative_prompt", bad, empty_ok=True)
 
+    media = {}
+    for name in ("image", "image_end", "video", "video_end"):
+        value = raw.get(name)
+        if _missing(value) or (isinstance(value, str) and not value.strip()):
+            continue
+        if not isinstance(value, str):
+            raise bad(f"{name} must be a URI (text), got {type(value).__name__}")
+        media[name] = value.strip()
+    strength = raw.get("strength")
     mode = raw.get("mode")
-    mode = "t2v" if _missing(mode) else mode
-    if mode not in SUPPORTED_MODES:
-        if mode in PLANNED_MODES:
-            raise bad(f"mode {mode!r} is not supported by this version (supported: {', '.join(SUPPORTED_MODES)})")
-        raise bad(f"unknown mode {mode!r} (supported: {', '.join(SUPPORTED_MODES)})")
+    mode = infer_mode(media, shots, not _missing(strength)) if _missing(mode) else mode
+    if mode not in MODES:
+        raise bad(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    _check_mode_columns(mode, media, shots, not _missing(strength), bad)
+
+    direction = raw.get("direction")
+    direction = "forward" if _missing(direction) else str(direction).strip().lower()
+    if direction not in DIRECTIONS:
+        raise bad(f"direction must be forward or backward, got {raw.get('direction')!r}")
+    strength = DEFAULT_STRENGTH if _missing(strength) else _number(strength, "strength", DEFAULT_STRENGTH, bad)
+    if mode != "remix":
+        strength = 1.0
+    elif not 0 <= strength <= 1:
+        raise bad(f"strength={strength:g} is outside 0..1 (0 keeps the video, 1 ignores it)")
 
     fps = _integer(raw.get("fps"), "fps", limits.default_fps, bad)
-    seconds = _number(raw.get("seconds"), "seconds", limits.default_seconds, bad)
-    if seconds <= 0:
-        raise bad(f"seconds must be positive, got {seconds:g}")
-    frames = _frames_for(seconds, fps, limits)
+    if shots:
+        if fps <= 0:
+            raise bad(f"fps must be positive, got {fps}")
+        shots = tuple((p, _frames_for(sec, fps, limits)) for p, sec in shots)
+        frames = sum(f for _, f in shots)
+        seconds = frames / fps
+    else:
+        seconds = _number(raw.get("seconds"), "seconds", limits.default_seconds, bad)
+        if seconds <= 0:
+            raise bad(f"seconds must be positive, got {seconds:g}")
+        frames = limits.frame_multiple if mode == "image" else _frames_for(seconds, fps, limits)
+    what = "the storyboard" if shots else "the new part" if mode == "extend" else "the gap" if "video_end" in media else None
     if fps > 0 and frames > limits.max_frames:
-        raise bad(f"seconds={seconds:g} at {fps} fps is {frames} frames; the model's maximum is "
+        raise bad(f"{what or f'seconds={seconds:g}'} at {fps} fps is {frames} frames; the model's maximum is "
                   f"{limits.max_frames} frames ({limits.max_frames / fps:g} s at {fps} fps)")
-    width = _integer(raw.get("width"), "width", limits.default_width, bad)
-    height = _integer(raw.get("height"), "height", limits.default_height, bad)
+    # Modes that start from a picture or a clip take its size when the row gives none (0 here;
+    # the inputs stage sets it from the input, snapped to the model's grid).
+    from_input = mode in ("i2v", "extend", "interpolate", "remix")
+    width = _integer(raw.get("width"), "width", 0 if from_input else limits.default_width, bad)
+    height = _integer(raw.get("height"), "height", 0 if from_input else limits.default_height, bad)
+    if from_input and (width == 0) != (height == 0):
+        raise bad("give both width and height, or neither (to take the input's size)")
 
     seed = raw.get("seed")
     seed = default_seed(clip_id) if _missing(seed) else _integer(seed, "seed", 0, bad)
@@ -311,13 +358,114 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         raise bad(f"seed={seed} is outside {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     steps = _integer(raw.get("steps"), "steps", limits.default_steps, bad)
     guidance = _number(raw.get("guidance"), "guidance", limits.default_guidance, bad)
+    check_w, check_h = (width or limits.default_width), (height or limits.default_height)
     try:  # sizes, fps, steps, guidance: the model's own rules, with its nearest allowed values
-        limits.check(RenderRequest(prompt, width, height, frames, fps, seed, steps, guidance))
+        limits.check(RenderRequest(prompt, check_w, check_h, frames, fps, seed, steps, guidance))
     except ValueError as e:
         raise bad(str(e)) from None
 
-    return ClipSpec(i, clip_id, prompt, negative, width, height, frames, fps, seed, steps, guidance, mode,
-                    passthrough)
+    return ClipSpec(i, clip_id, prompt, negative, width, height, frames, fps, seed, steps, guidance, mode, passthrough,
+                    image=media.get("image", ""), image_end=media.get("image_end", ""),
+                    video=media.get("video", ""), video_end=media.get("video_end", ""), direction=direction,
+                    extension_only=_flag(raw.get("extension_only"), "extension_only", bad),
+                    strength=float(strength), shots=shots,
+                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad))
+
+
+def infer_mode(media: dict[str, str], shots: tuple, has_strength: bool) -> str:
+    """The mode a row means when it names none: shots → storyboard; two keyframes or two clips →
+    interpolate; an image → i2v; a video with a strength → remix; a video → extend; else t2v."""
+    if shots:
+        return "storyboard"
+    if ("image" in media and "image_end" in media) or ("video" in media and "video_end" in media):
+        return "interpolate"
+    if "image" in media:
+        return "i2v"
+    if "video" in media:
+        return "remix" if has_strength else "extend"
+    return "t2v"
+
+
+#: The media columns each mode reads (interpolate: one of two pairs).
+MODE_MEDIA = {"t2v": (), "image": (), "storyboard": (), "i2v": ("image",), "extend": ("video",),
+              "remix": ("video",), "interpolate": (("image", "image_end"), ("video", "video_end"))}
+
+
+def _check_mode_columns(mode: str, media: dict[str, str], shots: tuple, has_strength: bool, bad) -> None:
+    need = MODE_MEDIA[mode]
+    if mode == "interpolate":
+        pair = next((p for p in need if all(n in media for n in p)), None)
+        if pair is None:
+            raise bad("mode interpolate needs two keyframes (image and image_end) or two clips (video and video_end)")
+        need = pair
+    for name in need:
+        if name not in media:
+            raise bad(f"mode {mode} needs a URI in the {name!r} column")
+    extra = sorted(set(media) - set(need))
+    if extra:
+        raise bad(f"mode {mode} does not use {', '.join(extra)}; drop the column value or set the mode that uses it")
+    if shots and mode != "storyboard":
+        raise bad(f"mode {mode} does not use shots; drop them or set mode=storyboard")
+    if mode == "storyboard" and not shots:
+        raise bad("mode storyboard needs shots: a list of {prompt, seconds}")
+    if has_strength and mode != "remix":
+        raise bad(f"mode {mode} does not use strength (only remix does)")
+
+
+def _text(v: Any, name: str, bad, empty_ok: bool = False) -> str:
+    if _missing(v):
+        raise bad(f"{name} is missing")
+    if not isinstance(v, str):
+        raise bad(f"{name} must be text, got {type(v).__name__}")
+    v = " ".join(v.split())
+    if not v and not empty_ok:
+        raise bad(f"{name} is empty")
+    if len(v) > MAX_PROMPT_CHARS:
+        raise bad(f"{name} is {len(v)} characters; the limit is {MAX_PROMPT_CHARS}")
+    return v
+
+
+def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
+    """A storyboard's shots as (prompt, seconds) pairs; () when the row has none."""
+    if _missing(v):
+        return ()
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            raise bad("shots must be a list of {prompt, seconds} (JSON text or a list column), got unparsable text")
+    if not isinstance(v, (list, tuple)):
+        raise bad(f"shots must be a list of {{prompt, seconds}}, got {type(v).__name__}")
+    if not v:
+        raise bad("shots is empty; give at least one {prompt, seconds}")
+    if len(v) > MAX_SHOTS:
+        raise bad(f"shots has {len(v)} entries; the limit is {MAX_SHOTS}")
+    out = []
+    for k, shot in enumerate(v):
+        if not isinstance(shot, dict):
+            raise bad(f"shots[{k}] must be an object {{prompt, seconds}}, got {type(shot).__name__}")
+        # (a list column read from JSON Lines gets every row's struct fields, None where unused)
+        unknown = sorted(k for k in set(shot) - {"prompt", "seconds"} if shot[k] is not None)
+        if unknown:
+            raise bad(f"shots[{k}] has unknown field(s) {', '.join(unknown)} (a shot is {{prompt, seconds}})")
+        prompt = _text(shot.get("prompt"), f"shots[{k}].prompt", bad)
+        seconds = _number(shot.get("seconds"), f"shots[{k}].seconds", math.nan, bad) if not _missing(shot.get("seconds")) else None
+        if seconds is None or seconds <= 0:
+            raise bad(f"shots[{k}].seconds must be a positive number of seconds")
+        out.append((prompt, seconds))
+    return tuple(out)
+
+
+def _flag(v: Any, name: str, bad) -> bool:
+    if _missing(v):
+        return False
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
+        return v.strip().lower() in ("true", "yes", "1")
+    raise bad(f"{name} must be true or false, got {v!r}")
 
 
 def _frames_for(seconds: float, fps: int, limits: GridLimits) -> int:

@@ -2,8 +2,9 @@
 
 Sora (after DALL·E 3) trains on long, detailed captions and rewrites each user prompt into that
 style before sampling. A recaptioner is anything with a `name` (recorded in the metadata and part
-of the resume key, so changing it re-renders) and `recaption(prompt, seed) -> caption`; the seed
-lets a recaptioner fill in what the prompt leaves open, reproducibly.
+of the resume key, so changing it re-renders) and `recaption(prompt, seed, context="") -> caption`;
+the seed lets a recaptioner fill in what the prompt leaves open, reproducibly, and `context` (the
+caption of a storyboard's previous shot) is what it fills in from first, so shots keep their subject.
 
 Registered: "plain" (`PlainRecaptioner`) and "shapes" (`pipeline.shapes_recaption.ShapesRecaptioner`,
 the shapes world's canonical captions; it loads the MiniLM vocabulary index once per process).
@@ -21,7 +22,7 @@ from typing import Callable, Protocol, runtime_checkable
 class Recaptioner(Protocol):
     name: str
 
-    def recaption(self, prompt: str, seed: int) -> str: ...
+    def recaption(self, prompt: str, seed: int, context: str = "") -> str: ...
 
 
 class PlainRecaptioner:
@@ -33,8 +34,8 @@ class PlainRecaptioner:
 
     name = "plain-1"
 
-    def recaption(self, prompt: str, seed: int) -> str:
-        caption = " ".join(prompt.split())
+    def recaption(self, prompt: str, seed: int, context: str = "") -> str:
+        caption = " ".join(prompt.split())  # free-form captions: a shot's own words are its caption
         if not caption:
             raise ValueError("prompt is empty")
         caption = caption[0].upper() + caption[1:]

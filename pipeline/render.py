@@ -10,8 +10,10 @@ still being sampled. Exit codes: 0 all rendered or skipped, 3 some rows failed, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 import os
 import sys
@@ -22,10 +24,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from models.interface import GridLimits
 from pipeline import storage
 from pipeline.errors import one_line
 from pipeline.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
-from pipeline.stages import RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
+from pipeline.provenance import ProvenanceError, c2pa_config_from_env
+from pipeline.stages import InputsUDF, RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
 
 EXIT_OK, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 2, 3
 
@@ -49,6 +53,8 @@ class RenderConfig:
     cpus_per_replica: float | None = None  # CPUs a replica reserves; None: 1 with GPUs, 0.5 without
     threads_per_replica: int | None = None  # torch threads per replica; None: 1 on CPU replicas
     progress: bool = True
+    policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
+    blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
 
 
 @dataclass
@@ -88,9 +94,16 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
     recaptioner = cfg.recaptioner or model_recaptioner or "plain"
     _check_recaptioner(recaptioner)
+    _check_policy(cfg.policy)
+    try:
+        c2pa_config_from_env()
+    except ProvenanceError as e:
+        raise UsageError(str(e)) from None
     model = {"name": model_info.name, "version": model_info.version, "weights_sha256": model_info.weights_sha256}
 
     specs, errors = validate(table, limits)
+    if cfg.blur_faces:  # run-wide blurring changes the frames: it is part of each clip's request
+        specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner) for s in specs}
     done = _completed_requests(cfg.out) if cfg.resume else {}
@@ -106,7 +119,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         check_output_reachable(cfg.out)
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
         items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
-        stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items))
+        stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items),
+                              inputs_limits=limits if any(_has_media(s) for s in todo) else None)
         for row in _stream(items, stages, cfg):
             if row.get("error"):
                 summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
@@ -121,9 +135,16 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     return summary
 
 
+def _has_media(spec: ClipSpec) -> bool:
+    return bool(spec.image or spec.image_end or spec.video or spec.video_end)
+
+
 def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str,
-                 clips: int | None = None) -> list[Stage]:
-    """The processor: recaption → render → write, each with the resources it runs under.
+                 clips: int | None = None, inputs_limits: GridLimits | None = None) -> list[Stage]:
+    """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
+
+    The inputs stage (reading and fitting the rows' pictures and clips) is there when
+    `inputs_limits` is given: when some row has media.
 
     With GPUs: one replica per `gpus_per_replica` GPUs, each reserving one CPU. On a CPU-only
     cluster: single-threaded replicas, one per core, each reserving half a CPU. Measured on a
@@ -150,15 +171,18 @@ def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run
     # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
     # Ray Data's own read and output tasks and the job deadlocks (see shared/STACK.md).
     light = {"num_cpus": 0.25}
+    inputs = [Stage(InputsUDF, {"limits": inputs_limits}, {"compute": ActorPoolStrategy(size=1), **light})]
     return [
-        Stage(RecaptionUDF, {"recaptioner": recaptioner},
+        Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": cfg.policy},
               {"compute": ActorPoolStrategy(size=1), **light}),
+        *(inputs if inputs_limits is not None else []),
         Stage(RenderUDF, {"model": cfg.model, "num_threads": threads},
               {"compute": ActorPoolStrategy(min_size=1, max_size=replicas, initial_size=replicas), "batch_size": 1,
                # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
                # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
                "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}),
-        Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id},
+        Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id, "blur_faces": cfg.blur_faces,
+                         "c2pa": c2pa_config_from_env()},  # the driver's REEL_C2PA_* settings
               {"compute": ActorPoolStrategy(size=1), **light}),
     ]
 
@@ -187,7 +211,9 @@ def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[s
     """A validated clip as the row the stages pass along (the online endpoint builds the same)."""
     item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
     item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
-                timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="")
+                timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
+                shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
+                inputs=b"")
     return item
 
 
@@ -277,6 +303,15 @@ def _check_recaptioner(spec: str) -> None:
     try:
         check_recaptioner_spec(spec)
     except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_policy(spec: str | None) -> None:
+    from pipeline.safety import PolicyError, load_policy
+
+    try:
+        load_policy(spec)
+    except PolicyError as e:
         raise UsageError(str(e)) from None
 
 

@@ -325,12 +325,13 @@ class Renderer:
     """One render replica: the batch stages' per-row methods, called in sequence for one clip."""
 
     def __init__(self, cfg: ServeConfig):
-        from pipeline.stages import ClipWriter, RecaptionUDF, RenderUDF
+        from pipeline.stages import ClipWriter, InputsUDF, RecaptionUDF, RenderUDF
 
         self.out = cfg.out
         self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica)
         generator = self.renderer.generator
         self.recaptioner = RecaptionUDF(cfg.recaptioner_for(generator.config.recaptioner))
+        self.inputs = InputsUDF(generator.limits)
         model = {"name": generator.info.name, "version": generator.info.version,
                  "weights_sha256": generator.info.weights_sha256}
         run_id = dt.datetime.now(dt.timezone.utc).strftime("serve-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
@@ -351,6 +352,7 @@ class Renderer:
             return
         yield {"progress": 5}
         self.recaptioner.recaption_row(item)
+        self.inputs.inputs_row(item)
         yield {"progress": 10}
         t0 = time.perf_counter()
         self.renderer.render_row(item)

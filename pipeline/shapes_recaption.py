@@ -122,13 +122,20 @@ class ShapesRecaptioner:
         self._single = sorted(w for w in lx.LEXICON_WORDS if len(w) >= 3)
 
     # -- public ---------------------------------------------------------------------------------
-    def recaption(self, prompt: str, seed: int) -> str:
-        return canonical_caption(self.scene(prompt, seed))
+    def recaption(self, prompt: str, seed: int, context: str = "") -> str:
+        return canonical_caption(self.scene(prompt, seed, context))
 
-    def scene(self, prompt: str, seed: int) -> Scene:
+    def scene(self, prompt: str, seed: int, context: str = "") -> Scene:
+        """The prompt's scene; what it leaves open comes from `context` (another caption, e.g. the
+        previous shot's) when that says it, else from the seeded choice."""
         parsed = self.parse(prompt)
         for note in parsed.notes:
             log.info("recaption %r: %s", prompt, note)
+        if context:
+            before = self.parse(context)
+            for attribute in ATTRIBUTES:
+                if getattr(parsed, attribute) is None:
+                    setattr(parsed, attribute, getattr(before, attribute))
         return self.fill(parsed, prompt, seed)
 
     def parse(self, prompt: str) -> ParsedPrompt:

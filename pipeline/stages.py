@@ -21,13 +21,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.interface import GridLimits
 from pipeline import storage
 from pipeline.errors import one_line
-from pipeline.encode import encode_jpeg, encode_mp4, thumbnail_frame
+from pipeline.encode import encode_jpeg, encode_mp4, encode_png, thumbnail_frame
+from pipeline.modes import inputs_bytes, inputs_from_bytes, load_inputs, render_clip
+from pipeline.provenance import C2paConfig, Provenance, c2pa_config_from_env, sign_c2pa
 from pipeline.recaption import load_recaptioner
+from pipeline.watermark import embed_watermark
 
 #: Timing fields recorded per clip (seconds); the generator reports text, sample and decode.
-TIMING_FIELDS = ("recaption", "text", "sample", "decode", "encode", "write")
+TIMING_FIELDS = ("recaption", "inputs", "text", "sample", "decode", "encode", "write")
 
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -48,6 +52,7 @@ METADATA_SCHEMA = pa.schema([
     ("guidance", pa.float64()),
     ("timings", pa.struct([(name, pa.float64()) for name in TIMING_FIELDS])),
     ("video_uri", pa.string()),
+    ("image_uri", pa.string()),
     ("thumbnail_uri", pa.string()),
     ("video_sha256", pa.string()),
     ("frames_sha256", pa.string()),
@@ -55,6 +60,14 @@ METADATA_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us", tz="UTC")),
     ("request_sha256", pa.string()),
     ("run_id", pa.string()),
+    # the generation modes: inputs by URI, and what shaped the output
+    ("inputs", pa.struct([(name, pa.string()) for name in ("image", "image_end", "video", "video_end")])),
+    ("direction", pa.string()),
+    ("extension_only", pa.bool_()),
+    ("strength", pa.float64()),
+    ("faces_blurred", pa.int64()),  # face detections blurred; null: blurring was off
+    ("shots", pa.list_(pa.struct([("prompt", pa.string()), ("caption", pa.string()), ("start_frame", pa.int64()),
+                                  ("frames", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64())]))),
 ])
 
 
@@ -62,6 +75,7 @@ def output_keys(out: str, clip_id: str) -> dict[str, str]:
     """Where a clip's files live under the run's output URI (deterministic: the resume key)."""
     return {
         "video": storage.join(out, "videos", f"{clip_id}.mp4"),
+        "image": storage.join(out, "images", f"{clip_id}.png"),
         "thumbnail": storage.join(out, "thumbnails", f"{clip_id}.jpg"),
         "metadata": storage.join(out, "metadata", f"{clip_id}.parquet"),
     }
@@ -87,23 +101,68 @@ def _add_timing(row: dict[str, Any], **seconds: float) -> None:
 
 
 class RecaptionUDF:
-    """prompt → caption, on CPU actors."""
+    """prompt → caption, on CPU actors (a storyboard: one caption per shot, each shot's caption
+    filling what its prompt leaves open from the shot before).
 
-    def __init__(self, recaptioner: str):
+    The safety gate runs here too, before anything is sampled: on the prompts (a blocked prompt
+    is not even recaptioned) and on the captions (what the model would be asked for). A blocked
+    row fails at stage "safety" with `blocked by policy: <category>`.
+    """
+
+    def __init__(self, recaptioner: str, policy: str | None = None):
+        from pipeline.safety import load_policy
+
         self.recaptioner = load_recaptioner(recaptioner)
+        self.policy = load_policy(policy)
 
     def recaption_row(self, row: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        row["caption"] = self.recaptioner.recaption(row["prompt"], int(row["seed"]))
+        seed = int(row["seed"])
+        shots = [prompt for prompt, _ in json.loads(row["shots"])] if row.get("shots") else []
+        if self._blocked(row, row["prompt"], row.get("negative_prompt"), *shots):
+            return
+        if shots:
+            captions: list[str] = []
+            for prompt in shots:
+                captions.append(self.recaptioner.recaption(prompt, seed, context=captions[-1] if captions else ""))
+            row["shot_captions"] = json.dumps(captions)
+            row["caption"] = " ".join(captions)
+        else:
+            row["caption"] = self.recaptioner.recaption(row["prompt"], seed)
         row["recaptioner"] = self.recaptioner.name
         _add_timing(row, recaption=time.perf_counter() - t0)
+        self._blocked(row, row["caption"])
+
+    def _blocked(self, row: dict[str, Any], *texts: str | None) -> bool:
+        from pipeline.safety import blocked_reason
+
+        verdict = self.policy.check(*(t or None for t in texts))
+        if verdict is not None:
+            row["error"], row["stage"] = blocked_reason(verdict), "safety"
+        return verdict is not None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return _each_row(batch, "recaption", self.recaption_row)
 
 
+class InputsUDF:
+    """A row's input pictures and clips (i2v, extend, interpolate, remix): read from their URIs and
+    fitted to the row's size on CPU actors, so the render replicas only render."""
+
+    def __init__(self, limits: GridLimits):
+        self.limits = limits
+
+    def inputs_row(self, row: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        row["inputs"] = inputs_bytes(load_inputs(row, self.limits))
+        _add_timing(row, inputs=time.perf_counter() - t0)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return _each_row(batch, "inputs", self.inputs_row)
+
+
 class RenderUDF:
-    """caption → frames, on a render replica (GPU actors, or CPU actors where there are none)."""
+    """caption (+ inputs) → frames, on a render replica (GPU actors, or CPU actors where there are none)."""
 
     def __init__(self, model: str, num_threads: int | None = None):
         from models.generator import load_generator  # torch loads in the actor, not the driver
@@ -111,19 +170,14 @@ class RenderUDF:
         self.generator = load_generator(model, num_threads=num_threads)
 
     def render_row(self, row: dict[str, Any]) -> None:
-        from models.interface import RenderRequest
-
-        request = RenderRequest(
-            caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
-            width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]),
-            fps=int(row["fps"]), seed=int(row["seed"]), steps=int(row["steps"]),
-            guidance=float(row["guidance"]),
-        )
-        out = self.generator.generate([request])[0]
-        frames = np.ascontiguousarray(out.frames, dtype=np.uint8)
+        frames, timings, shots = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
         row["frames_data"] = frames.tobytes()
         row["frames_shape"] = json.dumps(list(frames.shape))
-        _add_timing(row, **out.timings)
+        row["inputs"] = b""
+        if shots:
+            row["shot_records"] = json.dumps(shots)
+        _add_timing(row, **timings)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return _each_row(batch, "render", self.render_row)
@@ -131,7 +185,10 @@ class RenderUDF:
 
 @dataclass
 class ClipWriter:
-    """frames → MP4 + thumbnail + one metadata row, written atomically under `out`.
+    """frames → MP4 (a still: PNG) + thumbnail + one metadata row, written atomically under `out`.
+
+    On the way: faces blurred (when asked), the invisible watermark embedded (`reel verify` finds
+    it), provenance tags in the file and a signed C2PA manifest when REEL_C2PA_KEY/_CERT are set.
 
     The metadata file is written last: its presence means the clip is complete, and its
     `request_sha256` is what a rerun compares to skip work already done.
@@ -140,19 +197,31 @@ class ClipWriter:
     out: str
     model: dict[str, str]
     run_id: str
+    blur_faces: bool = False  # run-wide; a row's own `blur_faces` also turns it on
+    c2pa: C2paConfig | None = field(default_factory=c2pa_config_from_env)  # REEL_C2PA_KEY / _CERT
 
     def write(self, row: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
         keys = output_keys(self.out, row["id"])
         t0 = time.perf_counter()
-        tags = {
-            "title": row["id"],
-            "comment": row["caption"],
-            "encoder_generator": f"reelforge {self.model['name']} {self.model['version']}",
-        }
-        video = encode_mp4(frames, int(row["fps"]), metadata=tags)
+        faces = None
+        if self.blur_faces or row.get("blur_faces"):
+            from pipeline.faces import blur_faces
+
+            frames, faces = blur_faces(frames)
+        # provenance: an invisible watermark in every frame, tags in the file, C2PA when configured
+        frames = embed_watermark(frames)
+        record = Provenance.for_clip(self.model, row["caption"], seed=int(row["seed"]))
+        tags = {"title": row["id"], "comment": row["caption"], **record.tags()}
+        still = row["mode"] == "image"
+        if still:  # a still is a PNG (lossless) under images/
+            media = sign_c2pa(encode_png(frames[0], tags), record, mime_type="image/png", config=self.c2pa)
+            media_key = keys["image"]
+        else:
+            media = sign_c2pa(encode_mp4(frames, int(row["fps"]), metadata=tags), record, config=self.c2pa)
+            media_key = keys["video"]
         thumbnail = encode_jpeg(thumbnail_frame(frames))
         t1 = time.perf_counter()
-        storage.write_bytes_atomic(keys["video"], video)
+        storage.write_bytes_atomic(media_key, media)
         storage.write_bytes_atomic(keys["thumbnail"], thumbnail)
         timings = json.loads(row.get("timings") or "{}")
         timings.update(encode=t1 - t0, write=time.perf_counter() - t1)
@@ -165,12 +234,19 @@ class ClipWriter:
             "seconds": frames.shape[0] / int(row["fps"]), "steps": int(row["steps"]),
             "guidance": float(row["guidance"]),
             "timings": {name: timings.get(name) for name in TIMING_FIELDS},
-            "video_uri": keys["video"], "thumbnail_uri": keys["thumbnail"],
-            "video_sha256": hashlib.sha256(video).hexdigest(), "bytes": len(video),
+            "video_uri": "" if still else media_key, "image_uri": media_key if still else "",
+            "thumbnail_uri": keys["thumbnail"],
+            "video_sha256": hashlib.sha256(media).hexdigest(), "bytes": len(media),
             # the raw frames' hash: what "rendered again bit-for-bit" is checked against
             "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),
             "created_at": dt.datetime.now(dt.timezone.utc), "request_sha256": row["request_sha256"],
             "run_id": self.run_id,
+            "inputs": {name: row.get(name) or None for name in ("image", "image_end", "video", "video_end")},
+            "direction": row.get("direction") if row["mode"] == "extend" else None,
+            "extension_only": bool(row.get("extension_only")) if row["mode"] == "extend" else None,
+            "strength": float(row["strength"]) if row["mode"] == "remix" else None,
+            "shots": json.loads(row.get("shot_records") or "null"),
+            "faces_blurred": faces,
         }
         table = pa.Table.from_pylist([record], schema=METADATA_SCHEMA)
         passthrough = _passthrough_table(row.get("passthrough"))
@@ -184,8 +260,9 @@ class ClipWriter:
 class WriteUDF:
     """Encode and write each rendered clip (CPU); the frames leave the dataset here."""
 
-    def __init__(self, out: str, model: dict[str, str], run_id: str):
-        self.writer = ClipWriter(out, model, run_id)
+    def __init__(self, out: str, model: dict[str, str], run_id: str, blur_faces: bool = False,
+                 c2pa: C2paConfig | None = None):
+        self.writer = ClipWriter(out, model, run_id, blur_faces, c2pa)
 
     def write_row(self, row: dict[str, Any]) -> None:
         record = self.writer.write(row, row_frames(row))

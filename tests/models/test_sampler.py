@@ -57,10 +57,11 @@ def test_guidance_needs_the_unconditional_states():
 
 
 def test_frame_masks_cover_the_tasks():
-    masks = random_frame_masks(400, 4, {"i2v": 0.25, "extend": 0.25, "interpolate": 0.25},
+    masks = random_frame_masks(400, 4, {"i2v": 0.2, "extend": 0.2, "extend_backward": 0.2, "interpolate": 0.2},
                                generator=torch.Generator().manual_seed(0))
     rows = {tuple(m.tolist()) for m in masks}
     assert (0, 0, 0, 0) in rows and (1, 0, 0, 0) in rows and (1, 0, 0, 1) in rows and (1, 1, 1, 0) in rows
+    assert (0, 1, 1, 1) in rows and (0, 0, 0, 1) in rows  # backward extension: a given suffix
     assert all(m.sum() < 4 for m in masks)  # something is always left to generate
 
 

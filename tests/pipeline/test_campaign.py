@@ -92,7 +92,7 @@ def test_explicit_seeds_and_aspect_mapping():
     (("setting: [on a ridge, in the rain]", "setting: []"), 5, "axis 'setting' is empty"),
     (('{name: feed, aspect: "1:1", seconds: 4}', '{name: feed, aspect: "wide", seconds: 4}'), 10, "aspect 'wide'"),
     (("width: 128, height: 72", "width: 130, height: 72"), 11, "nearest allowed is 128"),
-    (('aspect: "9:16", seconds: 6', 'aspect: "9:16", seconds: 12'), 9, "maximum of 8 s at 8 fps"),
+    (('aspect: "9:16", seconds: 6', 'aspect: "9:16", seconds: 40'), 9, "maximum of 30 s at 8 fps"),
     (("seeds: 2", "seeds: 2\ncolour: red"), 13, "unknown key 'colour'"),
     (('{name: story, aspect: "9:16", seconds: 6}', '{name: story, ratio: "9:16", seconds: 6}'), 9, "unknown key 'ratio'"),
     (("- {product: backpack, setting: on a ridge}", "- {product: kayak}"), 14, "'kayak' is not a value"),

@@ -8,7 +8,7 @@ from models.interface import GridLimits
 from pipeline.manifest import ManifestError, default_seed, read_manifest, validate
 
 LIMITS = GridLimits(
-    size_multiple=16, min_size=32, max_size=256, max_pixels=256 * 256, frame_multiple=2, max_frames=64,
+    size_multiple=16, min_size=32, max_size=256, max_pixels=256 * 256, frame_multiple=2, max_frames=64, window_frames=64, context_frames=32,
     min_fps=4, max_fps=30, max_steps=100, default_width=64, default_height=64, default_fps=8,
     default_seconds=2.0, default_steps=20, default_guidance=4.0,
 )
