@@ -165,7 +165,8 @@ class RotaryPosEmbed3D(nn.Module):
 
     As in Wan: height and width get 2·(head_dim // 6) dims each, time the rest. Positions are the
     integer token coordinates of the actual grid, so nothing is tied to one size or duration.
-    Returns (cos, sin), each (1, N, 1, head_dim), in token order (t, h, w).
+    Returns (cos, sin), each (1, N, 1, head_dim), in token order (t, h, w); with `tokens` (a
+    slice of the token axis), only those rows, equal to the same rows of the full tables.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
@@ -179,8 +180,17 @@ class RotaryPosEmbed3D(nn.Module):
         angles = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq)  # (n, dim/2)
         return angles.repeat_interleave(2, dim=-1)  # (n, dim): one angle per rotated pair, twice
 
-    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, grid: tuple[int, int, int], device: torch.device,
+                tokens: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t, h, w = grid
+        if tokens is not None:  # only the tokens [start, stop) of the grid (a sequence-parallel shard)
+            idx = torch.arange(t * h * w, device=device)[tokens]
+            angles = torch.cat([
+                self._axis(t, self.t_dim, device)[idx // (h * w)],
+                self._axis(h, self.h_dim, device)[idx // w % h],
+                self._axis(w, self.w_dim, device)[idx % w],
+            ], dim=-1).reshape(1, idx.numel(), 1, self.t_dim + self.h_dim + self.w_dim)
+            return angles.cos().float(), angles.sin().float()
         angles = torch.cat([
             self._axis(t, self.t_dim, device)[:, None, None, :].expand(t, h, w, -1),
             self._axis(h, self.h_dim, device)[None, :, None, :].expand(t, h, w, -1),

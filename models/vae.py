@@ -20,6 +20,7 @@ Two choices keep it cheap on CPUs and ready for long clips:
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -60,9 +61,16 @@ class CausalTemporalConv(nn.Conv3d):
         super().__init__(in_channels, out_channels, (kernel_size, 1, 1), stride=(stride, 1, 1))
         self.causal_padding = kernel_size - stride
 
+    stream = None  # a _CausalStream while decoding in chunks: the last frames carried between calls
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.causal_padding:
-            x = torch.cat([x[:, :, :1]] * self.causal_padding + [x], dim=2)
+            carried = None if self.stream is None else self.stream.frames.get((self.stream.key, id(self)))
+            x = torch.cat([x[:, :, :1]] * self.causal_padding + [x] if carried is None else [carried, x], dim=2)
+            if self.stream is not None:
+                if self.stride[0] != 1:
+                    raise RuntimeError("chunked (streamed) convolution needs stride 1")
+                self.stream.frames[(self.stream.key, id(self))] = x[:, :, -self.causal_padding:].clone()
         return super().forward(x)
 
 
@@ -255,6 +263,88 @@ class VideoAutoencoder(nn.Module):
         z = z / self.config.scaling_factor + self.config.shift_factor
         return self.decoder(z)
 
+    def decode_tiled(self, z: torch.Tensor, tile: tuple[int, int, int] = (4, 32, 32), overlap: int = 8,
+                     group=None) -> torch.Tensor | None:
+        """`decode` in bounded memory; with a process `group`, spread over its ranks.
+
+        The video (B, 3, T, H, W) is returned on rank 0 of the group (None on the others; every
+        rank must call with the same latents). See `iter_decode_tiled` for `tile` and `overlap`;
+        a clip too long to hold decoded should be consumed chunk by chunk from it instead.
+        """
+        chunks = [c for c in self.iter_decode_tiled(z, tile, overlap, group) if c is not None]
+        return torch.cat(chunks, dim=2) if chunks else None
+
+    def iter_decode_tiled(self, z: torch.Tensor, tile: tuple[int, int, int] = (4, 32, 32), overlap: int = 8,
+                          group=None, uint8: bool = False) -> Iterator[torch.Tensor]:
+        """Decoded frames of scaled latents (B, C, T', H', W'), as consecutive chunks in time.
+
+        Time: chunks of `tile[0]` latent frames (tile[0]·ft pixel frames) decoded one after the
+        other; every causal temporal conv keeps the last k-1 frames of its input from the chunk
+        before (the overlap a chunk needs, carried instead of recomputed), so the chunks are
+        exactly the frames of `decode`, to float rounding, for any chunk length.
+        Space: tiles of `tile[1]` x `tile[2]` latent pixels overlapping by at least `overlap`,
+        mixed in the overlaps by linear ramps that skip each tile's outer pixels within the
+        decoder's receptive radius where the overlap is wide enough: an overlap of twice the radius
+        (`decoder_receptive_field`) or more is exact, a smaller one blends the seams.
+        Memory: one tile's activations, the tiles' carried frames and one chunk of pixels, however
+        long the clip.
+
+        With a process `group`, tile j is decoded by rank j mod size (each rank streams its tiles
+        through time) and sent to rank 0, which blends and yields the chunks; the other ranks yield
+        None per chunk, so all ranks iterate (and may stop) in step. `uint8`: chunks in [0, 255] as
+        uint8 (a video encoder's input).
+        """
+        import torch.distributed as dist
+
+        b, _, t, h, w = z.shape
+        ft, fs = self.temporal_compression, self.spatial_compression
+        th, tw = max(1, min(tile[1], h)), max(1, min(tile[2], w))
+        hs, ws = _tile_starts(h, th, min(overlap, th - 1)), _tile_starts(w, tw, min(overlap, tw - 1))
+        margin = decoder_receptive_field(self.decoder)[1] * fs
+        wy, wx = _blend_weights(hs, th, fs, margin), _blend_weights(ws, tw, fs, margin)
+        tiles = [(i, j) for i in range(len(hs)) for j in range(len(ws))]
+        size = 1 if group is None else dist.get_world_size(group)
+        rank = 0 if group is None else dist.get_rank(group)
+        tt = max(1, tile[0])
+        with _streaming(self.decoder) as stream:
+            for a in range(0, t, tt):
+                e = min(a + tt, t)
+                frames = (e - a) * ft
+                out = weight = None
+                if rank == 0 and len(tiles) > 1:
+                    out = z.new_zeros(b, 3, frames, h * fs, w * fs)
+                    weight = z.new_zeros(1, 1, 1, h * fs, w * fs)
+                for n, (i, j) in enumerate(tiles):
+                    owner = n % size
+                    if owner != rank and rank != 0:
+                        continue
+                    if owner == rank:
+                        stream.key = n  # this tile's carried frames
+                        piece = self.decode(z[:, :, a:e, hs[i]:hs[i] + th, ws[j]:ws[j] + tw]).to(z.dtype)
+                        if rank != 0:
+                            dist.send(piece.contiguous(), dst=dist.get_global_rank(group, 0))
+                            continue
+                    else:
+                        piece = z.new_empty(b, 3, frames, th * fs, tw * fs)
+                        dist.recv(piece, src=dist.get_global_rank(group, owner))
+                    wgt = (wy[i][:, None] * wx[j][None, :]).to(piece.dtype)
+                    ys = slice(hs[i] * fs, (hs[i] + th) * fs)
+                    xs = slice(ws[j] * fs, (ws[j] + tw) * fs)
+                    if len(tiles) == 1:
+                        out = piece
+                    else:
+                        out[:, :, :, ys, xs] += piece * wgt
+                        weight[..., ys, xs] += wgt
+                    del piece
+                if rank != 0:
+                    yield None
+                    continue
+                video = out if len(tiles) == 1 else out.div_(weight)
+                del out
+                if uint8:  # in place: no second chunk-sized buffer
+                    video = video.float().clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+                yield video
+
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruction and posterior (for the VAE's training loss: recon + beta * KL)."""
@@ -267,3 +357,88 @@ class VideoAutoencoder(nn.Module):
         if frames % ft or height % fs or width % fs:
             raise ValueError(f"clip of {frames} frames at {width}x{height} does not fit the VAE: frames must be "
                              f"a multiple of {ft}, width and height multiples of {fs}")
+
+
+# --- tiled decoding -----------------------------------------------------------------------------
+
+
+def decoder_receptive_field(decoder: Decoder) -> tuple[int, int]:
+    """(latent frames, latent pixels): how far back in time and how far sideways in space one
+    decoded voxel can see, walked off the decoder's layers (rounded up, plus one to be safe)."""
+    state = {"rate_t": 1.0, "rate_s": 1.0, "back": 0.0, "radius": 0.0}
+
+    def walk(m: nn.Module) -> None:
+        if isinstance(m, Upsample):
+            if m.temporal is not None:
+                state["rate_t"] *= 2
+                walk(m.temporal)
+            if m.spatial is not None:
+                state["rate_s"] *= 2
+                walk(m.spatial)
+        elif isinstance(m, CausalTemporalConv):
+            state["back"] += (m.kernel_size[0] - 1) * m.stride[0] / state["rate_t"]
+        elif isinstance(m, FrameConv):
+            state["radius"] += (m.kernel_size[0] // 2) / state["rate_s"]
+        elif isinstance(m, ResBlock):
+            walk(m.conv1)
+            walk(m.conv2)
+        else:
+            for child in m.children():
+                walk(child)
+
+    walk(decoder)
+    return math.ceil(state["back"]) + 1, math.ceil(state["radius"]) + 1
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spread starts of tiles of `tile` covering [0, size), neighbours sharing >= `overlap`."""
+    if tile >= size:
+        return [0]
+    n = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _blend_weights(starts: list[int], tile: int, scale: int, margin: int) -> list[torch.Tensor]:
+    """Per tile, weights over its `tile·scale` output pixels: 1 inside, and across each overlap
+    with a neighbour a linear ramp complementary to the neighbour's, which is 0 on the `margin`
+    pixels nearest the tile's own cut edge when the overlap is wider than twice the margin."""
+    n_out = tile * scale
+    pos = torch.arange(n_out, dtype=torch.float64) + 0.5
+    weights = []
+    for i, s0 in enumerate(starts):
+        wgt = torch.ones(n_out, dtype=torch.float64)
+        if i > 0:  # shared with the tile before: its first o pixels
+            o = (starts[i - 1] + tile - s0) * scale
+            m = min(margin, (o - 1) // 2)
+            wgt = torch.minimum(wgt, ((pos - m) / (o - 2 * m)).clamp(0, 1))
+        if i < len(starts) - 1:  # shared with the tile after: its last o pixels
+            o = (s0 + tile - starts[i + 1]) * scale
+            m = min(margin, (o - 1) // 2)
+            wgt = torch.minimum(wgt, ((n_out - pos - m) / (o - 2 * m)).clamp(0, 1))
+        weights.append(wgt.float())
+    return weights
+
+
+class _CausalStream:
+    """Frames carried by each causal temporal conv between chunks, per tile (`key`)."""
+
+    def __init__(self):
+        self.key = None
+        self.frames: dict = {}
+
+
+class _streaming:
+    """Within the block, the decoder's causal convs carry their last input frames between calls."""
+
+    def __init__(self, decoder: nn.Module):
+        self.convs = [m for m in decoder.modules() if isinstance(m, CausalTemporalConv)]
+
+    def __enter__(self) -> _CausalStream:
+        stream = _CausalStream()
+        for conv in self.convs:
+            conv.stream = stream
+        return stream
+
+    def __exit__(self, *exc) -> None:
+        for conv in self.convs:
+            conv.stream = None

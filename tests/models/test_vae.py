@@ -50,3 +50,59 @@ def test_off_grid_clip_is_rejected():
     vae = VideoAutoencoder(VAEConfig(**SMALL))
     with pytest.raises(ValueError, match="multiple of 4"):
         vae.encode(torch.zeros(1, 3, 6, 32, 32))
+
+
+# --- memory-bounded (tiled) decode ------------------------------------------------------------
+
+
+def _tiny_vae(temporal_kernel=3):
+    from models.config import load_config
+
+    cfg = load_config("tiny").vae
+    cfg.temporal_kernel = temporal_kernel
+    torch.manual_seed(0)
+    return VideoAutoencoder(cfg).eval()
+
+
+def test_tiled_decode_of_a_small_clip_is_decode():
+    vae = _tiny_vae()
+    z = torch.randn(1, 4, 3, 12, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(vae.decode_tiled(z, tile=(3, 12, 16)), vae.decode(z))
+
+
+@pytest.mark.parametrize("temporal_kernel", [1, 3])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_temporal_chunks_are_exact(temporal_kernel, chunk):
+    """Causal convs carry their last k-1 input frames from chunk to chunk: any chunk length gives
+    the frames of one decode (up to float rounding of convolutions over different lengths)."""
+    vae = _tiny_vae(temporal_kernel)
+    z = torch.randn(1, 4, 5, 6, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = vae.decode(z)
+        chunks = list(vae.iter_decode_tiled(z, tile=(chunk, 6, 8)))
+    assert [c.shape[2] for c in chunks] == [min(chunk, 5 - a) * 4 for a in range(0, 5, chunk)]
+    assert (torch.cat(chunks, dim=2) - ref).abs().max().item() <= 1e-5
+
+
+def test_spatial_tiles_blend_towards_the_full_decode():
+    """Tiles cut the decoder's receptive field (zero padding at the cut). Ramps that skip each tile's
+    outer `radius` pixels make an overlap of 2·radius+1 latent pixels exact (float rounding,
+    1e-5); narrower overlaps blend the seams and the error falls as the overlap grows."""
+    from models.vae import decoder_receptive_field
+
+    vae = _tiny_vae()
+    radius = decoder_receptive_field(vae.decoder)[1]
+    assert radius >= 11  # 3x3 convs: 7 at latent size, 5 at 2x, 5 at 4x -> 7 + 2.5 + 1.25, rounded up
+    z = torch.randn(1, 4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = vae.decode(z)
+        errors = {}
+        for tile, overlap in [(12, 2), (18, 9), (2 * radius + 3, 2 * radius + 1)]:
+            out = vae.decode_tiled(z, tile=(1, tile, tile), overlap=overlap)
+            assert out.shape == ref.shape
+            errors[overlap] = (out - ref).abs().mean().item(), (out - ref).abs().max().item()
+    mean_err = [m for m, _ in errors.values()]
+    assert mean_err == sorted(mean_err, reverse=True), errors  # wider overlaps, closer results
+    assert errors[2 * radius + 1][1] <= 1e-5, errors  # exact
+    assert errors[9][0] <= 0.01 * ref.abs().mean().item(), errors  # within 1% of the mean level
