@@ -229,7 +229,6 @@ def main() -> None:
 
     import torch
 
-    cfg = model_config(args)
     tokens = args.frames * (args.size // 2) ** 2
     print(f"DiT width {args.hidden}, {args.heads} heads, {args.layers} layers, MLP x4; latent 4x{args.frames}x"
           f"{args.size}x{args.size}, {tokens} tokens, batch 2 (guided), fp32; one forward per layout; "

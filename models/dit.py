@@ -351,33 +351,49 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, gt, gh, gw, self.out_channels, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, self.out_channels, gt * pt, gh * ph, gw * pw)
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, t, h, w = hidden_states.shape
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The (T, H, W) grid of patches of latents shaped (B, C, T', H', W')."""
+        t, h, w = latent_shape[2:]
         pt, ph, pw = self.patch_size
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent grid {t}x{h}x{w} is not a multiple of the patch size {self.patch_size}")
-        grid = (t // pt, h // ph, w // pw)
+        return t // pt, h // ph, w // pw
 
+    def input_tokens(self, hidden_states: torch.Tensor, cond_latents: torch.Tensor | None,
+                     cond_mask: torch.Tensor | None) -> torch.Tensor:
+        """Patchified input channels (noisy latents, conditioning latents, frame mask), not embedded."""
+        b, _, t, h, w = hidden_states.shape
         if cond_latents is None:
             cond_latents = torch.zeros_like(hidden_states)
         if cond_mask is None:
             cond_mask = hidden_states.new_zeros(b, t)
         mask_channel = cond_mask.to(hidden_states.dtype)[:, None, :, None, None].expand(b, 1, t, h, w)
-        x = torch.cat([hidden_states, cond_latents.to(hidden_states.dtype), mask_channel], dim=1)
+        return self.patchify(torch.cat([hidden_states, cond_latents.to(hidden_states.dtype), mask_channel], dim=1))
 
-        x = self.patch_embedding(self.patchify(x))
-        rotary_emb = self.rope(grid, x.device)
-        temb = self.time_embedding(timestep.expand(b) if timestep.ndim == 0 else timestep)
+    def embed_conditions(self, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                         encoder_attention_mask: torch.Tensor | None, batch: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(temb, text context, boolean text mask): what every block is conditioned on."""
+        temb = self.time_embedding(timestep.expand(batch) if timestep.ndim == 0 else timestep)
         context = self.text_embedding(encoder_hidden_states)
         mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
         if self.pooled_text_embedding is not None:
             temb = temb + self.pooled_text_embedding(pool_text(encoder_hidden_states, mask).to(temb.dtype))
+        return temb, context, mask
 
+    def output_tokens(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The final adaptive norm and projection: hidden tokens → patch velocities."""
+        shift, scale = self.adaLN_out(temb).chunk(2, dim=-1)
+        return self.proj_out(modulate(self.norm_out(x), shift, scale))
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        grid = self.token_grid(hidden_states.shape)
+        x = self.patch_embedding(self.input_tokens(hidden_states, cond_latents, cond_mask))
+        rotary_emb = self.rope(grid, x.device)
+        temb, context, mask = self.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
+                                                    hidden_states.shape[0])
         for block in self.blocks:
             x = block(x, context, temb, rotary_emb, mask)
-
-        shift, scale = self.adaLN_out(temb).chunk(2, dim=-1)
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))
-        return self.unpatchify(x, grid)
+        return self.unpatchify(self.output_tokens(x, temb), grid)

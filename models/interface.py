@@ -55,6 +55,18 @@ class GridLimits:
         m = self.size_multiple
         return min(max(int(round(v / m)) * m, self.min_size), self.max_size)
 
+    def fit_size(self, width: int, height: int) -> tuple[int, int]:
+        """The allowed size nearest to width×height with its aspect ratio kept as far as the grid
+        allows: scaled down to fit `max_size` and `max_pixels`, each side snapped to the grid."""
+        scale = min(1.0, self.max_size / max(width, height), (self.max_pixels / (width * height)) ** 0.5)
+        w, h = self.nearest_size(round(width * scale)), self.nearest_size(round(height * scale))
+        while w * h > self.max_pixels:  # rounding up can overshoot the pixel budget by a step
+            if w >= h:
+                w -= self.size_multiple
+            else:
+                h -= self.size_multiple
+        return w, h
+
     def check(self, request: "RenderRequest") -> None:
         """Raise ValueError (one line, naming the nearest allowed value) for a request off the grid."""
         r, m = request, self.size_multiple

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from models.config import DiTConfig, ParallelConfig
 from models.dit import (Attention, AttnProcessor, ContextParallelInput, ContextParallelOutput, FeedForward,
-                        TransformerBlock, VideoDiT, apply_rotary_emb, modulate, pool_text)
+                        TransformerBlock, VideoDiT, apply_rotary_emb)
 from models.sampler import FlowMatchSampler
 
 __all__ = ["ParallelConfig", "ParallelConfigError", "ParallelMesh", "build_mesh", "check_layout",
@@ -443,11 +443,7 @@ class ParallelVideoDiT(nn.Module):
         dit, mesh = self.dit, self.mesh
         if mesh.sp == 1:
             return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask)
-        b, c, t, h, w = hidden_states.shape
-        pt, ph, pw = dit.patch_size
-        if t % pt or h % ph or w % pw:
-            raise ValueError(f"latent grid {t}x{h}x{w} is not a multiple of the patch size {dit.patch_size}")
-        grid = (t // pt, h // ph, w // pw)
+        grid = dit.token_grid(hidden_states.shape)
         n = grid[0] * grid[1] * grid[2]
         local = -(-n // mesh.sp)
         start = min(mesh.sp_rank * local, n)
@@ -461,35 +457,28 @@ class ParallelVideoDiT(nn.Module):
             x = F.pad(x, (0, 0, 0, pad))
             cos, sin = F.pad(cos, (0, 0, 0, 0, 0, pad)), F.pad(sin, (0, 0, 0, 0, 0, pad))
 
-        temb = dit.time_embedding(timestep.expand(b) if timestep.ndim == 0 else timestep)
-        context = dit.text_embedding(encoder_hidden_states)
-        mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
-        if dit.pooled_text_embedding is not None:
-            temb = temb + dit.pooled_text_embedding(pool_text(encoder_hidden_states, mask).to(temb.dtype))
-
+        temb, context, mask = dit.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
+                                                   hidden_states.shape[0])
         for block in dit.blocks:
             x = block(x, context, temb, (cos, sin), mask)
 
-        shift, scale = dit.adaLN_out(temb).chunk(2, dim=-1)
-        x = dit.proj_out(modulate(dit.norm_out(x), shift, scale))  # (B, local, C·pt·ph·pw)
+        x = dit.output_tokens(x, temb)  # (B, local, C·pt·ph·pw)
         x = _all_gather_cat(x, mesh.sp_group, dim=1)[:, :n]
         return dit.unpatchify(x, grid)
 
     def _embed(self, hidden_states, cond_latents, cond_mask, grid, start, stop) -> torch.Tensor:
         """Patch embedding of tokens [start, stop) only: built from the latent frames they lie in."""
         dit = self.dit
-        b, _, t, h, w = hidden_states.shape
+        b = hidden_states.shape[0]
         pt = dit.patch_size[0]
         per_frame = grid[1] * grid[2]
         if stop <= start:
             return hidden_states.new_zeros(b, 0, dit.config.hidden_size)
         f0, f1 = start // per_frame, -(-stop // per_frame)  # token frames holding the shard
         sl = slice(f0 * pt, f1 * pt)
-        lat = hidden_states[:, :, sl]
-        cond = torch.zeros_like(lat) if cond_latents is None else cond_latents[:, :, sl].to(lat.dtype)
-        fmask = lat.new_zeros(b, lat.shape[2]) if cond_mask is None else cond_mask[:, sl]
-        mask_channel = fmask.to(lat.dtype)[:, None, :, None, None].expand(b, 1, lat.shape[2], h, w)
-        tokens = dit.patchify(torch.cat([lat, cond, mask_channel], dim=1))
+        tokens = dit.input_tokens(hidden_states[:, :, sl],
+                                  None if cond_latents is None else cond_latents[:, :, sl],
+                                  None if cond_mask is None else cond_mask[:, sl])
         tokens = tokens[:, start - f0 * per_frame:stop - f0 * per_frame]
         return dit.patch_embedding(tokens)
 

@@ -48,7 +48,6 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.dit import VideoDiT

@@ -41,7 +41,6 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import yaml
 
 from models.interface import GridLimits

@@ -449,8 +449,8 @@ def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
         if unknown:
             raise bad(f"shots[{k}] has unknown field(s) {', '.join(unknown)} (a shot is {{prompt, seconds}})")
         prompt = _text(shot.get("prompt"), f"shots[{k}].prompt", bad)
-        seconds = _number(shot.get("seconds"), f"shots[{k}].seconds", math.nan, bad) if not _missing(shot.get("seconds")) else None
-        if seconds is None or seconds <= 0:
+        seconds = _number(shot.get("seconds"), f"shots[{k}].seconds", math.nan, bad)  # missing: nan
+        if not seconds > 0:
             raise bad(f"shots[{k}].seconds must be a positive number of seconds")
         out.append((prompt, seconds))
     return tuple(out)

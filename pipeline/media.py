@@ -117,21 +117,3 @@ def load_video(uri: str, fps: int, width: int, height: int, column: str = "video
     if n > MAX_INPUT_FRAMES:
         raise MediaError(f"{column}: {uri} is longer than {MAX_INPUT_FRAMES} frames at {fps} fps; trim it first")
     return np.frombuffer(proc.stdout[: n * size], dtype=np.uint8).reshape(n, height, width, 3).copy()
-
-
-def snap_size(width: int, height: int, multiple: int, min_size: int, max_size: int, max_pixels: int) -> tuple[int, int]:
-    """The grid size nearest to an input's width×height with its aspect ratio kept (as far as the
-    grid allows): scaled down to fit max_size and max_pixels, each side a multiple of `multiple`."""
-    scale = min(1.0, max_size / max(width, height), (max_pixels / (width * height)) ** 0.5)
-    w, h = width * scale, height * scale
-
-    def snap(v: float) -> int:
-        return int(min(max(round(v / multiple) * multiple, min_size), max_size))
-
-    w, h = snap(w), snap(h)
-    while w * h > max_pixels:  # rounding up can overshoot the pixel budget by a step
-        if w >= h:
-            w -= multiple
-        else:
-            h -= multiple
-    return w, h

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.interface import GridLimits, RenderRequest, VideoGenerator
-from pipeline.media import MediaError, fit_frame, load_image, load_video, probe_size, read_input, snap_size
+from pipeline.media import MediaError, fit_frame, load_image, load_video, probe_size, read_input
 
 
 def load_inputs(row: dict[str, Any], limits: GridLimits) -> dict[str, np.ndarray]:
@@ -44,8 +44,7 @@ def load_inputs(row: dict[str, Any], limits: GridLimits) -> dict[str, np.ndarray
     if not int(row.get("width") or 0):
         first = columns[0]
         w, h = (images[first].shape[1], images[first].shape[0]) if first in images else probe_size(videos[first], first, row[first])
-        row["width"], row["height"] = snap_size(w, h, limits.size_multiple, limits.min_size, limits.max_size,
-                                                limits.max_pixels)
+        row["width"], row["height"] = limits.fit_size(w, h)
     width, height, fps = int(row["width"]), int(row["height"]), int(row["fps"])
     out = {c: fit_frame(im, width, height)[None] for c, im in images.items()}
     for c, data in videos.items():
@@ -147,8 +146,6 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
 def _remix(run, base: RenderRequest, limits: GridLimits, video: np.ndarray, strength: float) -> np.ndarray:
     """The video re-sampled from noise level `strength` under the row's caption (same length)."""
     n = len(video)
-    if strength == 0.0:
-        return video
     fm = limits.frame_multiple
     padded = -(-n // fm) * fm
     init = np.concatenate([video, np.repeat(video[-1:], padded - n, axis=0)]) if padded > n else video

@@ -28,7 +28,7 @@ from models.interface import GridLimits
 from pipeline import storage
 from pipeline.errors import one_line
 from pipeline.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
-from pipeline.provenance import ProvenanceError, c2pa_config_from_env
+from pipeline.provenance import C2paConfig, ProvenanceError, c2pa_config_from_env
 from pipeline.stages import InputsUDF, RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
 
 EXIT_OK, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 2, 3
@@ -96,7 +96,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     _check_recaptioner(recaptioner)
     _check_policy(cfg.policy)
     try:
-        c2pa_config_from_env()
+        c2pa = c2pa_config_from_env()  # the driver's REEL_C2PA_* settings, handed to the writers
     except ProvenanceError as e:
         raise UsageError(str(e)) from None
     model = {"name": model_info.name, "version": model_info.version, "weights_sha256": model_info.weights_sha256}
@@ -120,7 +120,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
         items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
         stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items),
-                              inputs_limits=limits if any(_has_media(s) for s in todo) else None)
+                              inputs_limits=limits if any(_has_media(s) for s in todo) else None, c2pa=c2pa)
         for row in _stream(items, stages, cfg):
             if row.get("error"):
                 summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
@@ -140,7 +140,8 @@ def _has_media(spec: ClipSpec) -> bool:
 
 
 def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str,
-                 clips: int | None = None, inputs_limits: GridLimits | None = None) -> list[Stage]:
+                 clips: int | None = None, inputs_limits: GridLimits | None = None,
+                 c2pa: C2paConfig | None = None) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
     The inputs stage (reading and fitting the rows' pictures and clips) is there when
@@ -182,7 +183,7 @@ def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run
                # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
                "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}),
         Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id, "blur_faces": cfg.blur_faces,
-                         "c2pa": c2pa_config_from_env()},  # the driver's REEL_C2PA_* settings
+                         "c2pa": c2pa},
               {"compute": ActorPoolStrategy(size=1), **light}),
     ]
 

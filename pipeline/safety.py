@@ -249,6 +249,12 @@ _CAT_KEYS = {"description", "terms", "patterns", "all_of", "allow"}
 _CLF_KEYS = {"path", "labels", "threshold", "max_length"}
 
 
+def _check_keys(doc: dict, known: frozenset[str] | set[str], where: str) -> None:
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise PolicyError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
 def _str_list(value: Any, where: str) -> list[str]:
     if value is None:
         return []
@@ -284,9 +290,7 @@ class SafetyPolicy:
         if not isinstance(doc, dict):
             raise PolicyError(f"{where}: the top level must be a mapping with a 'categories' key, "
                               f"got {type(doc).__name__}")
-        unknown = sorted(set(doc) - _TOP_KEYS)
-        if unknown:
-            raise PolicyError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+        _check_keys(doc, _TOP_KEYS, where)
         if doc.get("version", 1) != 1:
             raise PolicyError(f"{where}: version {doc.get('version')!r} is not supported; use version: 1")
         cats_doc = doc.get("categories")
@@ -302,9 +306,7 @@ class SafetyPolicy:
             if not isinstance(body, dict):
                 raise PolicyError(f"{cwhere}: must be a mapping with terms/patterns/all_of/allow, "
                                   f"got {type(body).__name__}")
-            unknown = sorted(set(body) - _CAT_KEYS)
-            if unknown:
-                raise PolicyError(f"{cwhere}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_CAT_KEYS))})")
+            _check_keys(body, _CAT_KEYS, cwhere)
             cat = _Category(
                 name=name, description=str(body.get("description") or ""),
                 terms=_str_list(body.get("terms"), f"{cwhere}: terms"),
@@ -432,9 +434,7 @@ def _classifier_spec(doc: Any, where: str, base_dir: str | None, categories: set
     cwhere = f"{where}: classifier"
     if not isinstance(doc, dict):
         raise PolicyError(f"{cwhere} must be a mapping with path, labels, threshold")
-    unknown = sorted(set(doc) - _CLF_KEYS)
-    if unknown:
-        raise PolicyError(f"{cwhere}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_CLF_KEYS))})")
+    _check_keys(doc, _CLF_KEYS, cwhere)
     path = doc.get("path")
     if not isinstance(path, str) or not path:
         raise PolicyError(f"{cwhere}: 'path' must be a local folder or fsspec URI of a saved "

@@ -23,7 +23,6 @@ ignores "." and "_" prefixes) never see them; ids cannot start with "." (see `va
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
