@@ -78,6 +78,19 @@ def main() -> None:
     marked_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     null_scores: dict[str, list[float]] = defaultdict(list)
     psnrs: dict[str, list[float]] = defaultdict(list)
+
+    def score_marked(key: str, clip) -> None:
+        """Mark `clip`; record its PSNR and the detector's score raw, at CRF 18 and 28, and
+        downscaled by 2 after CRF 18."""
+        marked = embed_watermark(clip)
+        psnrs[key].append(psnr(marked, clip))
+        s = marked_scores[key]
+        s["raw"].append(detect_watermark(marked).score)
+        crf18 = decode_mp4(encode_mp4(marked, 8))
+        s["crf18"].append(detect_watermark(crf18).score)
+        s["crf28"].append(detect_watermark(decode_mp4(encode_mp4(marked, 8, crf=28))).score)
+        s["down2x"].append(detect_watermark(decode_mp4(encode_mp4(downscale(crf18), 8))).score)
+
     t0 = time.time()
     render_s = 0.0
     for i, scene in enumerate(scenes):
@@ -87,14 +100,7 @@ def main() -> None:
         frames = gen.generate([RenderRequest(caption=sw.canonical_caption(scene), width=w, height=h, frames=16, fps=8,
                                              seed=i, steps=steps, guidance=gen.limits.default_guidance)])[0].frames
         render_s += time.time() - t
-        marked = embed_watermark(frames)
-        psnrs[size].append(psnr(marked, frames))
-        s = marked_scores[size]
-        s["raw"].append(detect_watermark(marked).score)
-        crf18 = decode_mp4(encode_mp4(marked, 8))
-        s["crf18"].append(detect_watermark(crf18).score)
-        s["crf28"].append(detect_watermark(decode_mp4(encode_mp4(marked, 8, crf=28))).score)
-        s["down2x"].append(detect_watermark(decode_mp4(encode_mp4(downscale(crf18), 8))).score)
+        score_marked(size, frames)
         null_scores["model crf18"].append(detect_watermark(decode_mp4(encode_mp4(frames, 8))).score)
         null_scores["model crf28"].append(detect_watermark(decode_mp4(encode_mp4(frames, 8, crf=28))).score)
         proc = sw.render_scene(scene, width=w, height=h, frames=16, rng=i)
@@ -104,15 +110,7 @@ def main() -> None:
 
     for name, w, h in NATURAL:
         clip = natural_clip(name, w, h)
-        marked = embed_watermark(clip)
-        key = f"natural {w}x{h}"
-        psnrs[key].append(psnr(marked, clip))
-        s = marked_scores[key]
-        s["raw"].append(detect_watermark(marked).score)
-        crf18 = decode_mp4(encode_mp4(marked, 8))
-        s["crf18"].append(detect_watermark(crf18).score)
-        s["crf28"].append(detect_watermark(decode_mp4(encode_mp4(marked, 8, crf=28))).score)
-        s["down2x"].append(detect_watermark(decode_mp4(encode_mp4(downscale(crf18), 8))).score)
+        score_marked(f"natural {w}x{h}", clip)
         null_scores["natural crf18"].append(detect_watermark(decode_mp4(encode_mp4(clip, 8))).score)
         null_scores["natural still"].append(detect_watermark(clip[0]).score)
 
