@@ -293,6 +293,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-inflight-per-key", type=int, metavar="N",
                    help="queued + rendering videos per API key before 429 (default: 8)")
     p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest request body / upload (default: 10)")
+    p.add_argument("--allow-private-urls", action="store_true", default=None,
+                   help="fetch input_reference image_urls that resolve to private, loopback or link-local "
+                        "addresses (default: refused; set it only where clients are trusted)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -301,7 +304,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
-        "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key")}
+        "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls")}
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:

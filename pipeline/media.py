@@ -45,13 +45,18 @@ def read_input(uri: str, column: str) -> bytes:
 
 def load_image(uri: str, column: str = "image") -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3); alpha is composited over black."""
+    return decode_image(read_input(uri, column), column, uri)
+
+
+def decode_image(data: bytes, column: str = "image", name: str = "the image") -> np.ndarray:
+    """PNG, JPEG or WebP bytes as uint8 RGB (H, W, 3); alpha is composited over black. `name`
+    (a URI, or words for an upload) is what a MediaError calls the input."""
     from PIL import Image, UnidentifiedImageError
 
-    data = read_input(uri, column)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise MediaError(f"{column}: {uri} is {im.width}x{im.height}; the limit is {MAX_IMAGE_PIXELS} pixels")
+                raise MediaError(f"{column}: {name} is {im.width}x{im.height}; the limit is {MAX_IMAGE_PIXELS} pixels")
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
@@ -61,9 +66,9 @@ def load_image(uri: str, column: str = "image") -> np.ndarray:
     except MediaError:
         raise
     except UnidentifiedImageError:
-        raise MediaError(f"{column}: {uri} is not a PNG, JPEG or WebP image") from None
+        raise MediaError(f"{column}: {name} is not a PNG, JPEG or WebP image") from None
     except (OSError, SyntaxError, ValueError) as e:  # a truncated or corrupt file
-        raise MediaError(f"{column}: {uri} is not a readable PNG, JPEG or WebP image ({one_line(e, 120)})") from None
+        raise MediaError(f"{column}: {name} is not a readable PNG, JPEG or WebP image ({one_line(e, 120)})") from None
 
 
 def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -76,6 +81,13 @@ def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def probe_size(data: bytes, column: str, uri: str) -> tuple[int, int]:
     """(width, height) of a clip's first video stream."""
+    width, height, _ = probe_video(data, column, uri)
+    return width, height
+
+
+def probe_video(data: bytes, column: str, uri: str) -> tuple[int, int, float]:
+    """(width, height, duration in seconds) of a clip's first video stream (the duration as the
+    container states it; 0.0 when it states none)."""
     import imageio_ffmpeg
 
     with tempfile.NamedTemporaryFile() as f:
@@ -90,7 +102,7 @@ def probe_size(data: bytes, column: str, uri: str) -> tuple[int, int]:
     w, h = meta.get("size") or (0, 0)
     if not w or not h:
         raise MediaError(f"{column}: {uri} has no video stream")
-    return int(w), int(h)
+    return int(w), int(h), float(meta.get("duration") or 0.0)
 
 
 def load_video(uri: str, fps: int, width: int, height: int, column: str = "video",

@@ -12,12 +12,26 @@ thumbnails/{id}.jpg, metadata/{id}.parquet; plus spritesheets/{id}.jpg for the A
 variant). A job whose metadata already records its request hash is not rendered again, so jobs
 taken up again after a restart never render twice.
 
-Endpoints (paths, fields and status values of OpenAI's Videos API): POST /v1/videos (JSON or
-multipart), GET /v1/videos, GET|DELETE /v1/videos/{id}, GET /v1/videos/{id}/content?variant=
-video|thumbnail|spritesheet; POST /v1/videos/{id}/remix, /v1/videos/extensions, /v1/videos/edits,
-/v1/videos/characters and create's `input_reference` are validated and then refused with a 400
-naming the mode as not available in this build. /healthz and /readyz need no key; everything else,
-/metrics included, a bearer key from REEL_API_KEYS or the key file.
+Endpoints (paths, fields and status values of OpenAI's Videos API), each a generation mode of
+the batch pipeline (`pipeline/modes.py`):
+
+    POST /v1/videos               text→video; image→video with `input_reference` (an uploaded
+                                  image or {"image_url": https URL or data URL}); a storyboard
+                                  with our `shots` extra field
+    POST /v1/videos/{id}/remix    remix of a stored video under a new prompt (`strength` extra)
+    POST /v1/videos/extensions    extend a video (uploaded, or {"id": …}) by `seconds`; extras
+                                  `direction` (forward | backward) and `extension_only`
+    POST /v1/videos/edits         remix of a video (uploaded, or {"id": …}) under a new prompt
+    GET /v1/videos, GET|DELETE /v1/videos/{id}, GET /v1/videos/{id}/content?variant=
+    video|thumbnail|spritesheet; /v1/videos/characters is validated, then refused (400
+    `mode_not_available`: the model has no character conditioning).
+
+Uploaded and fetched inputs are checked when the request arrives (type, size, decodability) and
+stored under OUT/inputs/{id}/; the render reads them from there through the batch pipeline's
+inputs stage, so the render replicas read only URIs the API wrote. An `image_url` on a private,
+loopback or link-local address is refused unless `allow_private_urls` is set.
+/healthz and /readyz need no key; everything else, /metrics included, a bearer key from
+REEL_API_KEYS or the key file.
 
 Configuration is `ServeConfig`: `reel serve` options, or REELFORGE_* environment variables for
 the module-level `app` (`pipeline.serve:app`, what cluster/rayservice.yaml imports). Replica
@@ -57,17 +71,22 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from pipeline import storage
-from pipeline.errors import one_line
+from pipeline.errors import UserError, one_line
 from pipeline.jobs_store import Job, JobStore, Rejected
 from pipeline.manifest import JSON_COLUMNS_KEY, MAX_PROMPT_CHARS, ClipSpec, validate
+from pipeline.media import decode_image, probe_video
 
 logger = logging.getLogger("reelforge.serve")
 
 APP_NAME = "reelforge"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-#: Fields of POST /v1/videos: OpenAI's, then ours (sent by SDK users through `extra_body`).
-CREATE_FIELDS = ("prompt", "model", "seconds", "size", "input_reference",
-                 "seed", "steps", "guidance", "negative_prompt")
+#: Our fields every render endpoint takes (sent by SDK users through `extra_body`).
+EXTRA_FIELDS = ("seed", "steps", "guidance", "negative_prompt", "blur_faces")
+#: The fields of each endpoint: OpenAI's, then ours.
+CREATE_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *EXTRA_FIELDS, "shots")
+REMIX_FIELDS = ("prompt", "model", *EXTRA_FIELDS, "strength")
+EDIT_FIELDS = ("prompt", "model", "video", *EXTRA_FIELDS, "strength")
+EXTEND_FIELDS = ("prompt", "model", "seconds", "video", *EXTRA_FIELDS, "direction", "extension_only")
 IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 CONTENT_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg", "spritesheet": "image/jpeg"}
 SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -100,6 +119,8 @@ class ServeConfig:
     max_upload_bytes: int = 10 << 20  # request bodies (input_reference uploads)
     poll_after_ms: int = 2000  # the openai-poll-after-ms header on queued / in-progress videos
     graceful_shutdown_s: float = 20.0
+    allow_private_urls: bool = False  # fetch input_reference image_urls on private/loopback addresses
+    fetch_timeout_s: float = 10.0  # an input_reference image_url must answer within this
 
     def __post_init__(self):
         # Replicas do not share this process's working directory: local paths become absolute.
@@ -136,6 +157,9 @@ class ServeConfig:
             if raw is None or f.name == "api_key_sha256":
                 continue
             kind = str(f.type)
+            if kind == "bool":
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                continue
             values[f.name] = (int(raw) if "int" in kind else float(raw) if "float" in kind else raw) if raw != "" else None
         keys = [k.strip() for k in env.get("REEL_API_KEYS", "").split(",") if k.strip()]
         if env.get("REELFORGE_API_KEY_FILE"):
@@ -172,9 +196,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def not_available(mode: str, param: str | None = None) -> APIError:
-    return APIError(400, f"{mode} is not available in this build yet: the model layer renders text-to-video "
-                         "only (generation modes come in a later release)", param=param, code="mode_not_available")
+def not_available(mode: str, why: str, param: str | None = None) -> APIError:
+    return APIError(400, f"{mode} is not available in this build: {why}", param=param, code="mode_not_available")
 
 
 def _param_of(reason: str) -> str | None:
@@ -185,26 +208,28 @@ def _param_of(reason: str) -> str | None:
         return "size"
     if name in ("frames", "seconds", "fps"):
         return "seconds"
-    return name if name in CREATE_FIELDS else None
+    return name if name in CREATE_FIELDS + REMIX_FIELDS + EXTEND_FIELDS else None
 
 
 # --------------------------------------------------------------------------------------------
 # Requests → validated clips
 
 
-def _clip_spec(video_id: str, fields: dict[str, Any], limits) -> tuple[ClipSpec, str, str]:
-    """(the validated clip, its `seconds` string, its `size` string) for a create's fields, through
+def _size(value: Any, limits) -> tuple[int, int] | None:
+    """(width, height) of a `size` field; None when it is not given."""
+    if value is None:
+        return None
+    m = SIZE_PATTERN.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not m:
+        raise APIError(400, f"size must be a string WIDTHxHEIGHT, e.g. '{limits.default_width}x"
+                            f"{limits.default_height}'; got {value!r}", param="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _clip_spec(video_id: str, row: dict[str, Any], limits) -> ClipSpec:
+    """The validated clip of a request, given as a manifest row (None values left out), through
     the batch pipeline's own row validation; APIError 400 naming the field when it is refused."""
-    size = fields.get("size")
-    width, height = limits.default_width, limits.default_height
-    if size is not None:
-        m = SIZE_PATTERN.fullmatch(size.strip()) if isinstance(size, str) else None
-        if not m:
-            raise APIError(400, f"size must be a string WIDTHxHEIGHT, e.g. '{width}x{height}'; got {size!r}", param="size")
-        width, height = int(m.group(1)), int(m.group(2))
-    seconds = _seconds(fields.get("seconds"), limits)
-    row = {"id": video_id, "prompt": fields["prompt"], "seconds": seconds, "width": width, "height": height,
-           **{k: fields[k] for k in ("seed", "steps", "guidance", "negative_prompt") if fields.get(k) is not None}}
+    row = {"id": video_id, **{k: v for k, v in row.items() if v is not None}}
     # Every value as JSON text in a column marked mixed: validation converts each value itself,
     # so "7" from a form field and 7 from JSON are checked alike, with the manifest's messages.
     table = pa.table({k: pa.array([json.dumps(v)], pa.string()) for k, v in row.items()})
@@ -213,8 +238,7 @@ def _clip_spec(video_id: str, fields: dict[str, Any], limits) -> tuple[ClipSpec,
     if errors:
         reason = errors[0].reason
         raise APIError(400, reason, param=_param_of(reason), code="invalid_value")
-    spec = specs[0]
-    return spec, f"{spec.seconds:g}", f"{spec.width}x{spec.height}"
+    return specs[0]
 
 
 def _seconds(value: Any, limits) -> float:
@@ -246,6 +270,15 @@ def _prompt(fields: dict[str, Any], name: str = "prompt") -> str:
     return value
 
 
+def _extras(fields: dict[str, Any]) -> dict[str, Any]:
+    """Our extra fields every render endpoint takes, as manifest columns (None: not given)."""
+    return {k: fields.get(k) for k in EXTRA_FIELDS}
+
+
+def new_video_id() -> str:
+    return "video_" + uuid.uuid4().hex
+
+
 def _check_unknown(fields: dict[str, Any], known: tuple[str, ...]) -> None:
     for name in fields:
         if name not in known:
@@ -267,29 +300,93 @@ def _check_image(data: bytes, param: str) -> None:
         raise APIError(400, f"{param} must be a PNG, JPEG or WebP image", param=param, code="invalid_image_format")
 
 
-def _check_reference(value: Any, param: str, max_bytes: int) -> None:
-    """An uploaded image (bytes) or {"image_url": URL or data URL} / {"file_id": …}: the request shape."""
+def reference_image(value: Any, param: str, cfg: ServeConfig) -> bytes:
+    """The image bytes of an uploaded image or {"image_url": URL or data URL}, type-checked; an
+    http(s) URL is fetched (blocking: call it off the event loop)."""
     if isinstance(value, (bytes, bytearray)):
-        _check_image(value, param)
-        return
-    if not isinstance(value, dict) or not value or set(value) - {"image_url", "file_id"}:
-        raise APIError(400, f"{param} must be an uploaded image file or an object with image_url or file_id",
+        data = bytes(value)
+    elif isinstance(value, dict) and value.get("file_id") is not None and "image_url" not in value:
+        raise APIError(400, f"{param}.file_id is not supported: this server has no Files API; upload the image "
+                            "or pass image_url", param=param, code="unsupported_value")
+    elif isinstance(value, dict) and set(value) <= {"image_url", "file_id"} and isinstance(value.get("image_url"), str):
+        data = _image_url_bytes(value["image_url"], param, cfg)
+    else:
+        raise APIError(400, f"{param} must be an uploaded image file or an object with image_url", param=param)
+    _check_image(data, param)
+    return data
+
+
+def _image_url_bytes(url: str, param: str, cfg: ServeConfig) -> bytes:
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if not head.endswith(";base64") or len(payload) > cfg.max_upload_bytes * 4 // 3 + 4:
+            raise APIError(400, f"{param}.image_url must be a base64 data URL of at most {cfg.max_upload_bytes} bytes",
+                           param=param)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise APIError(400, f"{param}.image_url is not valid base64", param=param) from None
+    if not url.startswith(("https://", "http://")):
+        raise APIError(400, f"{param}.image_url must be an http(s) URL or a base64 data URL", param=param)
+    return fetch_url(url, param, max_bytes=cfg.max_upload_bytes, timeout_s=cfg.fetch_timeout_s,
+                     allow_private=cfg.allow_private_urls)
+
+
+def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float, allow_private: bool = False,
+              max_redirects: int = 3) -> bytes:
+    """GET an http(s) URL for a request field: at most `max_bytes`, within `timeout_s`, following
+    up to `max_redirects` redirects; every hop's host must resolve to public addresses unless
+    `allow_private` (a server fetching for clients must not reach its own network). APIError 400
+    when it cannot be had."""
+    import ipaddress
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # each hop is checked below, not followed blindly
+
+    opener = urllib.request.build_opener(NoRedirect)
+    for _ in range(max_redirects + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise APIError(400, f"{param}.image_url must be an http(s) URL", param=param)
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
+        except (socket.gaierror, UnicodeError):
+            raise APIError(400, f"{param}.image_url: cannot resolve host {parts.hostname!r}", param=param) from None
+        if not allow_private and any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+            raise APIError(400, f"{param}.image_url points at a private or local address; pass the image as an "
+                                "upload or a data URL", param=param, code="invalid_url")
+        try:
+            with opener.open(urllib.request.Request(url, headers={"User-Agent": "reelforge"}), timeout=timeout_s) as r:
+                data = r.read(max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
+                url = urllib.parse.urljoin(url, e.headers["Location"])
+                continue
+            raise APIError(400, f"{param}.image_url answered HTTP {e.code}", param=param) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise APIError(400, f"{param}.image_url cannot be fetched ({one_line(e, 200)})", param=param) from None
+        if len(data) > max_bytes:
+            raise APIError(400, f"{param}.image_url is larger than {max_bytes} bytes", param=param,
+                           code="file_too_large")
+        return data
+    raise APIError(400, f"{param}.image_url redirects more than {max_redirects} times", param=param)
+
+
+def uploaded_video(value: Any, param: str = "video") -> bytes | None:
+    """An uploaded video's bytes (an MP4 by its ftyp box); None for a reference {"id": VIDEO_ID}."""
+    if isinstance(value, (bytes, bytearray)):
+        if bytes(value[4:8]) != b"ftyp":
+            raise APIError(400, f"{param} must be an MP4 file", param=param, code="invalid_video_format")
+        return bytes(value)
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str) or set(value) != {"id"}:
+        raise APIError(400, f"{param} is required: an uploaded video file or an object {{\"id\": VIDEO_ID}}",
                        param=param)
-    url = value.get("image_url")
-    if url is not None:
-        if not isinstance(url, str) or not url.startswith(("https://", "http://", "data:")):
-            raise APIError(400, f"{param}.image_url must be an http(s) URL or a base64 data URL", param=param)
-        if url.startswith("data:"):
-            head, _, payload = url.partition(",")
-            if not head.endswith(";base64") or len(payload) > max_bytes * 4 // 3 + 4:
-                raise APIError(400, f"{param}.image_url must be a base64 data URL of at most {max_bytes} bytes",
-                               param=param)
-            try:
-                _check_image(base64.b64decode(payload, validate=True), param)
-            except binascii.Error:
-                raise APIError(400, f"{param}.image_url is not valid base64", param=param) from None
-    if value.get("file_id") is not None and not isinstance(value["file_id"], str):
-        raise APIError(400, f"{param}.file_id must be a string", param=param)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,16 +405,17 @@ def spritesheet(frames: np.ndarray, tiles: int = 16, columns: int = 4) -> np.nda
 
 
 def output_uris(out: str, video_id: str) -> dict[str, str]:
-    """The batch layout's keys for a clip, plus the API's spritesheet."""
+    """The batch layout's keys for a clip, plus the API's spritesheet and the folder of its uploaded inputs."""
     from pipeline.stages import output_keys
 
-    return {**output_keys(out, video_id), "spritesheet": storage.join(out, "spritesheets", f"{video_id}.jpg")}
+    return {**output_keys(out, video_id), "spritesheet": storage.join(out, "spritesheets", f"{video_id}.jpg"),
+            "inputs": storage.join(out, "inputs", video_id)}
 
 
-def recorded_request(metadata_uri: str) -> str | None:
-    """The request hash a clip's metadata (written last) records; None while there is none."""
-    table = storage.read_parquet_dataset(metadata_uri, columns=["request_sha256"])
-    return table.column("request_sha256")[0].as_py() if table is not None and table.num_rows else None
+def recorded_clip(metadata_uri: str) -> dict[str, Any]:
+    """The request hash and frame count a clip's metadata (written last) records; {} while there is none."""
+    table = storage.read_parquet_dataset(metadata_uri, columns=["request_sha256", "frames"])
+    return table.to_pylist()[0] if table is not None and table.num_rows else {}
 
 
 @serve.deployment(name="Renderer", max_ongoing_requests=1)
@@ -341,18 +439,28 @@ class Renderer:
         return self.writer.run_id
 
     def render(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Stream progress events for one clip; the last has progress 100 and whether it rendered
-        (False: its metadata already recorded the same request, nothing was done)."""
+        """Stream progress events for one clip. The last has progress 100 and either whether it
+        rendered (False: its metadata already recorded the same request, nothing was done), with
+        the clip's frame count, or `failed` {code, message}: refused by the safety gate, or an
+        input that cannot be used (the user's to fix; anything else raises)."""
         from pipeline.encode import encode_jpeg
         from pipeline.stages import row_frames
 
         uris = output_uris(self.out, item["id"])
-        if recorded_request(uris["metadata"]) == item["request_sha256"]:
-            yield {"progress": 100, "rendered": False}
+        recorded = recorded_clip(uris["metadata"])
+        if recorded.get("request_sha256") == item["request_sha256"]:
+            yield {"progress": 100, "rendered": False, "frames": recorded["frames"]}
             return
         yield {"progress": 5}
         self.recaptioner.recaption_row(item)
-        self.inputs.inputs_row(item)
+        if item.get("error"):  # the safety gate said no
+            yield {"progress": 100, "failed": {"code": "moderation_blocked", "message": item["error"]}}
+            return
+        try:
+            self.inputs.inputs_row(item)
+        except UserError as e:
+            yield {"progress": 100, "failed": {"code": "invalid_input", "message": one_line(e)}}
+            return
         yield {"progress": 10}
         t0 = time.perf_counter()
         self.renderer.render_row(item)
@@ -360,7 +468,7 @@ class Renderer:
         frames = row_frames(item)
         storage.write_bytes_atomic(uris["spritesheet"], encode_jpeg(spritesheet(frames)))
         self.writer.write(item, frames)  # metadata last: the clip is complete once it exists
-        yield {"progress": 100, "rendered": True, "seconds": time.perf_counter() - t0}
+        yield {"progress": 100, "rendered": True, "frames": len(frames), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,25 +560,114 @@ class VideoAPI:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def create(self, owner: str, fields: dict[str, Any]) -> Job:
-        _check_unknown(fields, CREATE_FIELDS)
+    async def create(self, owner: str, fields: dict[str, Any]) -> Job:
+        """POST /v1/videos: text→video; image→video with `input_reference`; a storyboard with `shots`."""
+        self._check_fields(fields, CREATE_FIELDS)
+        video_id = new_video_id()
+        size = _size(fields.get("size"), self.limits)
+        if fields.get("shots") is not None and fields.get("seconds") is not None:
+            raise APIError(400, "give seconds or shots, not both: a storyboard is as long as its shots", param="shots")
+        row = {"prompt": fields["prompt"], "shots": fields.get("shots"), **_extras(fields),
+               "seconds": None if fields.get("shots") is not None else _seconds(fields.get("seconds"), self.limits)}
+        uploads = {}
+        if fields.get("input_reference") is not None:
+            data, ext, (w, h) = await asyncio.to_thread(self._reference_image, fields["input_reference"])
+            row["mode"] = "i2v"
+            row["image"] = storage.join(output_uris(self.cfg.out, video_id)["inputs"], f"input_reference{ext}")
+            uploads[row["image"]] = data
+            size = size or self.limits.fit_size(w, h)  # no size asked: the image's, on the model's grid
+        if size:
+            row["width"], row["height"] = size
+        spec = _clip_spec(video_id, row, self.limits)
+        return await self._admit(owner, spec, f"{spec.frames / spec.fps:g}", uploads)
+
+    async def remix(self, owner: str, source_id: str, fields: dict[str, Any]) -> Job:
+        """POST /v1/videos/{id}/remix: the stored video re-sampled under a new prompt (SDEdit)."""
+        self._check_fields(fields, REMIX_FIELDS)
+        return await self._from_video(owner, fields, {"id": source_id}, "remix", param="video_id")
+
+    async def edit(self, owner: str, fields: dict[str, Any]) -> Job:
+        """POST /v1/videos/edits: a remix of an uploaded or stored video."""
+        self._check_fields(fields, EDIT_FIELDS)
+        return await self._from_video(owner, fields, fields.get("video"), "remix")
+
+    async def extend(self, owner: str, fields: dict[str, Any]) -> Job:
+        """POST /v1/videos/extensions: `seconds` more of an uploaded or stored video, after it (or
+        before it, `direction` backward); the result is the whole clip unless `extension_only`."""
+        self._check_fields(fields, EXTEND_FIELDS)
+        if fields.get("seconds") is None:
+            raise APIError(400, "seconds is required: how many seconds to add", param="seconds")
+        return await self._from_video(owner, fields, fields.get("video"), "extend")
+
+    async def _from_video(self, owner: str, fields: dict[str, Any], video: Any, mode: str,
+                          param: str = "video") -> Job:
+        """A remix or extension of `video` (an upload, or {"id": …} of a completed video of this owner)."""
+        video_id = new_video_id()
+        data = uploaded_video(video, param)
+        if data is None:
+            source = self.completed(owner, video["id"], param=param)
+            uri, remixed_from = output_uris(self.cfg.out, source.id)["video"], source.id
+            (w, h), seconds = _size(source.size, self.limits), float(source.seconds)
+        else:
+            uri, remixed_from = storage.join(output_uris(self.cfg.out, video_id)["inputs"], "video.mp4"), None
+            try:
+                w, h, seconds = await asyncio.to_thread(probe_video, data, param, "the uploaded video")
+            except UserError as e:
+                raise APIError(400, str(e), param=param, code="invalid_video_format") from None
+            w, h = self.limits.fit_size(w, h)
+        row = {"prompt": fields["prompt"], **_extras(fields), "mode": mode, "video": uri, "width": w, "height": h}
+        if mode == "remix":
+            longest = self.limits.max_frames / self.limits.default_fps
+            if seconds > longest:
+                raise APIError(400, f"{param}: the video is {seconds:g} s; a remix takes up to {longest:g} s",
+                               param=param, code="invalid_value")
+            row.update(seconds=max(seconds, self.limits.frame_multiple / self.limits.default_fps),
+                       strength=fields.get("strength"))
+            total = seconds
+        else:
+            added = _seconds(fields["seconds"], self.limits)
+            row.update(seconds=added, direction=fields.get("direction"), extension_only=fields.get("extension_only"))
+            total = added
+        spec = _clip_spec(video_id, row, self.limits)
+        if mode == "extend" and not spec.extension_only:
+            total += seconds
+        return await self._admit(owner, spec, f"{total:g}", {uri: data} if data is not None else {},
+                                 remixed_from=remixed_from)
+
+    def _check_fields(self, fields: dict[str, Any], known: tuple[str, ...]) -> None:
+        _check_unknown(fields, known)
         _prompt(fields)
         model = fields.get("model")
         if model is not None and model not in self.model_names:
             raise APIError(400, f"model {model!r} is not served here; this endpoint serves {self.model['name']!r}",
                            param="model", code="model_not_found")
-        video_id = "video_" + uuid.uuid4().hex
-        spec, seconds, size = _clip_spec(video_id, fields, self.limits)
-        if fields.get("input_reference") is not None:
-            _check_reference(fields["input_reference"], "input_reference", self.cfg.max_upload_bytes)
-            raise not_available("image-to-video (input_reference)", "input_reference")
+
+    def _reference_image(self, value: Any) -> tuple[bytes, str, tuple[int, int]]:
+        """(bytes, file extension, (width, height)) of an input_reference; blocking (fetches, decodes)."""
+        data = reference_image(value, "input_reference", self.cfg)
+        try:
+            image = decode_image(data, "input_reference", "the image")
+        except UserError as e:
+            raise APIError(400, str(e), param="input_reference", code="invalid_image_format") from None
+        ext = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}[image_type(data)]
+        return data, ext, (image.shape[1], image.shape[0])
+
+    async def _admit(self, owner: str, spec: ClipSpec, seconds: str, uploads: dict[str, bytes],
+                     remixed_from: str | None = None) -> Job:
+        """Store the request's uploads, record the job (429 when the queue or the key's limit is
+        full) and queue it."""
         values = {k: v for k, v in dataclasses.asdict(spec).items() if k != "passthrough"}
-        job = Job(id=video_id, owner=owner, model=self.model["name"], prompt=spec.prompt, seconds=seconds,
-                  size=size, spec=values, request_sha256=spec.request_sha256(
-                      model_sha256=self.model["weights_sha256"], recaptioner=self.model["recaptioner"]))
+        job = Job(id=spec.id, owner=owner, model=self.model["name"], prompt=spec.prompt, seconds=seconds,
+                  size=f"{spec.width}x{spec.height}", spec=values, remixed_from_video_id=remixed_from,
+                  request_sha256=spec.request_sha256(model_sha256=self.model["weights_sha256"],
+                                                     recaptioner=self.model["recaptioner"]))
+        for uri, data in uploads.items():
+            await asyncio.to_thread(storage.write_bytes_atomic, uri, data)
         try:
             self.store.admit(job, max_queued=self.cfg.max_queued, max_inflight_per_owner=self.cfg.max_inflight_per_key)
         except Rejected as e:
+            if uploads:
+                await asyncio.to_thread(storage.delete, output_uris(self.cfg.out, job.id)["inputs"], recursive=True)
             self.metrics.rejections.labels(reason=e.reason).inc()
             raise APIError(429, str(e), code="rate_limit_exceeded", type="requests",
                            headers={"Retry-After": str(self._retry_after())}) from None
@@ -482,14 +679,14 @@ class VideoAPI:
         recent = sorted(self.recent_render_seconds)
         return min(600, max(1, math.ceil(recent[len(recent) // 2] if recent else 5)))
 
-    def job(self, owner: str, video_id: str) -> Job:
+    def job(self, owner: str, video_id: str, param: str = "video_id") -> Job:
         job = self.store.get(video_id, owner)
         if job is None:
-            raise APIError(404, f"No video found with id '{video_id}'.", param="video_id", code="not_found")
+            raise APIError(404, f"No video found with id '{video_id}'.", param=param, code="not_found")
         return job
 
     def completed(self, owner: str, video_id: str, param: str = "video_id") -> Job:
-        job = self.job(owner, video_id)
+        job = self.job(owner, video_id, param)
         if job.status != "completed":
             raise APIError(400, f"video '{video_id}' is {job.status}; this needs a completed video", param=param,
                            code="video_not_ready")
@@ -507,6 +704,7 @@ class VideoAPI:
         storage.delete(uris["metadata"])  # first: without it the clip no longer counts as rendered
         for kind in ("video", "thumbnail", "spritesheet"):
             storage.delete(uris[kind])
+        storage.delete(uris["inputs"], recursive=True)
 
     # -- dispatcher ----------------------------------------------------------------------------
 
@@ -543,17 +741,24 @@ class VideoAPI:
                     await asyncio.sleep(2 ** attempt)
                     continue
                 code = "render_failed" if isinstance(e, RayTaskError) else "render_unavailable"
-                self.metrics.failures.inc()
-                self.metrics.renders.labels(outcome="failed").inc()
-                self.store.update(job_id, status="failed", progress=0, completed_at=int(time.time()),
-                                  error={"code": code, "message": one_line(getattr(e, "cause", None) or e)})
+                self._fail(job_id, {"code": code, "message": one_line(getattr(e, "cause", None) or e)})
                 return
+        if last.get("failed"):
+            self._fail(job_id, last["failed"])
+            return
         self.metrics.renders.labels(outcome="rendered" if last.get("rendered") else "already_rendered").inc()
         if last.get("rendered"):
             self.metrics.render_seconds.observe(last["seconds"])
             self.recent_render_seconds.append(last["seconds"])
-        if not self.store.update(job_id, status="completed", progress=100, completed_at=int(time.time())):
+        # The clip's length as rendered (an extension or edit of an upload is known exactly only now).
+        seconds = {"seconds": f"{last['frames'] / job.spec['fps']:g}"} if last.get("frames") else {}
+        if not self.store.update(job_id, status="completed", progress=100, completed_at=int(time.time()), **seconds):
             self._delete_outputs(job_id)  # deleted while it rendered
+
+    def _fail(self, job_id: str, error: dict[str, str]) -> None:
+        self.metrics.failures.inc()
+        self.metrics.renders.labels(outcome="failed").inc()
+        self.store.update(job_id, status="failed", progress=0, completed_at=int(time.time()), error=error)
 
     async def _wait_for_renderer(self) -> None:
         while not self.renderer_ready:
@@ -667,13 +872,9 @@ def build_api(api: VideoAPI):
                 fields[key] = value
         return fields
 
-    create_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _CREATE_SCHEMA},
-        "multipart/form-data": {"schema": _CREATE_SCHEMA}}}}
-
-    @app.post("/v1/videos", tags=["videos"], openapi_extra=create_body)
+    @app.post("/v1/videos", tags=["videos"], openapi_extra=_body_schema(_CREATE_SCHEMA))
     async def create_video(request: Request):
-        job = api.create(request.state.owner, await fields_of(request))
+        job = await api.create(request.state.owner, await fields_of(request))
         return JSONResponse(video_object(job), headers=poll)
 
     @app.get("/v1/videos", tags=["videos"])
@@ -711,30 +912,18 @@ def build_api(api: VideoAPI):
 
     @app.post("/v1/videos/{video_id}/remix", tags=["videos"], openapi_extra=_body_schema(_REMIX_SCHEMA))
     async def remix_video(request: Request, video_id: str):
-        fields = await fields_of(request)
-        _check_unknown(fields, ("prompt",))
-        _prompt(fields)
-        api.completed(request.state.owner, video_id)
-        raise not_available("remix")
+        job = await api.remix(request.state.owner, video_id, await fields_of(request))
+        return JSONResponse(video_object(job), headers=poll)
 
     @app.post("/v1/videos/extensions", tags=["videos"], openapi_extra=_body_schema(_EXTEND_SCHEMA))
     async def extend_video(request: Request):
-        fields = await fields_of(request)
-        _check_unknown(fields, ("prompt", "seconds", "video"))
-        _prompt(fields)
-        if "seconds" not in fields:
-            raise APIError(400, "seconds is required", param="seconds")
-        _seconds(fields["seconds"], api.limits)
-        _video_reference(api, request.state.owner, fields)
-        raise not_available("video extension")
+        job = await api.extend(request.state.owner, await fields_of(request))
+        return JSONResponse(video_object(job), headers=poll)
 
     @app.post("/v1/videos/edits", tags=["videos"], openapi_extra=_body_schema(_EDIT_SCHEMA))
     async def edit_video(request: Request):
-        fields = await fields_of(request)
-        _check_unknown(fields, ("prompt", "video"))
-        _prompt(fields)
-        _video_reference(api, request.state.owner, fields)
-        raise not_available("video editing")
+        job = await api.edit(request.state.owner, await fields_of(request))
+        return JSONResponse(video_object(job), headers=poll)
 
     @app.post("/v1/videos/characters", tags=["videos"])
     async def create_character(request: Request):
@@ -743,7 +932,8 @@ def build_api(api: VideoAPI):
         _prompt(fields, "name")
         if not isinstance(fields.get("video"), bytes):
             raise APIError(400, "video is required: an uploaded video file", param="video")
-        raise not_available("characters")
+        raise not_available("characters", "the model has no character conditioning; describe the character in "
+                                          "the prompt, or start from an image with input_reference")
 
     @app.get("/metrics")
     async def metrics():
@@ -767,35 +957,37 @@ def build_api(api: VideoAPI):
     return app
 
 
-def _video_reference(api: VideoAPI, owner: str, fields: dict[str, Any]) -> None:
-    video = fields.get("video")
-    if isinstance(video, bytes):
-        if video[4:8] != b"ftyp":
-            raise APIError(400, "video must be an MP4 file", param="video", code="invalid_video_format")
-        return
-    if not isinstance(video, dict) or not isinstance(video.get("id"), str) or set(video) != {"id"}:
-        raise APIError(400, "video is required: an uploaded video file or an object {\"id\": VIDEO_ID}", param="video")
-    api.completed(owner, video["id"], param="video")
-
-
 _STR = {"type": "string"}
+_EXTRA_PROPERTIES = {  # ours, through the SDK's extra_body
+    "seed": {"type": "integer", "minimum": 0}, "steps": {"type": "integer", "minimum": 1},
+    "guidance": {"type": "number", "minimum": 0}, "negative_prompt": _STR, "blur_faces": {"type": "boolean"}}
+_PROMPT = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
 _CREATE_SCHEMA = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
-    "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}, "model": _STR,
+    "prompt": _PROMPT, "model": _STR,
     "seconds": {"type": "string", "example": "2"}, "size": {"type": "string", "example": "64x64"},
     "input_reference": {"oneOf": [{"type": "string", "format": "binary"}, {
         "type": "object", "properties": {"image_url": _STR, "file_id": _STR}, "additionalProperties": False}]},
-    "seed": {"type": "integer", "minimum": 0}, "steps": {"type": "integer", "minimum": 1},
-    "guidance": {"type": "number", "minimum": 0}, "negative_prompt": _STR}}
-_REMIX_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {"prompt": _STR}}
+    **_EXTRA_PROPERTIES,
+    "shots": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["prompt", "seconds"], "additionalProperties": False,
+        "properties": {"prompt": _STR, "seconds": {"type": "number", "exclusiveMinimum": 0}}}}}}
+_STRENGTH = {"strength": {"type": "number", "minimum": 0, "maximum": 1}}
+_REMIX_SCHEMA = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+    "prompt": _PROMPT, "model": _STR, **_EXTRA_PROPERTIES, **_STRENGTH}}
 _VIDEO_REF = {"oneOf": [{"type": "string", "format": "binary"},
                         {"type": "object", "required": ["id"], "properties": {"id": _STR}}]}
-_EDIT_SCHEMA = {"type": "object", "required": ["prompt", "video"], "properties": {"prompt": _STR, "video": _VIDEO_REF}}
-_EXTEND_SCHEMA = {"type": "object", "required": ["prompt", "seconds", "video"],
-                  "properties": {"prompt": _STR, "seconds": _STR, "video": _VIDEO_REF}}
+_EDIT_SCHEMA = {"type": "object", "required": ["prompt", "video"], "additionalProperties": False, "properties": {
+    "prompt": _PROMPT, "model": _STR, "video": _VIDEO_REF, **_EXTRA_PROPERTIES, **_STRENGTH}}
+_EXTEND_SCHEMA = {"type": "object", "required": ["prompt", "seconds", "video"], "additionalProperties": False,
+                  "properties": {"prompt": _PROMPT, "model": _STR, "seconds": _STR, "video": _VIDEO_REF,
+                                 **_EXTRA_PROPERTIES, "direction": {"type": "string", "enum": ["forward", "backward"]},
+                                 "extension_only": {"type": "boolean"}}}
 
 
 def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    """A request body taken as JSON or as a form (uploads), as the SDKs send them."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}, "multipart/form-data": {"schema": schema}}}}
 
 
 def _add_security(app) -> None:

@@ -219,49 +219,202 @@ def test_auth_health_and_metrics(server):
         assert name in text
 
 
-def test_modes_not_in_this_build_answer_400_after_validating_the_request(server):
+def png(width, height, rgb):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4_frames(data):
+    """The frames of an MP4 as uint8 (T, H, W, 3)."""
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_image_to_video_from_an_upload_and_a_data_url(server):
+    import base64
+
+    import numpy as np
+
+    client = server.sdk()
+    orange = png(96, 64, (230, 120, 20))
+    video = client.videos.create_and_poll(prompt="the ball starts moving", seconds="1",  # no size: the image's
+                                          input_reference=("ref.png", orange, "image/png"),
+                                          extra_body={"steps": 2}, poll_interval_ms=100)
+    assert (video.status, video.size, video.seconds) == ("completed", "96x64", "1")
+    frames = mp4_frames(client.videos.download_content(video.id).read())
+    assert frames.shape == (8, 64, 96, 3)
+    assert np.abs(frames[0].astype(int) - [230, 120, 20]).mean() < 6  # frame 0 is the image (through H.264)
+    meta = metadata(server, video.id)
+    assert meta["mode"] == "i2v" and meta["inputs"]["image"].startswith(storage.join(server.cfg.out, "inputs", video.id))
+
+    url = "data:image/png;base64," + base64.b64encode(png(300, 200, (20, 40, 200))).decode()
+    r = server.http().post("/v1/videos", json={"prompt": "a blue field", "size": "64x64", "seconds": "1",
+                                               "input_reference": {"image_url": url}, **QUICK})
+    assert r.status_code == 200, r.text
+    done = wait_done(server, r.json()["id"])
+    assert (done["status"], done["size"]) == ("completed", "64x64")
+    first = mp4_frames(server.sdk().videos.download_content(done["id"]).read())[0]
+    assert np.abs(first.astype(int) - [20, 40, 200]).mean() < 6  # 300x200 cropped to the middle, resized
+
+    client.videos.delete(video.id)  # the upload goes with the video
+    assert not storage.exists(meta["inputs"]["image"])
+
+
+def test_remix_edit_and_extend_a_stored_or_uploaded_video(server):
+    import numpy as np
+
     client, http = server.sdk(), server.http()
-    with pytest.raises(openai.BadRequestError) as e:  # multipart upload, as the SDK sends it
-        client.videos.create(prompt="the ball starts moving", size="64x64", seconds="2",
-                             input_reference=("ref.png", PNG, "image/png"))
-    assert e.value.body["code"] == "mode_not_available" and "not available in this build" in e.value.body["message"]
+    source = client.videos.create_and_poll(prompt="a red ball moves right", seconds="1", size="64x64",
+                                           extra_body={"steps": 2, "seed": 3}, poll_interval_ms=100)
+    mp4 = client.videos.download_content(source.id).read()
+    source_frames = mp4_frames(mp4)
+
+    remix = client.videos.remix(source.id, prompt="a red ball moves right on a green floor",
+                                extra_body={"steps": 2, "strength": 0.6})
+    assert remix.remixed_from_video_id == source.id
+    remix = client.videos.poll(remix.id, poll_interval_ms=100)
+    assert (remix.status, remix.size, remix.seconds) == ("completed", "64x64", "1")
+    assert metadata(server, remix.id)["mode"] == "remix"
+    assert mp4_frames(client.videos.download_content(remix.id).read()).shape == source_frames.shape
+
+    # an edit at strength 0 keeps the video (one more watermark and H.264 pass: unrelated clips differ by ~30+)
+    r = http.post("/v1/videos/edits", json={"prompt": "the same", "video": {"id": source.id}, "strength": 0})
+    assert r.status_code == 200 and r.json()["remixed_from_video_id"] == source.id
+    kept = mp4_frames(client.videos.download_content(wait_done(server, r.json()["id"])["id"]).read())
+    assert kept.shape == source_frames.shape and np.abs(kept.astype(int) - source_frames).mean() < 6
+
+    # the SDK uploads the clip (multipart); the result is the clip plus the new second
+    longer = client.videos.extend(prompt="and then it keeps rolling", seconds="1",
+                                  video=("clip.mp4", mp4, "video/mp4"), extra_body={"steps": 2})
+    assert longer.seconds == "2" and longer.remixed_from_video_id is None
+    longer = client.videos.poll(longer.id, poll_interval_ms=100)
+    assert (longer.status, longer.seconds) == ("completed", "2")
+    frames = mp4_frames(client.videos.download_content(longer.id).read())
+    assert frames.shape == (16, 64, 64, 3)
+    assert np.abs(frames[:8].astype(int) - source_frames).mean() < 6  # the clip itself opens it
+    meta = metadata(server, longer.id)
+    assert (meta["mode"], meta["direction"]) == ("extend", "forward")
+
+    r = http.post("/v1/videos/extensions", json={"prompt": "before that", "seconds": "1", "video": {"id": source.id},
+                                                 "direction": "backward", "extension_only": True, **QUICK})
+    assert r.status_code == 200 and r.json()["seconds"] == "1"
+    done = wait_done(server, r.json()["id"])
+    assert (done["status"], done["seconds"]) == ("completed", "1")
+    assert probe_mp4(client.videos.download_content(done["id"]).read())["frames"] == 8
+
+
+def test_mode_requests_are_checked_before_they_are_queued(server):
+    client, http = server.sdk(), server.http()
     with pytest.raises(openai.BadRequestError) as e:
         client.videos.create(prompt="p", input_reference=("ref.txt", b"hello", "text/plain"))
     assert e.value.body["code"] == "invalid_image_format"
+    with pytest.raises(openai.BadRequestError) as e:  # a PNG signature, then nothing decodable
+        client.videos.create(prompt="p", input_reference=("ref.png", PNG, "image/png"))
+    assert e.value.body["code"] == "invalid_image_format" and "the image is not a PNG" in e.value.body["message"]
     for padding, code in ((80 << 10, "file_too_large"), (400 << 10, "request_too_large")):  # limit: 64 KiB
         r = http.post("/v1/videos", files={"input_reference": ("big.png", PNG + b"\0" * padding, "image/png")},
                       data={"prompt": "p"})
         assert (r.status_code, r.json()["error"]["code"]) == (413, code)
-    r = http.post("/v1/videos", json={"prompt": "p", "input_reference": {"image_url": "data:image/png;base64,aGk="}})
-    assert r.json()["error"]["code"] == "invalid_image_format"
-    r = http.post("/v1/videos", json={"prompt": "p", "input_reference": {"image_url": "https://example.com/a.png"}})
-    assert (r.status_code, r.json()["error"]["code"]) == (400, "mode_not_available")
+    for reference, code, words in [
+        ({"image_url": "data:image/png;base64,aGk="}, "invalid_image_format", "PNG, JPEG or WebP"),
+        ({"image_url": "http://127.0.0.1:9/a.png"}, "invalid_url", "private or local address"),
+        ({"image_url": "ftp://example.com/a.png"}, None, "http(s) URL"),
+        ({"file_id": "file_123"}, "unsupported_value", "no Files API"),
+    ]:
+        r = http.post("/v1/videos", json={"prompt": "p", "input_reference": reference})
+        error = r.json()["error"]
+        assert (r.status_code, error["code"], error["param"]) == (400, code, "input_reference"), error
+        assert words in error["message"]
 
-    done = client.videos.list(limit=1).data[0]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.videos.remix(done.id, prompt="now in blue")
-    assert e.value.body["code"] == "mode_not_available"
+    done = client.videos.retrieve(wait_done(server, create(server)["id"])["id"])
     with pytest.raises(openai.NotFoundError):
         client.videos.remix("video_nope", prompt="x")
-    mp4 = client.videos.download_content(done.id).read()
-    with pytest.raises(openai.BadRequestError) as e:  # the SDK uploads the video (multipart)
-        client.videos.extend(prompt="and then", seconds="2", video=("clip.mp4", mp4, "video/mp4"))
-    assert e.value.body["code"] == "mode_not_available"
     with pytest.raises(openai.BadRequestError) as e:
         client.videos.edit(prompt="brighter", video=("clip.mp4", b"not an mp4 at all", "video/mp4"))
     assert e.value.body["code"] == "invalid_video_format"
-    for path, body, status, field in [  # a reference to a stored video (JSON)
-        ("/v1/videos/extensions", {"prompt": "and then", "seconds": "2", "video": {"id": done.id}}, 400, "code"),
-        ("/v1/videos/extensions", {"prompt": "and then", "seconds": "3.3", "video": {"id": done.id}}, 400, "seconds"),
-        ("/v1/videos/edits", {"prompt": "brighter", "video": {"id": done.id}}, 400, "code"),
-        ("/v1/videos/edits", {"prompt": "brighter", "video": {"id": "video_nope"}}, 404, "not_found"),
-        ("/v1/videos/edits", {"prompt": "brighter"}, 400, "video"),
+    with pytest.raises(openai.BadRequestError) as e:  # an MP4 box, then nothing ffmpeg can read
+        client.videos.edit(prompt="brighter", video=("clip.mp4", b"\0\0\0\x18ftypisom" + b"\0" * 64, "video/mp4"))
+    assert e.value.body["code"] == "invalid_video_format" and "not a readable video" in e.value.body["message"]
+    for path, body, status, param, code in [
+        ("/v1/videos/extensions", {"prompt": "and then", "video": {"id": done.id}}, 400, "seconds", None),
+        ("/v1/videos/extensions", {"prompt": "and then", "seconds": "3.3", "video": {"id": done.id}}, 400,
+         "seconds", "invalid_value"),
+        ("/v1/videos/extensions", {"prompt": "and then", "seconds": "1", "video": {"id": done.id},
+                                   "direction": "sideways"}, 400, "direction", "invalid_value"),
+        ("/v1/videos/edits", {"prompt": "brighter", "video": {"id": done.id}, "strength": 2}, 400, "strength",
+         "invalid_value"),
+        ("/v1/videos/edits", {"prompt": "brighter", "video": {"id": "video_nope"}}, 404, "video", "not_found"),
+        ("/v1/videos/edits", {"prompt": "brighter"}, 400, "video", None),
+        (f"/v1/videos/{done.id}/remix", {"prompt": "x", "fps": 3}, 400, "fps", "unknown_parameter"),
+        ("/v1/videos", {"prompt": "x", "seconds": "2", "shots": [{"prompt": "a", "seconds": 1}]}, 400, "shots", None),
     ]:
         r = http.post(path, json=body)
         error = r.json()["error"]
-        assert r.status_code == status and field in (error["param"], error["code"] and "code", error["code"]), error
-        if field == "code":
-            assert error["code"] == "mode_not_available"
+        assert (r.status_code, error["param"], error["code"]) == (status, param, code), (path, body, error)
+    r = http.post("/v1/videos/characters", files={"video": ("c.mp4", b"\0\0\0\x18ftypisom", "video/mp4")},
+                  data={"name": "Ava"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "mode_not_available")
+
+
+def test_a_storyboard_and_a_refused_prompt(server):
+    http = server.http()
+    r = http.post("/v1/videos", json={"prompt": "two shots", "size": "64x64", "shots": [
+        {"prompt": "a red ball moves right", "seconds": 1}, {"prompt": "the ball turns blue", "seconds": 1}], **QUICK})
+    assert r.status_code == 200 and r.json()["seconds"] == "2"
+    assert wait_done(server, r.json()["id"])["status"] == "completed"
+    assert metadata(server, r.json()["id"])["mode"] == "storyboard"
+
+    r = http.post("/v1/videos", json={"prompt": "a red circle dripping with gore", **QUICK})
+    assert r.status_code == 200  # the gate runs where the caption is made, as in the batch job
+    failed = wait_done(server, r.json()["id"])
+    assert (failed["status"], failed["error"]["code"]) == ("failed", "moderation_blocked")
+    assert failed["error"]["message"].startswith("blocked by policy: ")
+
+
+def test_image_urls_are_fetched_within_limits(tmp_path):
+    import http.server
+    import threading
+
+    from pipeline.serve import APIError, fetch_url
+
+    image = png(8, 8, (1, 2, 3))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "/a.png")
+                self.end_headers()
+                return
+            body = image if self.path == "/a.png" else b"x" * 5000
+            self.send_response(200 if self.path != "/missing" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        fetch = lambda path, **kw: fetch_url(base + path, "input_reference", max_bytes=4096, timeout_s=5, **kw)
+        assert fetch("/a.png", allow_private=True) == image
+        assert fetch("/hop", allow_private=True) == image  # a redirect is followed, its target checked
+        for path, allow, words in [("/a.png", False, "private or local address"), ("/big", True, "larger than 4096"),
+                                   ("/missing", True, "HTTP 404")]:
+            with pytest.raises(APIError) as e:
+                fetch(path, allow_private=allow)
+            assert e.value.status == 400 and words in e.value.message
+    finally:
+        httpd.shutdown()
 
 
 def test_an_accepted_job_survives_a_restart_and_renders_once(server):
@@ -357,3 +510,14 @@ def test_fuzz_no_server_errors(server):
 
         check()
     assert len(calls) >= 30 and any(c >= 400 for c in calls)
+
+
+def test_config_from_the_environment():
+    from pipeline.serve import ServeConfig, key_hash
+
+    cfg = ServeConfig.from_env({"REELFORGE_MAX_QUEUED": "5", "REELFORGE_ALLOW_PRIVATE_URLS": "true",
+                                "REELFORGE_OUT": "s3://bucket/online", "REEL_API_KEYS": "a, b,"})
+    assert (cfg.max_queued, cfg.allow_private_urls, cfg.out) == (5, True, "s3://bucket/online")
+    assert cfg.api_key_sha256 == tuple(sorted(key_hash(k) for k in "ab"))
+    assert ServeConfig.from_env({"REELFORGE_ALLOW_PRIVATE_URLS": "0"}).allow_private_urls is False
+    assert ServeConfig.from_env({}, max_queued=9).max_queued == 9
