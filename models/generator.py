@@ -8,6 +8,13 @@
 Each request is sampled on its own with noise from a CPU generator seeded by its seed, so a
 request gives the same frames on the same machine whatever else is in the batch. On CUDA the DiT
 and VAE run under bf16 autocast; on CPU everything is fp32.
+
+One model spread over a process group (sp x tp x cfg ranks, `models/parallel.py`) is the same
+generator with a parallel DiT, sampler and decode (`ParallelVideoGenerator`): every rank of the
+group calls `generate` with the same requests and every rank gets the same frames back.
+
+    init_distributed(rank, world, master_addr, master_port)           # one process per rank
+    gen = load_generator("default", parallel=ParallelConfig(sp=2))    # in each rank's process
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.config import ConfigError, ModelConfig, load_config
+from models.config import ConfigError, ModelConfig, ParallelConfig, load_config
 from models.interface import GridLimits, ModelInfo, RenderOutput, RenderRequest
 from models.sampler import FlowMatchSampler
 from models.text import TextEncoder
@@ -157,13 +164,16 @@ class DiffusionVideoGenerator:
                 init_latents=init, strength=r.strength if remix else 1.0,
             )
         t2 = self._now()
-        with self._autocast():
-            video = self.vae.decode(latents)  # (1, 3, T, H, W), about [-1, 1]
-        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+        frames = self.decode_frames(latents)
         timings["sample"] += t2 - t1
         timings["decode"] += self._now() - t2
         return frames
+
+    def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 frames (T, H, W, 3) of one window's latents (1, C, T', H', W')."""
+        with self._autocast():
+            video = self.vae.decode(latents)  # (1, 3, T, H, W), about [-1, 1]
+        return video_to_frames(video).cpu().numpy()
 
     def encode_conditioning(self, r: RenderRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Latents and latent-frame mask (1, T') of a request's given frames; (None, None) if none.
@@ -197,6 +207,59 @@ class DiffusionVideoGenerator:
         return time.perf_counter()
 
 
+class ParallelVideoGenerator(DiffusionVideoGenerator):
+    """One rank of a generator spread over a process group: the sp x tp x cfg layout of
+    `models/parallel.py` (USP attention, Megatron TP, CFG on two ranks) and a tiled VAE decode whose
+    tiles are spread over the ranks.
+
+    The process must have joined the group first (`models.parallel.init_distributed`); `group` is
+    the replica's process group (None: the default world). Every rank calls `generate` with the
+    same requests, in the same order, and every rank gets the same frames back: rank 0 of the
+    group decodes (with the other ranks' tiles) and broadcasts each window's frames, which the
+    next window of a long clip is conditioned on. A layout that cannot work with the model is
+    refused here, before any request (`ParallelConfigError`, one line).
+    """
+
+    #: latent frames per decode chunk and latent pixels per decode tile side; tiles overlap by twice
+    #: the decoder's receptive radius + 1, which makes the tiled decode the plain one (to rounding)
+    DECODE_TILE = (4, 64, 64)
+
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig, group=None,
+                 device: torch.device | str | None = None):
+        from models.parallel import ParallelSampler, build_mesh, check_layout, parallelize
+        from models.vae import decoder_receptive_field
+
+        check_layout(parallel, config.dit, guidance=config.sampler.guidance)  # before loading weights
+        super().__init__(config, device)
+        self.mesh = build_mesh(parallel, config.dit, group=group, guidance=config.sampler.guidance)
+        self.dit = parallelize(self.dit, self.mesh)
+        s = config.sampler
+        self.sampler = ParallelSampler(self.mesh, s.steps, s.guidance, s.shift)
+        self.decode_overlap = 2 * decoder_receptive_field(self.vae.decoder)[1] + 1
+
+    def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
+        """The tiled decode spread over the group (video on rank 0), then broadcast to every rank."""
+        import torch.distributed as dist
+
+        group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
+        with self._autocast():
+            video = self.vae.decode_tiled(latents, tile=self.DECODE_TILE, overlap=self.decode_overlap, group=group)
+        if video is not None:  # rank 0
+            frames = video_to_frames(video).contiguous()
+        else:
+            _, _, t, h, w = latents.shape
+            fs, ft = self.vae.spatial_compression, self.vae.temporal_compression
+            frames = torch.empty(t * ft, h * fs, w * fs, 3, dtype=torch.uint8, device=self.device)
+        dist.broadcast(frames, group=group, group_src=0)
+        return frames.cpu().numpy()
+
+
+def video_to_frames(video: torch.Tensor) -> torch.Tensor:
+    """The VAE's output (1, 3, T, H, W), about [-1, 1], as uint8 frames (T, H, W, 3) on its device."""
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0)
+
+
 def window_seed(seed: int, window: int) -> int:
     """The noise seed of a request's `window`-th window (the first uses the request's own seed)."""
     return seed if window == 0 else (seed + window * 0x9E3779B97F4A7C15) % 2**63
@@ -209,14 +272,19 @@ def pixels_to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
-                   num_threads: int | None = None) -> DiffusionVideoGenerator:
+                   num_threads: int | None = None, parallel: ParallelConfig | None = None,
+                   group=None) -> DiffusionVideoGenerator:
     """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig).
 
     `num_threads` sets torch's intra-op threads for this process (CPU rendering).
+    `parallel`: this process is one rank of a group running that layout, over `group` (None: the
+    default world, already initialised): a `ParallelVideoGenerator`.
     """
     if num_threads:
         torch.set_num_threads(int(num_threads))
     config = spec if isinstance(spec, ModelConfig) else load_config(spec)
+    if parallel is not None:
+        return ParallelVideoGenerator(config, parallel, group=group, device=device)
     return DiffusionVideoGenerator(config, device=device)
 
 

@@ -29,6 +29,13 @@ Under OUT: videos/{id}.mp4 (images/{id}.png for stills), thumbnails/{id}.jpg, me
 (Parquet, one row per clip), errors/ (Parquet: row, id, stage, reason for each row that failed
 in this run, e.g. stage safety: "blocked by policy: <category>") and run.json.
 
+One replica over several devices: --sp, --tp and --cfg-parallel (default: the model config's
+parallel section) spread each render replica over sp x tp x cfg ranks, a group of Ray actors in a
+placement group of one bundle per rank (1 GPU + 1 CPU with GPUs, NCCL; without GPUs, gloo and the
+replica's --cpus-per-replica split over the ranks), packed onto as few nodes as hold it; rank 0
+returns the frames. Replicas: GPUs / (sp x tp x cfg), or one without GPUs. A layout the model
+cannot take (tp not dividing the heads, cfg with guidance 1, ...) is refused before Ray starts.
+
 Exit status: 0 every row rendered or skipped as already done; 3 some rows failed (the others
 are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written).
 """
@@ -81,12 +88,16 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recaptioner", metavar="NAME", help="recaptioner (default: the model's own, else 'plain')")
     p.add_argument("--replicas", type=int, metavar="N",
                         help="render replicas (default: one per GPU; without GPUs, one per CPU core / --threads)")
-    p.add_argument("--gpus-per-replica", type=float, metavar="G", help="GPUs per render replica (default: 1 if the cluster has GPUs)")
+    p.add_argument("--gpus-per-replica", type=float, metavar="G",
+                   help="GPUs per render replica (default: 1 if the cluster has GPUs; 1 per rank of a "
+                        "--sp/--tp/--cfg-parallel group)")
     p.add_argument("--cpus-per-replica", type=float, metavar="C",
-                   help="CPUs a render replica reserves in Ray (default: 1 with GPUs, 0.5 without)")
+                   help="CPUs a render replica reserves in Ray (default: 1 with GPUs, 0.5 without; a "
+                        "group's are split over its ranks, 1 per rank with GPUs)")
     p.add_argument("--threads", type=int, metavar="T",
-                   help="torch threads per replica (default: 1 on CPU; raise it for big models, "
-                        "fewer replicas use less memory)")
+                   help="torch threads per replica, or per rank of a group (default: 1 on CPU; raise it "
+                        "for big models, fewer replicas use less memory)")
+    _add_parallel_options(p)
     p.add_argument("--policy", metavar="FILE|URI|none",
                    help="safety policy (JSON/YAML, see docs/SAFETY.md) checked on every prompt and caption "
                         "before sampling; blocked rows land in errors/ (default: the shipped policy; "
@@ -107,7 +118,7 @@ def _render(args: argparse.Namespace) -> int:
         address=args.address, limit=args.limit, resume=args.resume, replicas=args.replicas,
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
-        blur_faces=args.blur_faces,
+        blur_faces=args.blur_faces, parallel=_parallel_overrides(args),
     )
     try:
         summary = render_manifest(cfg)
@@ -122,6 +133,25 @@ def _render(args: argparse.Namespace) -> int:
     if len(summary.errors) > 10:
         print(f"  … {len(summary.errors) - 10} more in {args.out}/errors/", file=sys.stderr)
     return summary.exit_code
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """--sp / --tp / --cfg-parallel: one render replica over a group of ranks (reel render, reel serve)."""
+    p.add_argument("--sp", type=int, metavar="N",
+                   help="sequence parallelism: each replica's tokens split over N ranks (Ulysses x ring "
+                        "attention; N may exceed the heads) (default: the model config's parallel.sp, 1)")
+    p.add_argument("--tp", type=int, metavar="N",
+                   help="tensor parallelism: each replica's heads and MLP split over N ranks; N must divide "
+                        "the heads and widths (default: the model config's parallel.tp, 1)")
+    p.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the conditional and unconditional passes of guidance on two ranks (needs "
+                        "guidance != 1) (default: the model config's parallel.cfg)")
+
+
+def _parallel_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """--sp / --tp / --cfg-parallel as overrides of the model config's parallel section."""
+    cfg = None if args.cfg_parallel is None else (2 if args.cfg_parallel else 1)
+    return {k: v for k, v in (("sp", args.sp), ("tp", args.tp), ("cfg", cfg)) if v is not None}
 
 
 CAMPAIGN_HELP = """\
@@ -293,6 +323,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-inflight-per-key", type=int, metavar="N",
                    help="queued + rendering videos per API key before 429 (default: 8)")
     p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest request body / upload (default: 10)")
+    _add_parallel_options(p)
     p.add_argument("--allow-private-urls", action="store_true", default=None,
                    help="fetch input_reference image_urls that resolve to private, loopback or link-local "
                         "addresses (default: refused; set it only where clients are trusted)")
@@ -304,7 +335,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
-        "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls")}
+        "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls",
+        "sp", "tp", "cfg_parallel")}
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:

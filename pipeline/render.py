@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from models.config import ParallelConfig
 from models.interface import GridLimits
 from pipeline import storage
 from pipeline.errors import one_line
@@ -55,6 +56,10 @@ class RenderConfig:
     progress: bool = True
     policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
     blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
+    # the layout of a render replica over several devices: "sp", "tp", "cfg" (1 or 2) given here
+    # override the model config's `parallel` section; more than one rank makes each replica a
+    # group of Ray actors, one per rank (pipeline/replica.py)
+    parallel: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +99,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
     recaptioner = cfg.recaptioner or model_recaptioner or "plain"
     _check_recaptioner(recaptioner)
+    layout = render_layout(cfg)
     _check_policy(cfg.policy)
     try:
         c2pa = c2pa_config_from_env()  # the driver's REEL_C2PA_* settings, handed to the writers
@@ -120,19 +126,41 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
         items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
         stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items),
-                              inputs_limits=limits if any(_has_media(s) for s in todo) else None, c2pa=c2pa)
-        for row in _stream(items, stages, cfg):
-            if row.get("error"):
-                summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
-            else:
-                summary.rendered += 1
+                              inputs_limits=limits if any(_has_media(s) for s in todo) else None, c2pa=c2pa,
+                              layout=layout)
+        try:
+            for row in _stream(items, stages, cfg):
+                if row.get("error"):
+                    summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
+                else:
+                    summary.rendered += 1
+        finally:
+            if layout.world_size > 1:  # the render actors' placement groups outlive them
+                from pipeline.replica import remove_placement_groups
+
+                remove_placement_groups(render_placement_prefix(run_id))
 
     summary.failed = len(summary.errors)
     summary.exit_code = EXIT_ROWS_FAILED if summary.failed else EXIT_OK
     summary.wall_seconds = time.perf_counter() - t_start
     _write_errors(cfg.out, summary)
-    _write_run_json(cfg, summary, started, model, recaptioner)
+    _write_run_json(cfg, summary, started, model, recaptioner, layout)
     return summary
+
+
+def render_layout(cfg: RenderConfig) -> ParallelConfig:
+    """The render replicas' layout (the model's, overridden by `cfg.parallel`); a layout that cannot
+    work is a UsageError (one line), raised before Ray starts."""
+    from models.parallel import ParallelConfigError
+    from pipeline.replica import replica_layout
+
+    unknown = sorted(set(cfg.parallel) - {"sp", "tp", "cfg"})
+    if unknown:
+        raise UsageError(f"unknown parallel degree(s) {', '.join(unknown)} (allowed: sp, tp, cfg)")
+    try:
+        return replica_layout(cfg.model, **cfg.parallel)
+    except ParallelConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _has_media(spec: ClipSpec) -> bool:
@@ -141,7 +169,7 @@ def _has_media(spec: ClipSpec) -> bool:
 
 def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str,
                  clips: int | None = None, inputs_limits: GridLimits | None = None,
-                 c2pa: C2paConfig | None = None) -> list[Stage]:
+                 c2pa: C2paConfig | None = None, layout: ParallelConfig | None = None) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
     The inputs stage (reading and fitting the rows' pictures and clips) is there when
@@ -152,23 +180,47 @@ def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run
     2-core machine, two 1-thread replicas render 1.3x the clips per second of one 2-thread
     replica: a small DiT's ops are too short for two threads to share well, and any other
     process on the machine stalls a multi-threaded replica at every op.
+
+    A `layout` of more than one rank makes each replica a group (pipeline/replica.py): the render
+    actor reserves `HOST_CPUS` and no GPU and starts its ranks in a placement group of its own,
+    one bundle per rank holding the replica's CPUs and GPUs (1 GPU + 1 CPU a rank with GPUs;
+    without, the replica's 0.5 CPU split over them), named after the run and the actor. One
+    replica per `world` GPUs, or one without GPUs: a CPU group already runs a process per rank.
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
-    gpus_per_replica = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (1 if gpus else 0)
+    world = layout.world_size if layout is not None else 1
+    gpus_per_replica = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (world if gpus else 0)
     threads = cfg.threads_per_replica if cfg.threads_per_replica is not None else (None if gpus_per_replica else 1)
-    cpus_per_replica = cfg.cpus_per_replica if cfg.cpus_per_replica is not None else (1.0 if gpus_per_replica else 0.5)
+    cpus_per_replica = cfg.cpus_per_replica if cfg.cpus_per_replica is not None else (
+        float(world) if gpus_per_replica else 0.5)
     if cfg.replicas:
         replicas = cfg.replicas
     elif gpus_per_replica:
         replicas = max(1, int(gpus // gpus_per_replica))
     else:
-        replicas = max(1, int(resources.get("CPU", 1) // threads))
+        replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
     if clips:
         replicas = min(replicas, clips)
+    render = {"model": cfg.model, "num_threads": threads}
+    render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    if world > 1:  # the ranks reserve the devices; the render actor only drives them
+        from pipeline.replica import HOST_CPUS, layout_name, rank_bundle
+
+        try:
+            bundle = rank_bundle(world, bool(gpus_per_replica), cpus_per_replica, gpus_per_replica)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        short = [k for k, v in bundle.items() if v * world > resources.get(k, 0)]
+        if short:
+            raise UsageError(f"a render replica of {world} ranks ({layout_name(layout)}) needs "
+                             + ", ".join(f"{bundle[k] * world:g} {k}" for k in short) + "; the Ray cluster has "
+                             + ", ".join(f"{resources.get(k, 0):g} {k}" for k in short))
+        render.update(parallel=layout, rank_bundle=bundle, placement_prefix=render_placement_prefix(run_id))
+        render_resources = {"num_cpus": HOST_CPUS, "num_gpus": 0}
     # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
     # Ray Data's own read and output tasks and the job deadlocks (see shared/STACK.md).
     light = {"num_cpus": 0.25}
@@ -177,15 +229,21 @@ def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run
         Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": cfg.policy},
               {"compute": ActorPoolStrategy(size=1), **light}),
         *(inputs if inputs_limits is not None else []),
-        Stage(RenderUDF, {"model": cfg.model, "num_threads": threads},
+        Stage(RenderUDF, render,
               {"compute": ActorPoolStrategy(min_size=1, max_size=replicas, initial_size=replicas), "batch_size": 1,
                # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
-               # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
-               "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}),
+               # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools);
+               # a group replica comes back into its placement group and starts its ranks again.
+               **render_resources}),
         Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id, "blur_faces": cfg.blur_faces,
                          "c2pa": c2pa},
               {"compute": ActorPoolStrategy(size=1), **light}),
     ]
+
+
+def render_placement_prefix(run_id: str) -> str:
+    """The name prefix of a run's render placement groups (one per group replica)."""
+    return f"reelforge-render-{run_id}-"
 
 
 def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig):
@@ -236,7 +294,8 @@ def _write_errors(out: str, summary: RunSummary) -> None:
             storage.delete(storage.join(prefix, name))
 
 
-def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime, model: dict, recaptioner: str) -> None:
+def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime, model: dict, recaptioner: str,
+                    layout: ParallelConfig) -> None:
     versions = {}
     for dist in ("reelforge", "ray", "torch", "deepspeed", "transformers", "pyarrow"):
         try:
@@ -252,6 +311,7 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
         "exit_code": summary.exit_code,
         "model": model,
         "recaptioner": recaptioner,
+        "parallel": asdict(layout),  # the replicas' layout, the model's and cfg.parallel's together
         "config": asdict(cfg),
         "versions": versions,
         "started_at": started.isoformat(),

@@ -113,6 +113,10 @@ class ServeConfig:
     cpus_per_replica: float = 0.5
     gpus_per_replica: float = 0.0
     threads_per_replica: int | None = 1  # torch threads per render replica (None: torch's default)
+    # One render replica over several devices (pipeline/replica.py); None: the model config's `parallel`
+    sp: int | None = None  # sequence-parallel ranks
+    tp: int | None = None  # tensor-parallel ranks
+    cfg_parallel: bool | None = None  # guidance's two passes on two ranks
     ingress_cpus: float = 0.1
     max_queued: int = 64  # jobs waiting for a render slot; beyond: 429
     max_inflight_per_key: int = 8  # queued + in-progress jobs per API key; beyond: 429
@@ -137,6 +141,13 @@ class ServeConfig:
             return os.path.join(self.out, ".serve", "jobs.sqlite")
         return os.path.expanduser("~/.reelforge/jobs.sqlite")
 
+    def layout(self):
+        """The render replica's parallel layout (`ParallelConfigError` when it cannot work)."""
+        from pipeline.replica import replica_layout
+
+        return replica_layout(self.model, sp=self.sp, tp=self.tp,
+                              cfg=None if self.cfg_parallel is None else 2 if self.cfg_parallel else 1)
+
     def recaptioner_for(self, model_recaptioner: str | None) -> str:
         """The recaptioner spec: the configured one, else the model's own, else "plain"."""
         return self.recaptioner or model_recaptioner or "plain"
@@ -157,7 +168,7 @@ class ServeConfig:
             if raw is None or f.name == "api_key_sha256":
                 continue
             kind = str(f.type)
-            if kind == "bool":
+            if kind.startswith("bool"):
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
                 continue
             values[f.name] = (int(raw) if "int" in kind else float(raw) if "float" in kind else raw) if raw != "" else None
@@ -426,7 +437,7 @@ class Renderer:
         from pipeline.stages import ClipWriter, InputsUDF, RecaptionUDF, RenderUDF
 
         self.out = cfg.out
-        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica)
+        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
         generator = self.renderer.generator
         self.recaptioner = RecaptionUDF(cfg.recaptioner_for(generator.config.recaptioner))
         self.inputs = InputsUDF(generator.limits)
@@ -1010,16 +1021,22 @@ def _add_security(app) -> None:
 
 
 def build_app(cfg: ServeConfig):
-    """The bound Serve application: VideoAPI → Renderer, resources and replicas from `cfg`
-    (binding loads nothing: the model is described and loaded in the replicas)."""
+    """The bound Serve application: VideoAPI → Renderer, resources and replicas from `cfg` (binding
+    reads the model's config for its parallel layout; the weights load in the replicas). A render
+    replica over several ranks is deployed with a placement group: the replica in bundle 0, its
+    rank actors in the others (`pipeline.replica.replica_deployment_options`)."""
+    from pipeline.replica import replica_deployment_options
+
     scaling: dict[str, Any] = {"num_replicas": cfg.replicas}
     if cfg.max_replicas:
         scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas or 1, "max_replicas": cfg.max_replicas,
                                           "target_ongoing_requests": 1}}
-    renderer = Renderer.options(
-        **scaling, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-    ).bind(cfg)
+    layout = cfg.layout()
+    group, use_gpus = layout.world_size > 1, cfg.gpus_per_replica > 0
+    resources = replica_deployment_options(
+        cfg.model, layout, use_gpus=use_gpus, cpus_per_replica=None if group and use_gpus else cfg.cpus_per_replica,
+        gpus_per_replica=None if group else cfg.gpus_per_replica)
+    renderer = Renderer.options(**scaling, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s, **resources).bind(cfg)
     return VideoAPI.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(cfg, renderer)
 
 
@@ -1031,6 +1048,7 @@ def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
 
     try:
         check_recaptioner_spec(cfg.recaptioner_for(describe_model(cfg.model)[2]))
+        cfg.layout()
     except Exception as e:
         raise UsageError(f"cannot serve model {cfg.model!r}: {one_line(e)}") from None
     init_ray(address)

@@ -162,12 +162,31 @@ class InputsUDF:
 
 
 class RenderUDF:
-    """caption (+ inputs) → frames, on a render replica (GPU actors, or CPU actors where there are none)."""
+    """caption (+ inputs) → frames, on a render replica (GPU actors, or CPU actors where there are none).
 
-    def __init__(self, model: str, num_threads: int | None = None):
-        from models.generator import load_generator  # torch loads in the actor, not the driver
+    `parallel`: the replica's layout (models.config.ParallelConfig). More than one rank makes the
+    replica a group of Ray actors, one per rank, that this actor drives (`pipeline.replica`); one
+    rank, or None, runs the model in this actor. `rank_bundle`: what each rank reserves. The
+    group's placement group is named `placement_prefix` + this actor's id when a prefix is given,
+    so that the actor, restarted by Ray, finds it again (and the driver removes a run's groups by
+    the prefix when the run ends); inside a placement group already (Serve), that one is used.
+    """
 
-        self.generator = load_generator(model, num_threads=num_threads)
+    def __init__(self, model: str, num_threads: int | None = None, parallel=None,
+                 rank_bundle: dict[str, float] | None = None, placement_prefix: str | None = None):
+        if parallel is not None and parallel.world_size > 1:
+            import ray
+
+            from pipeline.replica import ModelParallelReplica
+
+            actor = ray.get_runtime_context().get_actor_id()
+            name = f"{placement_prefix}{actor}" if placement_prefix and actor else None
+            self.generator = ModelParallelReplica(model, parallel, rank_bundle=rank_bundle, num_threads=num_threads,
+                                                  placement_name=name)
+        else:
+            from models.generator import load_generator  # torch loads in the actor, not the driver
+
+            self.generator = load_generator(model, num_threads=num_threads)
 
     def render_row(self, row: dict[str, Any]) -> None:
         frames, timings, shots = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
