@@ -150,8 +150,10 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 def _parallel_overrides(args: argparse.Namespace) -> dict[str, int]:
     """--sp / --tp / --cfg-parallel as overrides of the model config's parallel section."""
-    cfg = None if args.cfg_parallel is None else (2 if args.cfg_parallel else 1)
-    return {k: v for k, v in (("sp", args.sp), ("tp", args.tp), ("cfg", cfg)) if v is not None}
+    from pipeline.replica import cfg_degree
+
+    overrides = (("sp", args.sp), ("tp", args.tp), ("cfg", cfg_degree(args.cfg_parallel)))
+    return {k: v for k, v in overrides if v is not None}
 
 
 CAMPAIGN_HELP = """\

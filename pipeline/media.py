@@ -79,12 +79,6 @@ def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(fitted, dtype=np.uint8).copy()
 
 
-def probe_size(data: bytes, column: str, uri: str) -> tuple[int, int]:
-    """(width, height) of a clip's first video stream."""
-    width, height, _ = probe_video(data, column, uri)
-    return width, height
-
-
 def probe_video(data: bytes, column: str, uri: str) -> tuple[int, int, float]:
     """(width, height, duration in seconds) of a clip's first video stream (the duration as the
     container states it; 0.0 when it states none)."""

@@ -57,6 +57,11 @@ def layout_name(layout: ParallelConfig) -> str:
     return f"sp={layout.sp} x tp={layout.tp} x cfg={layout.cfg}"
 
 
+def cfg_degree(cfg_parallel: bool | None) -> int | None:
+    """--cfg-parallel / --no-cfg-parallel as the cfg degree (2 / 1); None: the model config's."""
+    return None if cfg_parallel is None else 2 if cfg_parallel else 1
+
+
 def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | None = None,
                    cfg: int | None = None) -> ParallelConfig:
     """The layout of a render replica: the model config's `parallel` section, with each degree that

@@ -143,10 +143,9 @@ class ServeConfig:
 
     def layout(self):
         """The render replica's parallel layout (`ParallelConfigError` when it cannot work)."""
-        from pipeline.replica import replica_layout
+        from pipeline.replica import cfg_degree, replica_layout
 
-        return replica_layout(self.model, sp=self.sp, tp=self.tp,
-                              cfg=None if self.cfg_parallel is None else 2 if self.cfg_parallel else 1)
+        return replica_layout(self.model, sp=self.sp, tp=self.tp, cfg=cfg_degree(self.cfg_parallel))
 
     def recaptioner_for(self, model_recaptioner: str | None) -> str:
         """The recaptioner spec: the configured one, else the model's own, else "plain"."""
