@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def clip_seconds(model: str, clips: int, threads: int) -> dict:
     from models.generator import load_generator
     from models.interface import RenderRequest
+    from pipeline.shapes_world import Scene, canonical_caption
 
     gen = load_generator(model, device="cpu", num_threads=threads)
     lim = gen.limits
-    req = dict(caption="A red circle moves from the left to the right of the frame on a plain black background. "
-                       "The camera is static.", width=64, height=64, fps=8, frames=16,
+    req = dict(caption=canonical_caption(Scene("circle", "red", "black", "right")), width=64, height=64, fps=8, frames=16,
                steps=lim.default_steps, guidance=lim.default_guidance)
     gen.generate([RenderRequest(seed=0, **req)])  # warm-up
     times = []

@@ -44,6 +44,10 @@ class TrainConfig:
             ran out: checkpoint, return; a phase resumed at or past it runs on); for staged runs
             and tests. None = run to the end.
         export_path: where `train_model` writes the final weights (default out_dir/model.safetensors).
+        init_from: a trained model (shipped name, config path or URI) to start from instead of
+            random weights: fine-tuning, e.g. after a change of the data or the caption style. Its
+            DiT starts phase 3; with vae_steps 0 its autoencoder and latent scale are taken as they
+            are (they must match `model`'s), else phase 1 trains on from them.
         data_workers: processes that draw training clips ahead of the steps (0: drawn inline). The
             shapes world renders on the CPU (~8 ms a clip): enough for CPU training, far too slow
             to feed a GPU, so give a GPU run most of its host's cores here.
@@ -81,6 +85,7 @@ class TrainConfig:
     pause_at: int | None = None
     export_path: str | None = None
     data_workers: int = 0
+    init_from: str | None = None
 
     def model_config(self) -> ModelConfig:
         return load_config(self.model, self.model_overrides or None)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.config import ModelConfig
+from models.config import ModelConfig, load_config
 from models.dit import VideoDiT
 from models.sampler import flow_matching_loss
 from models.train_config import TrainConfig
@@ -367,7 +367,10 @@ def train_vae(cfg: TrainConfig, model_cfg: ModelConfig, source: ClipSource, run:
         return True
     torch.manual_seed(_seed_for(cfg, 1, run.rank, 0))
     vae = VideoAutoencoder(model_cfg.vae)
-    init_posterior_logvar(vae, cfg.init_logvar)
+    if cfg.init_from:
+        vae.load_state_dict(initial_modules(cfg)["vae"].state_dict())
+    else:
+        init_posterior_logvar(vae, cfg.init_logvar)
     engine, _, scheduler = make_engine(vae, cfg.vae_lr, 0.0, cfg.vae_steps, cfg, cfg.vae_batch, run.world, run.device)
     step, wall = 0, 0.0
     state = load_latest(engine, ckpt) if cfg.resume else None
@@ -522,6 +525,37 @@ def latent_cache(cfg: TrainConfig, vae: VideoAutoencoder, source: ClipSource, te
     return cache
 
 
+# --- starting from a trained model -----------------------------------------------------------
+
+
+def initial_modules(cfg: TrainConfig) -> nn.ModuleDict:
+    """The modules of `cfg.init_from` (a shipped name, config path or URI), weights checked."""
+    from models.weights import load_modules
+
+    modules, _ = load_modules(load_config(cfg.init_from))
+    return modules
+
+
+def adopt_vae(cfg: TrainConfig, model_cfg: ModelConfig, run: Run) -> None:
+    """Phase 1 when `init_from` is set and `vae_steps` is 0: take that model's autoencoder and its
+    latent scale as this run's, so its DiT (the starting point of phase 3) sees the latents it
+    was trained on."""
+    final = run.out / "vae" / "final.safetensors"
+    if run.rank == 0 and not (final.exists() and (run.out / "vae" / "final.json").exists()):
+        init_cfg = load_config(cfg.init_from)
+        if asdict(init_cfg.vae) | {"scaling_factor": 0, "shift_factor": 0} != \
+                asdict(model_cfg.vae) | {"scaling_factor": 0, "shift_factor": 0}:
+            raise ValueError(f"init_from {cfg.init_from!r}: its autoencoder differs from the one of model "
+                             f"{cfg.model!r}; train one (vae_steps > 0) or start from a model that matches")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(initial_modules(cfg)["vae"].state_dict(), str(final))
+        with open(run.out / "vae" / "final.json", "w") as f:
+            json.dump({"steps": 0, "wall_s": 0.0, "init_from": cfg.init_from, "scaling_factor": init_cfg.vae.scaling_factor,
+                       "shift_factor": init_cfg.vae.shift_factor}, f, indent=2)
+        run.log("adopt", phase="vae", init_from=cfg.init_from)
+    _barrier(run)
+
+
 # --- phase 3: the DiT -----------------------------------------------------------------------
 
 
@@ -551,6 +585,8 @@ def train_dit(cfg: TrainConfig, model_cfg: ModelConfig, source: ClipSource, run:
     del vae
     torch.manual_seed(_seed_for(cfg, 4, 0, 0))  # same initial weights on every rank
     dit = VideoDiT(model_cfg.dit)
+    if cfg.init_from:
+        dit.load_state_dict(initial_modules(cfg)["dit"].state_dict())
     ema = EMA(dit, cfg.ema_decay)
     engine, _, scheduler = make_engine(dit, cfg.dit_lr, cfg.weight_decay, cfg.dit_steps, cfg, cfg.dit_batch,
                                        run.world, run.device)
@@ -665,6 +701,8 @@ def train_model(cfg: TrainConfig, source: ClipSource, report: Callable[[dict], N
         with open(run.out / "train_config.json", "w") as f:
             json.dump({"train": asdict(cfg), "model": model_cfg.to_dict()}, f, indent=2, default=str)
     summary: dict = {"out_dir": str(run.out), "rank": rank, "world": world, "finished": False}
+    if cfg.init_from and not cfg.vae_steps:
+        adopt_vae(cfg, model_cfg, run)
     if cfg.vae_steps and not train_vae(cfg, model_cfg, source, run):
         summary["phase"] = "vae"
         return _report(summary, report)

@@ -113,6 +113,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, caches, loss curves, weights)")
     p.add_argument("--model", default=d.model, help="model config to train (shipped name, .json, folder)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this trained model (shipped name, config or URI) instead of random weights; "
+                        "with --vae-steps 0 its autoencoder is kept as it is")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="VAE optimiser steps (0: skip)")
     p.add_argument("--dit-steps", type=int, default=d.dit_steps, help="DiT optimiser steps (0: skip)")
     p.add_argument("--vae-batch", type=int, default=d.vae_batch, help="VAE clips per step per worker")
@@ -146,7 +149,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         vae_frames=a.vae_frames, latent_clips=a.latent_clips, ema_decay=a.ema_decay,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, seed=a.seed, minutes=a.minutes,
         threads=a.threads, data_workers=a.data_workers, zero_stage=a.zero_stage, resume=a.resume,
-        export_path=a.export)
+        export_path=a.export, init_from=a.init_from)
 
 
 def run_from_args(a: argparse.Namespace) -> dict:

@@ -27,14 +27,14 @@ def test_vocabulary_is_the_contract():
 
 def test_canonical_captions():
     assert canonical_caption(Scene("circle", "green", "navy", "right")) == (
-        "A green circle moves from the left to the right of the frame on a plain navy background. "
+        "A green circle moves right, sliding rightward across the frame, on a plain navy background. "
         "The camera is static.")
     assert canonical_caption(Scene("diamond", "orange", "gray", "still")).startswith("An orange diamond stays still")
     captions = {canonical_caption(s): s for s in all_scenes()}
     assert len(captions) == 784                                   # one caption per scene
     for caption, scene in captions.items():
         assert scene_from_caption(caption) == scene               # exact inverse
-    for bad in ("a green circle moves right", "A green circle moves from the left to the right of the frame "
+    for bad in ("a green circle moves right", "A green circle moves right, sliding rightward across the frame, "
                 "on a plain navy background.", ""):
         with pytest.raises(ValueError):
             scene_from_caption(bad)
@@ -112,7 +112,8 @@ def test_renderer_anti_aliases_and_draws_each_shape():
         scene = Scene(shape, "white", "black", "still")
         clip = render_scene(scene, width=96, height=96, frames=8, rng=rng)
         alpha = _alpha(clip, scene)[0]
-        assert ((alpha > 0.05) & (alpha < 0.95)).any()                  # soft edges
+        if shape != "square":  # a square's edges may fall on pixel boundaries; slanted and curved ones cannot
+            assert ((alpha > 0.05) & (alpha < 0.95)).any()              # soft edges
         rows, cols = np.nonzero(alpha > 0.5)
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         assert abs(alpha.sum() / box - fill) < 0.12, shape

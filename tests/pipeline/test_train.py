@@ -106,17 +106,42 @@ def test_paused_run_resumes_to_the_same_steps_and_weights(straight_run, tmp_path
         assert torch.allclose(a_state[k], b_state[k], rtol=1e-5, atol=1e-6), k
 
 
+def _model_folder(out, summary, folder):
+    """A model folder (config.json) for the weights a run exported."""
+    vae_info = json.loads((out / "vae" / "final.json").read_text())
+    config = {"base": "tiny", "name": "trained-tiny", "version": "0.0.1", "weights": summary["weights"],
+              "weights_sha256": summary["weights_sha256"],
+              "vae": {"scaling_factor": vae_info["scaling_factor"], "shift_factor": vae_info["shift_factor"]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
 def test_exported_weights_load_as_a_model(straight_run, tmp_path):
     out, summary = straight_run
     path = out / "model.safetensors"
     assert summary["weights"] == str(path) and summary["weights_sha256"] == sha256_bytes(path.read_bytes())
-    vae_info = json.loads((out / "vae" / "final.json").read_text())
-    config = {"base": "tiny", "name": "trained-tiny", "version": "0.0.1", "weights": str(path),
-              "weights_sha256": summary["weights_sha256"],
-              "vae": {"scaling_factor": vae_info["scaling_factor"], "shift_factor": vae_info["shift_factor"]}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    gen = load_generator(str(tmp_path), device="cpu")
+    gen = load_generator(_model_folder(out, summary, tmp_path), device="cpu")
     assert gen.info.weights_sha256 == summary["weights_sha256"]
     [out] = gen.generate([RenderRequest(caption=canonical_caption(SCENES[0]), width=32, height=32, frames=8,
                                         fps=8, seed=1, steps=2, guidance=2.0)])
     assert out.frames.shape == (8, 32, 32, 3) and out.frames.dtype == np.uint8
+
+
+def test_fine_tuning_starts_from_a_trained_model(straight_run, tmp_path):
+    out, summary = straight_run
+    base = _model_folder(out, summary, tmp_path)
+    # A learning rate of ~0: the fine-tuned weights are the starting model's (random ones would not be).
+    tuned = train(tiny_cfg(tmp_path / "ft", init_from=base, vae_steps=0, dit_steps=2, dit_lr=1e-12),
+                  source=FewScenes())
+    assert tuned["finished"]
+    start, _ = load_weights(summary["weights"])
+    got, _ = load_weights(tuned["weights"])
+    assert got.keys() == start.keys()
+    for k in start:
+        atol = 0 if k.startswith("vae.") else 1e-6  # the autoencoder is taken as it is
+        assert torch.allclose(got[k], start[k], rtol=0, atol=atol), k
+    assert json.loads((tmp_path / "ft" / "vae" / "final.json").read_text())["scaling_factor"] == \
+        json.loads((out / "vae" / "final.json").read_text())["scaling_factor"]
+
+    with pytest.raises(ValueError, match="autoencoder differs"):  # the default model's VAE is not tiny's
+        train(tiny_cfg(tmp_path / "bad", init_from="default", vae_steps=0), source=FewScenes())
