@@ -43,7 +43,7 @@ def run(ray_session, s3_server, tmp_path_factory):
 
     from pipeline.judge import judge_clip
 
-    caption = sw.canonical_caption(sw.Scene("circle", "red", "gray", "right"))
+    caption = "A red circle moves from the left to the right of the frame on a plain gray background."
     generator = load_generator("default", num_threads=1)
     for seed in range(1, 20):  # the first render the judge passes: extending a failed clip tests nothing
         rendered = generator.generate([RenderRequest(caption, 64, 64, 16, 8, seed, steps=20, guidance=4.5)])[0]
