@@ -3,7 +3,7 @@ that reading them (the CLI's `reel train` options) does not import torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from models.config import ModelConfig, load_config
 
@@ -89,3 +89,18 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return load_config(self.model, self.model_overrides or None)
+
+    def check_init_from(self) -> None:
+        """A one-line ValueError when `init_from` cannot start this run: no such model, a DiT of
+        another shape than `model`'s, or (with vae_steps 0, the autoencoder kept) another
+        autoencoder. Reads configs only: cheap enough to run before training starts."""
+        if not self.init_from:
+            return
+        start, model = load_config(self.init_from), self.model_config()
+        unscaled = dict(scaling_factor=0.0, shift_factor=0.0)  # the latent scale comes with the weights
+        if not self.vae_steps and replace(start.vae, **unscaled) != replace(model.vae, **unscaled):
+            raise ValueError(f"--init-from {self.init_from!r}: its autoencoder differs from the one of model "
+                             f"{self.model!r}; train one (--vae-steps > 0) or start from a model that matches")
+        if start.dit != model.dit or start.text.dim != model.text.dim:
+            raise ValueError(f"--init-from {self.init_from!r}: its DiT differs from the one of model {self.model!r}; "
+                             f"start from a model of the same shape")

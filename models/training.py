@@ -528,25 +528,27 @@ def latent_cache(cfg: TrainConfig, vae: VideoAutoencoder, source: ClipSource, te
 # --- starting from a trained model -----------------------------------------------------------
 
 
-def initial_modules(cfg: TrainConfig) -> nn.ModuleDict:
-    """The modules of `cfg.init_from` (a shipped name, config path or URI), weights checked."""
+@functools.lru_cache(maxsize=1)
+def _initial_modules(spec: str) -> nn.ModuleDict:
     from models.weights import load_modules
 
-    modules, _ = load_modules(load_config(cfg.init_from))
+    modules, _ = load_modules(load_config(spec))
     return modules
 
 
-def adopt_vae(cfg: TrainConfig, model_cfg: ModelConfig, run: Run) -> None:
+def initial_modules(cfg: TrainConfig) -> nn.ModuleDict:
+    """The modules of `cfg.init_from` (a shipped name, config path or URI), weights checked; read
+    once per process for both phases."""
+    return _initial_modules(cfg.init_from)
+
+
+def adopt_vae(cfg: TrainConfig, run: Run) -> None:
     """Phase 1 when `init_from` is set and `vae_steps` is 0: take that model's autoencoder and its
     latent scale as this run's, so its DiT (the starting point of phase 3) sees the latents it
-    was trained on."""
+    was trained on (`TrainConfig.check_init_from` has checked that the two match)."""
     final = run.out / "vae" / "final.safetensors"
     if run.rank == 0 and not (final.exists() and (run.out / "vae" / "final.json").exists()):
         init_cfg = load_config(cfg.init_from)
-        if asdict(init_cfg.vae) | {"scaling_factor": 0, "shift_factor": 0} != \
-                asdict(model_cfg.vae) | {"scaling_factor": 0, "shift_factor": 0}:
-            raise ValueError(f"init_from {cfg.init_from!r}: its autoencoder differs from the one of model "
-                             f"{cfg.model!r}; train one (vae_steps > 0) or start from a model that matches")
         final.parent.mkdir(parents=True, exist_ok=True)
         save_weights(initial_modules(cfg)["vae"].state_dict(), str(final))
         with open(run.out / "vae" / "final.json", "w") as f:
@@ -692,6 +694,7 @@ def export_weights(out_dir: str | Path, model_cfg: ModelConfig, path: str | Path
 def train_model(cfg: TrainConfig, source: ClipSource, report: Callable[[dict], None] | None = None) -> dict:
     """VAE → caches → DiT → export, resumable; the entry point of every worker (and of a lone
     process). Returns a summary (rank 0's paths and figures; `finished` False when the time ran out)."""
+    cfg.check_init_from()  # before any process group or file: a wrong --init-from fails at once
     rank, world, device = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -702,7 +705,7 @@ def train_model(cfg: TrainConfig, source: ClipSource, report: Callable[[dict], N
             json.dump({"train": asdict(cfg), "model": model_cfg.to_dict()}, f, indent=2, default=str)
     summary: dict = {"out_dir": str(run.out), "rank": rank, "world": world, "finished": False}
     if cfg.init_from and not cfg.vae_steps:
-        adopt_vae(cfg, model_cfg, run)
+        adopt_vae(cfg, run)
     if cfg.vae_steps and not train_vae(cfg, model_cfg, source, run):
         summary["phase"] = "vae"
         return _report(summary, report)

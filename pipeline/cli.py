@@ -285,8 +285,13 @@ def _add_train_parser(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.train import run_from_args
+    from pipeline.train import config_from_args, run_from_args
 
+    try:
+        config_from_args(args).check_init_from()
+    except ValueError as e:  # ConfigError too: no such model
+        print(f"reel train: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(run_from_args(args), default=str), flush=True)
     return 0
 

@@ -145,3 +145,15 @@ def test_fine_tuning_starts_from_a_trained_model(straight_run, tmp_path):
 
     with pytest.raises(ValueError, match="autoencoder differs"):  # the default model's VAE is not tiny's
         train(tiny_cfg(tmp_path / "bad", init_from="default", vae_steps=0), source=FewScenes())
+
+
+def test_reel_train_refuses_a_wrong_init_from_in_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    for args, reason in ((["--init-from", "nosuch"], "no model config at 'nosuch'"),
+                         (["--model", "tiny", "--init-from", "default", "--vae-steps", "0"], "autoencoder differs"),
+                         (["--model", "tiny", "--init-from", "default"], "DiT differs")):
+        assert main(["train", "--out", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("reel train: ") and reason in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
