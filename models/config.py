@@ -89,6 +89,10 @@ class DiTConfig:
         pooled_text: also add the masked mean of the text states (through an MLP) to the timestep
             conditioning of every adaLN, as SD3 and Flux add a pooled text vector: a global signal
             beside cross-attention that a small model learns scene-wide attributes from far sooner.
+        frame_positions: add an embedding of where each token lies (its latent frame index, its
+            centre as a fraction of the frame's height and width) to the tokens. RoPE alone is
+            relative, so at pure noise a token cannot tell the first frame from the last or the
+            frame's edge from its centre, and a direction of motion has no start to anchor to.
         latent_channels: channels of the latent video; filled from `vae.latent_channels`.
         text_dim: width of the text encoder's token states; filled from `text.dim`.
     """
@@ -104,6 +108,7 @@ class DiTConfig:
     eps: float = 1e-6
     zero_init: bool = True
     pooled_text: bool = False
+    frame_positions: bool = False
     latent_channels: int | None = None
     text_dim: int | None = None
 

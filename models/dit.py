@@ -10,8 +10,9 @@ embeddings → 3D rotary positions → block → model.
                 x += gate · MLP(modulate(LN(x)))
       → modulate(LN(x)) → linear → unpatchify → velocity (B, C, T', H', W')
 
-Positions are rotary only and computed from the grid of each call, so one model takes any size,
-aspect ratio and duration. The attention maths lives in `AttnProcessor`; a sequence-parallel
+Positions are computed from the grid of each call, so one model takes any size, aspect ratio and
+duration: 3D RoPE in self-attention, and (with `frame_positions`) an embedding of each token's frame
+index and of its place as a fraction of the frame's height and width. The attention maths lives in `AttnProcessor`; a sequence-parallel
 processor (DeepSpeed-Ulysses) replaces it per module with `set_attn_processor`, and where tokens are
 split and gathered is declared once in `VideoDiT._cp_plan`.
 """
@@ -199,6 +200,42 @@ class RotaryPosEmbed3D(nn.Module):
         return angles.cos().float(), angles.sin().float()
 
 
+class FramePositionEmbed(nn.Module):
+    """Where each token lies in the clip, as a vector added to the tokens (B, N, D) before the blocks.
+
+    3D RoPE is relative: attention sees offsets between tokens, never where a token is. At pure
+    noise nothing in the input says which frame comes first or where the frame's left edge is, so
+    "moves right" cannot say where the object starts or which way is forward. This adds sinusoidal
+    features of each token's latent frame index and of its centre as a fraction of the frame's
+    height and width (0-1, so a position means the same at every size and aspect ratio, as
+    PixArt-alpha's interpolated position embeddings), through a linear layer (zero at the start
+    with `zero_init`, so a trained model it is added to is unchanged until it learns to use it).
+    """
+
+    def __init__(self, dim: int, freqs: int = 4):
+        super().__init__()
+        self.freqs = freqs
+        self.proj = nn.Linear(6 * freqs, dim)
+
+    def features(self, grid: tuple[int, int, int], device: torch.device,
+                 tokens: slice | None = None) -> torch.Tensor:
+        """(N, 6·freqs) float32 features of the grid's tokens in (t, h, w) order, or of `tokens` only."""
+        t, h, w = grid
+        idx = torch.arange(t * h * w, device=device)
+        if tokens is not None:
+            idx = idx[tokens]
+        k = torch.arange(self.freqs, dtype=torch.float32, device=device)
+        time = (idx // (h * w)).float()[:, None] * 10000.0 ** (-k / self.freqs)  # frame index, 1 … 1e-3 rad
+        y = ((idx // w % h).float()[:, None] + 0.5) / h * math.pi * 2.0 ** k       # fraction of the height
+        x = ((idx % w).float()[:, None] + 0.5) / w * math.pi * 2.0 ** k            # fraction of the width
+        angles = torch.cat([time, y, x], dim=-1)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device, tokens: slice | None = None) -> torch.Tensor:
+        """(1, N, D): the embedding of every token of `grid` (or of `tokens`, a slice of them)."""
+        return self.proj(self.features(grid, device, tokens).to(self.proj.weight.dtype))[None]
+
+
 # --- the block ----------------------------------------------------------------------------------
 
 
@@ -306,6 +343,7 @@ class VideoDiT(nn.Module):
         self.pooled_text_embedding = (nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
                                       if config.pooled_text else None)
         self.rope = RotaryPosEmbed3D(d // config.num_heads, config.rope_theta)
+        self.pos_embedding = FramePositionEmbed(d) if config.frame_positions else None
         self.blocks = nn.ModuleList([
             TransformerBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm, config.eps)
             for _ in range(config.num_layers)
@@ -327,7 +365,10 @@ class VideoDiT(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            for layer in (self.adaLN_out[-1], self.proj_out):
+            layers = [self.adaLN_out[-1], self.proj_out]
+            if self.pos_embedding is not None:  # added to a trained model, it changes nothing at first
+                layers.append(self.pos_embedding.proj)
+            for layer in layers:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
@@ -370,6 +411,14 @@ class VideoDiT(nn.Module):
         mask_channel = cond_mask.to(hidden_states.dtype)[:, None, :, None, None].expand(b, 1, t, h, w)
         return self.patchify(torch.cat([hidden_states, cond_latents.to(hidden_states.dtype), mask_channel], dim=1))
 
+    def embed_tokens(self, tokens: torch.Tensor, grid: tuple[int, int, int], rows: slice | None = None) -> torch.Tensor:
+        """Patchified inputs (B, N, ·) → token stream (B, N, D), frame positions added; `rows` says
+        which tokens of the grid these are when they are only a slice of it (a sequence shard)."""
+        x = self.patch_embedding(tokens)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding(grid, x.device, rows).to(x.dtype)
+        return x
+
     def embed_conditions(self, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                          encoder_attention_mask: torch.Tensor | None, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -390,7 +439,7 @@ class VideoDiT(nn.Module):
                 encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         grid = self.token_grid(hidden_states.shape)
-        x = self.patch_embedding(self.input_tokens(hidden_states, cond_latents, cond_mask))
+        x = self.embed_tokens(self.input_tokens(hidden_states, cond_latents, cond_mask), grid)
         rotary_emb = self.rope(grid, x.device)
         temb, context, mask = self.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
                                                     hidden_states.shape[0])

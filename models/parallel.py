@@ -480,7 +480,7 @@ class ParallelVideoDiT(nn.Module):
                                   None if cond_latents is None else cond_latents[:, :, sl],
                                   None if cond_mask is None else cond_mask[:, sl])
         tokens = tokens[:, start - f0 * per_frame:stop - f0 * per_frame]
-        return dit.patch_embedding(tokens)
+        return dit.embed_tokens(tokens, grid, slice(start, stop))
 
 
 def parallelize(dit: VideoDiT, mesh: ParallelMesh) -> ParallelVideoDiT:

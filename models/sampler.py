@@ -136,7 +136,7 @@ class FlowMatchSampler:
 # --- training -------------------------------------------------------------------------------------
 
 #: Default share of training samples per frame-conditioning task (the rest are text→video).
-COND_PROBS = {"i2v": 0.1, "extend": 0.1, "extend_backward": 0.05, "interpolate": 0.05}
+COND_PROBS = {"i2v": 0.1, "extend": 0.2, "extend_backward": 0.15, "interpolate": 0.05}
 
 
 def random_frame_masks(batch: int, frames: int, probs: dict[str, float] | None = None,

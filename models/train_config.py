@@ -30,6 +30,9 @@ class TrainConfig:
         edge_weight: weight of the L1 on spatial finite differences.
         latent_clips: clips encoded for the DiT's latent cache (per rank).
         text_dropout: share of DiT samples trained with the empty caption (for guidance).
+        timestep_shift: SD3 shift of the DiT's training noise levels (logit-normal t, then shifted;
+            1 = unshifted). A shift > 1 trains more at high noise, where the sampler (shift 2 in the
+            default model) spends its first steps and where the object's place and path are settled.
         ema_decay: decay of the DiT's exponential moving average (exported instead of the raw weights).
         grad_clip: gradient-norm clipping.
         zero_stage: DeepSpeed ZeRO stage (1 or 2).
@@ -72,6 +75,7 @@ class TrainConfig:
     edge_weight: float = 0.5
     latent_clips: int = 4000
     text_dropout: float = 0.1
+    timestep_shift: float = 1.0
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     zero_stage: int = 1

@@ -54,9 +54,9 @@ MIN_MOVE = 0.40          # centre displacement, fraction of the frame's width (h
 MIN_AREA_RATIO = 2.5     # grows / shrinks
 MAX_STILL_MOVE = 0.03    # still
 _MOVE_RANGE = (0.45, 0.80)       # displacement drawn from this range (fraction of width/height)
-_MOVER_SIZE = (0.09, 0.16)       # half-extent of a moving object, fraction of min(width, height)
-_STILL_SIZE = (0.09, 0.20)
-_SCALE_START = (0.07, 0.11)      # half-extent of the small end of grows/shrinks
+_MOVER_SIZE = (0.15, 0.22)       # half-extent of a moving object, fraction of min(width, height)
+_STILL_SIZE = (0.15, 0.26)
+_SCALE_START = (0.09, 0.13)      # half-extent of the small end of grows/shrinks
 _SCALE_FACTOR = (1.7, 2.6)       # linear size change of grows/shrinks (area: square of it)
 _MARGIN = 1.0                    # pixels kept clear between the object and the frame's edge
 _SUPERSAMPLE = 4
@@ -87,23 +87,26 @@ class Scene:
 # ---------------------------------------------------------------------------------------------
 # Captions
 
-_MOTION_TEMPLATES: dict[str, str] = {
-    "left": "{a} {colour} {shape} moves from the right to the left of the frame on a plain {background} background. The camera is static.",
-    "right": "{a} {colour} {shape} moves from the left to the right of the frame on a plain {background} background. The camera is static.",
-    "up": "{a} {colour} {shape} moves from the bottom to the top of the frame on a plain {background} background. The camera is static.",
-    "down": "{a} {colour} {shape} moves from the top to the bottom of the frame on a plain {background} background. The camera is static.",
-    "still": "{a} {colour} {shape} stays still in the frame on a plain {background} background. The camera is static.",
-    "grows": "{a} {colour} {shape} grows larger in the frame on a plain {background} background. The camera is static.",
-    "shrinks": "{a} {colour} {shape} shrinks in the frame on a plain {background} background. The camera is static.",
+# One motion phrase per motion, each with words of its own ("leftward", "falling"): the text
+# encoder's states for "from the left to the right" and "from the right to the left" are nearly
+# the same set of vectors (cosine 0.9996 pooled), so word order alone is too weak a signal.
+_MOTION_PHRASES: dict[str, str] = {
+    "left": "moves left, sliding leftward across the frame",
+    "right": "moves right, sliding rightward across the frame",
+    "up": "moves up, rising upward across the frame",
+    "down": "moves down, falling downward across the frame",
+    "still": "stays still, resting motionless in the frame",
+    "grows": "grows, expanding larger in the frame",
+    "shrinks": "shrinks, contracting smaller in the frame",
 }
 
 
 def canonical_caption(scene: Scene) -> str:
-    """The one caption style the model is trained on, e.g. "A green circle moves from the left to
-    the right of the frame on a plain navy background. The camera is static." """
+    """The one caption style the model is trained on, e.g. "A green circle moves right, sliding
+    rightward across the frame, on a plain navy background. The camera is static." """
     article = "An" if scene.colour[0] in "aeiou" else "A"
-    return _MOTION_TEMPLATES[scene.motion].format(
-        a=article, colour=scene.colour, shape=scene.shape, background=scene.background)
+    return (f"{article} {scene.colour} {scene.shape} {_MOTION_PHRASES[scene.motion]}, "
+            f"on a plain {scene.background} background. The camera is static.")
 
 
 def all_scenes(include_held_out: bool = True) -> Iterator[Scene]:

@@ -115,3 +115,31 @@ def test_pooled_text_conditions_every_block_and_ignores_padding():
         assert torch.allclose(a, dit(x, t, padded, m), atol=1e-5)
         dit.pooled_text_embedding[-1].bias.add_(1.0)  # the pooled path reaches the output
         assert not torch.allclose(a, dit(x, t, ctx, m), atol=1e-4)
+
+
+def test_frame_positions_are_fractions_of_the_frame_at_any_size():
+    from models.dit import FramePositionEmbed
+
+    emb, cpu = FramePositionEmbed(dim=8), torch.device("cpu")
+    small, large = emb.features((2, 2, 2), cpu), emb.features((3, 6, 6), cpu)  # rows in (t, h, w) order
+    # the same place in the frame (centre at a quarter of its height and width) at two sizes
+    assert torch.allclose(small[0], large[1 * 6 + 1], atol=1e-6)
+    assert torch.allclose(small[4], large[36 + 1 * 6 + 1], atol=1e-6)  # and in the next frame
+    assert len({tuple(r.tolist()) for r in large.round(decimals=4)}) == len(large)  # every token its own
+    assert torch.equal(emb.features((3, 6, 6), cpu, slice(10, 50)), large[10:50])  # a shard: its rows
+    assert make_dit(zero_init=True, frame_positions=True).pos_embedding.proj.weight.abs().max() == 0
+
+
+def test_frame_positions_tell_tokens_apart_where_rope_cannot():
+    # A uniform input (what pure noise is on average): every token's attention averages identical
+    # values, so with rotary positions alone every token gets the same output wherever it lies.
+    x, t, (ctx, mask) = torch.zeros(1, 4, 2, 8, 8), torch.tensor([0.9]), text()
+    with torch.no_grad():
+        plain = make_dit()(x, t, ctx, mask)
+        placed = make_dit(frame_positions=True)(x, t, ctx, mask)
+
+    def per_token(v):  # (tokens, values of one 1x2x2 patch)
+        return v.reshape(1, 4, 2, 4, 2, 4, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(32, -1)
+
+    assert torch.allclose(per_token(plain), per_token(plain)[:1].expand(32, -1), atol=1e-5)
+    assert (per_token(placed) - per_token(placed).mean(0)).abs().amax(1).min() > 1e-3

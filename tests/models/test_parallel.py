@@ -40,8 +40,9 @@ LAYOUTS = {
 
 
 def model_config():
-    # tiny (2 heads, width 64) with a larger text width cut down for speed; random init
-    return load_config("tiny", overrides={"text": {"dim": 32}})
+    # tiny (2 heads, width 64) with a larger text width cut down for speed; random init, frame
+    # positions on (each shard embeds the positions of its own tokens)
+    return load_config("tiny", overrides={"text": {"dim": 32}, "dit": {"frame_positions": True}})
 
 
 def build_dit() -> VideoDiT:

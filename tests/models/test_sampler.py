@@ -4,8 +4,8 @@ import torch.nn as nn
 
 from models.config import DiTConfig
 from models.dit import VideoDiT
-from models.sampler import (FlowMatchSampler, flow_matching_loss, random_frame_masks, sampling_timesteps,
-                            shift_timesteps)
+from models.sampler import (FlowMatchSampler, flow_matching_loss, random_frame_masks, sample_training_timesteps,
+                            sampling_timesteps, shift_timesteps)
 
 
 class Oracle(nn.Module):
@@ -29,6 +29,14 @@ def test_timesteps_run_from_noise_to_data():
     assert ts.shape == (11,) and ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
     assert (ts[1:-1] > sampling_timesteps(10, shift=1.0)[1:-1]).all()  # shift spends longer at high noise
     assert torch.allclose(shift_timesteps(torch.tensor([0.0, 1.0]), 5.0), torch.tensor([0.0, 1.0]))
+
+
+def test_training_noise_levels_follow_the_shift():
+    g = torch.Generator().manual_seed(0)
+    plain, shifted = (sample_training_timesteps(20000, "logit_normal", s, g) for s in (1.0, 2.0))
+    assert abs(plain.median().item() - 0.5) < 0.01                   # logit-normal: centred
+    assert abs(shifted.median().item() - 2 / 3) < 0.01               # s·t / (1 + (s - 1)·t) at t = 0.5
+    assert (shifted > 0.9).float().mean() > 3 * (plain > 0.9).float().mean()  # more of the noisiest
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])

@@ -43,7 +43,7 @@ def run(ray_session, s3_server, tmp_path_factory):
 
     from pipeline.judge import judge_clip
 
-    caption = "A red circle moves from the left to the right of the frame on a plain gray background."
+    caption = sw.canonical_caption(sw.Scene("circle", "red", "gray", "right"))
     generator = load_generator("default", num_threads=1)
     for seed in range(1, 20):  # the first render the judge passes: extending a failed clip tests nothing
         rendered = generator.generate([RenderRequest(caption, 64, 64, 16, 8, seed, steps=20, guidance=4.5)])[0]
@@ -191,7 +191,7 @@ def test_storyboard_has_the_shots_asked_for(run):
     assert [s["start_frame"] for s in shots] == [0, 16, 24]
     # later shots keep the subject: "it moves up" is still the green square on brown
     assert all("green square" in s["caption"] and "brown" in s["caption"] for s in shots)
-    assert "top" in shots[1]["caption"] and "grows" in shots[2]["caption"]
+    assert [sw.scene_from_caption(s["caption"]).motion for s in shots[1:]] == ["up", "grows"]
 
 
 def test_image_mode_writes_a_png_of_the_asked_size(run):

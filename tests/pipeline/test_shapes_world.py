@@ -27,14 +27,14 @@ def test_vocabulary_is_the_contract():
 
 def test_canonical_captions():
     assert canonical_caption(Scene("circle", "green", "navy", "right")) == (
-        "A green circle moves from the left to the right of the frame on a plain navy background. "
+        "A green circle moves right, sliding rightward across the frame, on a plain navy background. "
         "The camera is static.")
     assert canonical_caption(Scene("diamond", "orange", "gray", "still")).startswith("An orange diamond stays still")
     captions = {canonical_caption(s): s for s in all_scenes()}
     assert len(captions) == 784                                   # one caption per scene
     for caption, scene in captions.items():
         assert scene_from_caption(caption) == scene               # exact inverse
-    for bad in ("a green circle moves right", "A green circle moves from the left to the right of the frame "
+    for bad in ("a green circle moves right", "A green circle moves right, sliding rightward across the frame, "
                 "on a plain navy background.", ""):
         with pytest.raises(ValueError):
             scene_from_caption(bad)
