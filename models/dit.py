@@ -12,9 +12,9 @@ embeddings → 3D rotary positions → block → model.
 
 Positions are computed from the grid of each call, so one model takes any size, aspect ratio and
 duration: 3D RoPE in self-attention, and (with `frame_positions`) an embedding of each token's frame
-index and of its place as a fraction of the frame's height and width. The attention maths lives in `AttnProcessor`; a sequence-parallel
-processor (DeepSpeed-Ulysses) replaces it per module with `set_attn_processor`, and where tokens are
-split and gathered is declared once in `VideoDiT._cp_plan`.
+index and of its place as a fraction of the frame's height and width. The attention maths lives in
+`AttnProcessor`; a sequence-parallel processor (DeepSpeed-Ulysses) replaces it per module with
+`set_attn_processor`, and where tokens are split and gathered is declared once in `VideoDiT._cp_plan`.
 """
 
 from __future__ import annotations
@@ -161,6 +161,16 @@ def pool_text(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+def token_coordinates(grid: tuple[int, int, int], device: torch.device,
+                      tokens: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(frame, row, column) indices of a grid's tokens in (t, h, w) order, or of `tokens` only."""
+    _, h, w = grid
+    idx = torch.arange(grid[0] * h * w, device=device)
+    if tokens is not None:
+        idx = idx[tokens]
+    return idx // (h * w), idx // w % h, idx % w
+
+
 class RotaryPosEmbed3D(nn.Module):
     """3D RoPE: the head dim is split into time, height and width parts, each rotated by its axis.
 
@@ -185,12 +195,12 @@ class RotaryPosEmbed3D(nn.Module):
                 tokens: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t, h, w = grid
         if tokens is not None:  # only the tokens [start, stop) of the grid (a sequence-parallel shard)
-            idx = torch.arange(t * h * w, device=device)[tokens]
+            ti, hi, wi = token_coordinates(grid, device, tokens)
             angles = torch.cat([
-                self._axis(t, self.t_dim, device)[idx // (h * w)],
-                self._axis(h, self.h_dim, device)[idx // w % h],
-                self._axis(w, self.w_dim, device)[idx % w],
-            ], dim=-1).reshape(1, idx.numel(), 1, self.t_dim + self.h_dim + self.w_dim)
+                self._axis(t, self.t_dim, device)[ti],
+                self._axis(h, self.h_dim, device)[hi],
+                self._axis(w, self.w_dim, device)[wi],
+            ], dim=-1).reshape(1, ti.numel(), 1, self.t_dim + self.h_dim + self.w_dim)
             return angles.cos().float(), angles.sin().float()
         angles = torch.cat([
             self._axis(t, self.t_dim, device)[:, None, None, :].expand(t, h, w, -1),
@@ -220,14 +230,12 @@ class FramePositionEmbed(nn.Module):
     def features(self, grid: tuple[int, int, int], device: torch.device,
                  tokens: slice | None = None) -> torch.Tensor:
         """(N, 6·freqs) float32 features of the grid's tokens in (t, h, w) order, or of `tokens` only."""
-        t, h, w = grid
-        idx = torch.arange(t * h * w, device=device)
-        if tokens is not None:
-            idx = idx[tokens]
+        _, h, w = grid
+        ti, hi, wi = token_coordinates(grid, device, tokens)
         k = torch.arange(self.freqs, dtype=torch.float32, device=device)
-        time = (idx // (h * w)).float()[:, None] * 10000.0 ** (-k / self.freqs)  # frame index, 1 … 1e-3 rad
-        y = ((idx // w % h).float()[:, None] + 0.5) / h * math.pi * 2.0 ** k       # fraction of the height
-        x = ((idx % w).float()[:, None] + 0.5) / w * math.pi * 2.0 ** k            # fraction of the width
+        time = ti.float()[:, None] * 10000.0 ** (-k / self.freqs)         # frame index, 1 … 1e-3 rad
+        y = (hi.float()[:, None] + 0.5) / h * math.pi * 2.0 ** k          # fraction of the height
+        x = (wi.float()[:, None] + 0.5) / w * math.pi * 2.0 ** k          # fraction of the width
         angles = torch.cat([time, y, x], dim=-1)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 

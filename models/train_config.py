@@ -91,6 +91,10 @@ class TrainConfig:
     data_workers: int = 0
     init_from: str | None = None
 
+    def __post_init__(self):
+        if not self.timestep_shift > 0:
+            raise ValueError(f"--timestep-shift {self.timestep_shift}: the shift must be above 0 (1: unshifted)")
+
     def model_config(self) -> ModelConfig:
         return load_config(self.model, self.model_overrides or None)
 

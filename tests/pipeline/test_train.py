@@ -147,12 +147,13 @@ def test_fine_tuning_starts_from_a_trained_model(straight_run, tmp_path):
         train(tiny_cfg(tmp_path / "bad", init_from="default", vae_steps=0), source=FewScenes())
 
 
-def test_reel_train_refuses_a_wrong_init_from_in_one_line(tmp_path, capsys):
+def test_reel_train_refuses_a_wrong_start_in_one_line(tmp_path, capsys):
     from pipeline.cli import main
 
     for args, reason in ((["--init-from", "nosuch"], "no model config at 'nosuch'"),
                          (["--model", "tiny", "--init-from", "default", "--vae-steps", "0"], "autoencoder differs"),
-                         (["--model", "tiny", "--init-from", "default"], "DiT differs")):
+                         (["--model", "tiny", "--init-from", "default"], "DiT differs"),
+                         (["--timestep-shift", "0"], "must be above 0")):
         assert main(["train", "--out", str(tmp_path / "run"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("reel train: ") and reason in err and "\n" not in err
