@@ -17,6 +17,7 @@ held-in and held-out colour-shape pairs reported apart):
   trained on.
 
 `vae_roundtrip_adherence` judges encode → decode round-trips: the ceiling the autoencoder sets.
+`extension_seam` measures how continuous an extended clip is where the new frames meet the input.
 """
 
 from __future__ import annotations
@@ -199,6 +200,29 @@ def vae_roundtrip_adherence(vae, clips: int = 64, seed: int = 777, held_out: boo
     summary = aggregate(results, scenes)
     summary["mean_abs_error_255"] = float(np.mean(err))
     return summary
+
+
+def extension_seam(source: np.ndarray, new: np.ndarray, direction: str = "forward") -> float:
+    """The seam of an extension, as a multiple of the source's own largest step.
+
+    `source` (T×H×W×3 uint8) is the clip that was extended and `new` the generated frames only
+    (forward: they follow the source; backward: they precede it). The seam is the mean absolute
+    difference (of 255) between the new frame next to the source and the source frame it meets;
+    it is divided by the largest mean absolute difference between neighbouring source frames.
+    At most 1: the clip steps over the seam no more than the source steps from frame to frame
+    (the generation-modes bar).
+    """
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be forward or backward, got {direction!r}")
+    if len(source) < 2 or len(new) < 1:
+        raise ValueError("an extension seam needs a source of 2 or more frames and 1 or more new frames")
+
+    def step(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+    largest = max(step(source[i], source[i + 1]) for i in range(len(source) - 1))
+    seam = step(new[0], source[-1]) if direction == "forward" else step(new[-1], source[0])
+    return seam / max(largest, 1e-9)
 
 
 def format_summary(summary: dict) -> str:

@@ -11,7 +11,7 @@ from pipeline import storage
 from pipeline.cli import main
 from pipeline.contact_sheet import sheet, sheet_of_run
 from pipeline.encode import decode_mp4, encode_mp4
-from pipeline.evaluate import DEFAULT_PROMPTS, EvalError, load_prompt_set
+from pipeline.evaluate import DEFAULT_PROMPTS, EvalError, extension_seam, load_prompt_set
 from pipeline.judge import JudgeResult, adherence, aggregate, is_held_out, judge_clip
 from pipeline.shapes_world import Scene, render_scene
 
@@ -29,6 +29,18 @@ def test_judge_finds_every_attribute_after_an_h264_round_trip():
         assert np.abs(decoded.astype(int) - clip).mean() < 4  # H.264 at CRF 18: close, not equal
         result = judge_clip(decoded)
         assert all(adherence(result, scene).values()), (scene, result)
+
+
+@pytest.mark.parametrize("motion", ["right", "up"])
+def test_extension_seam_is_one_for_the_true_continuation_and_large_for_a_jump(motion):
+    clip = render_scene(Scene("circle", "red", "gray", motion), rng=3)  # constant speed
+    source, rest = clip[:8], clip[8:]
+    assert extension_seam(source, rest) == pytest.approx(1.0, abs=0.05)
+    assert extension_seam(rest, source, "backward") == pytest.approx(1.0, abs=0.05)
+    assert extension_seam(source, clip[14:]) > 3  # six frames of motion in one step
+    assert extension_seam(source, np.repeat(source[-1:], 4, axis=0)) == 0.0  # held still
+    with pytest.raises(ValueError, match="forward or backward"):
+        extension_seam(source, rest, "sideways")
 
 
 def test_partial_targets_are_judged_on_the_attributes_they_name():
