@@ -50,11 +50,10 @@ def main() -> None:
                                              guidance=lim.default_guidance)])[0].frames
         video = decode_mp4(encode_mp4(source[4:12], 8))
         row = {"clip": k, "caption": caption}
+        request = {"caption": caption, "width": 64, "height": 64, "frames": 8, "fps": 8, "seed": a.seed + k,
+                   "steps": lim.default_steps, "guidance": lim.default_guidance, "mode": "extend"}
         for direction in seams:
-            request = {"caption": caption, "width": 64, "height": 64, "frames": 8, "fps": 8, "seed": a.seed + k,
-                       "steps": lim.default_steps, "guidance": lim.default_guidance, "mode": "extend",
-                       "direction": direction}
-            out, _, _ = render_clip(gen, request, {"video": video})
+            out, _, _ = render_clip(gen, dict(request, direction=direction), {"video": video})
             new = out[len(video):] if direction == "forward" else out[:len(out) - len(video)]
             seams[direction].append(extension_seam(video, new, direction))
             row[direction] = round(seams[direction][-1], 3)
