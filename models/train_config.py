@@ -33,6 +33,9 @@ class TrainConfig:
         timestep_shift: SD3 shift of the DiT's training noise levels (logit-normal t, then shifted;
             1 = unshifted). A shift > 1 trains more at high noise, where the sampler (shift 2 in the
             default model) spends its first steps and where the object's place and path are settled.
+        high_noise_share: share of the DiT's samples whose noise level is drawn from the top band
+            [0.9, 1) instead (`models.sampler.sample_training_timesteps`): where the first sampler
+            steps settle a clip's layout and motion, and the caption must already count.
         ema_decay: decay of the DiT's exponential moving average (exported instead of the raw weights).
         grad_clip: gradient-norm clipping.
         zero_stage: DeepSpeed ZeRO stage (1 or 2).
@@ -76,6 +79,7 @@ class TrainConfig:
     latent_clips: int = 4000
     text_dropout: float = 0.1
     timestep_shift: float = 1.0
+    high_noise_share: float = 0.0
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     zero_stage: int = 1
@@ -94,6 +98,8 @@ class TrainConfig:
     def __post_init__(self):
         if not self.timestep_shift > 0:
             raise ValueError(f"--timestep-shift {self.timestep_shift}: the shift must be above 0 (1: unshifted)")
+        if not 0 <= self.high_noise_share < 1:
+            raise ValueError(f"--high-noise-share {self.high_noise_share}: a share in [0, 1) (0: none)")
 
     def model_config(self) -> ModelConfig:
         return load_config(self.model, self.model_overrides or None)

@@ -568,7 +568,8 @@ def dit_step(engine, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
     dev = engine.device
     loss = flow_matching_loss(engine, x0.to(dev, dtype), text.to(dev, dtype), text_mask.to(dev),
                               uncond_text=uncond.to(dev, dtype), uncond_mask=uncond_mask.to(dev),
-                              text_dropout=cfg.text_dropout, shift=cfg.timestep_shift, generator=generator)
+                              text_dropout=cfg.text_dropout, shift=cfg.timestep_shift,
+                              high_noise_share=cfg.high_noise_share, generator=generator)
     engine.backward(loss)
     engine.step()
     return loss.item()

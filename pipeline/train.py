@@ -129,6 +129,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="decay of the DiT weights' moving average")
     p.add_argument("--timestep-shift", type=float, default=d.timestep_shift,
                    help="SD3 shift of the DiT's training noise levels (1: unshifted; >1 trains more at high noise)")
+    p.add_argument("--high-noise-share", type=float, default=d.high_noise_share,
+                   help="share of DiT samples drawn at noise levels 0.9-1, where a clip's layout and motion "
+                        "are settled (0: none)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss-curve rows")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -149,7 +152,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         out_dir=a.out, model=a.model, vae_steps=a.vae_steps, dit_steps=a.dit_steps, vae_batch=a.vae_batch,
         dit_batch=a.dit_batch, vae_lr=a.vae_lr, dit_lr=a.dit_lr, warmup_steps=a.warmup_steps, vae_crop=a.vae_crop,
         vae_frames=a.vae_frames, latent_clips=a.latent_clips, ema_decay=a.ema_decay,
-        timestep_shift=a.timestep_shift,
+        timestep_shift=a.timestep_shift, high_noise_share=a.high_noise_share,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, seed=a.seed, minutes=a.minutes,
         threads=a.threads, data_workers=a.data_workers, zero_stage=a.zero_stage, resume=a.resume,
         export_path=a.export, init_from=a.init_from)

@@ -4,8 +4,8 @@ import torch.nn as nn
 
 from models.config import DiTConfig
 from models.dit import VideoDiT
-from models.sampler import (FlowMatchSampler, flow_matching_loss, random_frame_masks, sample_training_timesteps,
-                            sampling_timesteps, shift_timesteps)
+from models.sampler import (HIGH_NOISE_FROM, FlowMatchSampler, flow_matching_loss, random_frame_masks,
+                            sample_training_timesteps, sampling_timesteps, shift_timesteps)
 
 
 class Oracle(nn.Module):
@@ -37,6 +37,17 @@ def test_training_noise_levels_follow_the_shift():
     assert abs(plain.median().item() - 0.5) < 0.01                   # logit-normal: centred
     assert abs(shifted.median().item() - 2 / 3) < 0.01               # s·t / (1 + (s - 1)·t) at t = 0.5
     assert (shifted > 0.9).float().mean() > 3 * (plain > 0.9).float().mean()  # more of the noisiest
+
+
+def test_a_high_noise_share_moves_that_share_into_the_top_band():
+    draw = lambda share, seed=0: sample_training_timesteps(  # noqa: E731
+        20000, "logit_normal", 1.0, torch.Generator().manual_seed(seed), high_noise_share=share)
+    plain, mixed = draw(0.0), draw(0.4)
+    assert torch.equal(plain, sample_training_timesteps(20000, "logit_normal", 1.0, torch.Generator().manual_seed(0)))
+    top = (plain >= HIGH_NOISE_FROM).float().mean().item()          # about 5% unshifted
+    assert abs((mixed >= HIGH_NOISE_FROM).float().mean().item() - (0.4 + 0.6 * top)) < 0.015
+    assert mixed.max() < 1 and abs((mixed < 0.5).float().mean().item() - 0.6 * 0.5) < 0.015  # the rest as before
+    assert torch.equal(mixed, draw(0.4))                            # seeded
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])

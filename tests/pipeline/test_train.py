@@ -153,7 +153,8 @@ def test_reel_train_refuses_a_wrong_start_in_one_line(tmp_path, capsys):
     for args, reason in ((["--init-from", "nosuch"], "no model config at 'nosuch'"),
                          (["--model", "tiny", "--init-from", "default", "--vae-steps", "0"], "autoencoder differs"),
                          (["--model", "tiny", "--init-from", "default"], "DiT differs"),
-                         (["--timestep-shift", "0"], "must be above 0")):
+                         (["--timestep-shift", "0"], "must be above 0"),
+                         (["--high-noise-share", "1"], "a share in [0, 1)")):
         assert main(["train", "--out", str(tmp_path / "run"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("reel train: ") and reason in err and "\n" not in err
