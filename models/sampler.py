@@ -70,7 +70,8 @@ class FlowMatchSampler:
         """Latents x0 (B, C, T', H', W') from noise of that shape, given text states (B, L, D).
 
         `uncond_text`/`uncond_mask` (the empty or negative caption) are needed when guidance != 1.
-        `cond_latents` (B, C, T', H', W') with `cond_mask` (B, T') hold given frames fixed.
+        `cond_latents` (B, C, T', H', W') with `cond_mask` (B, T') hold given frames fixed; the
+        model sees their latents and zeros for the other frames, as `flow_matching_loss` trains it.
         `init_latents` with `strength` s < 1 (SDEdit, Meng et al. 2022): start from the straight
         line's point x_s = (1 - s)·init + s·noise and integrate from t = s to 0 in `steps` steps (the
         schedule scaled into [0, s]); s = 0 returns `init_latents`.
@@ -81,6 +82,8 @@ class FlowMatchSampler:
         if use_cfg and uncond_text is None:
             raise ValueError("classifier-free guidance needs the unconditional text states")
 
+        if cond_latents is not None and cond_mask is not None:  # as trained: zeros where nothing is given
+            cond_latents = cond_latents * _frames(cond_mask.to(cond_latents.dtype))
         velocity = self.velocity_fn(model, guidance, text, text_mask, uncond_text, uncond_mask,
                                     cond_latents, cond_mask)
         if not 0.0 <= strength <= 1.0:

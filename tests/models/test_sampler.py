@@ -70,6 +70,19 @@ def test_given_frames_are_held():
     assert torch.equal(x0[:, :, 0], cond_latents[:, :, 0]) and torch.allclose(x0[:, :, 1:], 4.5 * a[:, :, 1:], atol=1e-5)
 
 
+def test_the_model_sees_only_the_given_frames_latents_as_in_training():
+    class Recorder(Oracle):
+        def forward(self, x, t, text, text_mask, cond_latents=None, cond_mask=None):
+            self.seen = cond_latents
+            return super().forward(x, t, text, text_mask)
+
+    model, cond_latents = Recorder(torch.zeros(1)), torch.randn(1, 2, 3, 4, 4)  # an encoder fills every frame
+    FlowMatchSampler(steps=2).sample(model, torch.randn(1, 2, 3, 4, 4), torch.ones(1, 1, 1), None, torch.zeros(1, 1, 1),
+                                     None, cond_latents=cond_latents, cond_mask=torch.tensor([[0.0, 0.0, 1.0]]))
+    assert torch.equal(model.seen[:1, :, 2], cond_latents[:, :, 2]) and not model.seen[:, :, :2].any()
+    assert torch.equal(model.seen[0], model.seen[1])  # the unconditional half sees the same
+
+
 def test_guidance_needs_the_unconditional_states():
     with pytest.raises(ValueError, match="unconditional"):
         FlowMatchSampler().sample(Oracle(torch.zeros(1)), torch.randn(1, 1, 1, 1, 1), torch.ones(1, 1, 1), None)
