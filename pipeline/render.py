@@ -61,6 +61,9 @@ class RenderConfig:
     # group of Ray actors, one per rank (pipeline/replica.py)
     parallel: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
+
 
 @dataclass
 class RunSummary:

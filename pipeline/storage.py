@@ -144,6 +144,14 @@ def resolve(uri: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fs._strip_protocol(uri)
 
 
+def absolute(uri: str) -> str:
+    """A plain local path made absolute; a URI with a protocol as it is. A run's output folder goes
+    through this, so the URIs its metadata records (video_uri, ...) read back from any directory."""
+    uri = os.fspath(uri)
+    protocol, _ = split_protocol(uri)
+    return os.path.abspath(os.path.expanduser(uri)) if protocol is None else uri
+
+
 def join(uri: str, *parts: str) -> str:
     """`uri` with `parts` appended with "/", keeping its protocol: join("s3://b/out", "videos", "a.mp4")."""
     uri = os.fspath(uri)

@@ -56,6 +56,17 @@ def test_join_keeps_protocol_and_resolve():
     assert path == "/a/b"
 
 
+def test_a_runs_output_folder_is_absolute_so_its_metadata_reads_back_from_anywhere(tmp_path, monkeypatch):
+    from pipeline.render import RenderConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("renders") == str(tmp_path / "renders")
+    assert storage.absolute("~/r") == os.path.expanduser("~/r")
+    for uri in ("s3://b/out", "gs://b/out", "file:///tmp/out", "memory://out"):
+        assert storage.absolute(uri) == uri
+    assert RenderConfig(manifest="m.parquet", out="renders").out == str(tmp_path / "renders")
+
+
 def test_gs_without_gcsfs_says_what_to_install():
     try:
         import gcsfs  # noqa: F401
