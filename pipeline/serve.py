@@ -128,8 +128,7 @@ class ServeConfig:
 
     def __post_init__(self):
         # Replicas do not share this process's working directory: local paths become absolute.
-        if storage.is_local(self.out):
-            object.__setattr__(self, "out", storage.resolve(self.out)[1])
+        object.__setattr__(self, "out", storage.absolute(self.out))
         if self.store:
             object.__setattr__(self, "store", os.path.abspath(os.path.expanduser(self.store)))
 

@@ -145,11 +145,10 @@ def resolve(uri: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def absolute(uri: str) -> str:
-    """A plain local path made absolute; a URI with a protocol as it is. A run's output folder goes
-    through this, so the URIs its metadata records (video_uri, ...) read back from any directory."""
-    uri = os.fspath(uri)
-    protocol, _ = split_protocol(uri)
-    return os.path.abspath(os.path.expanduser(uri)) if protocol is None else uri
+    """A local path or file:// URI as an absolute path; any other URI as it is. Output folders go
+    through this, so the URIs their metadata records (video_uri, ...) read back from any directory
+    and mean the same in processes (Ray workers, Serve replicas) that do not share the cwd."""
+    return resolve(uri)[1] if is_local(uri) else os.fspath(uri)
 
 
 def join(uri: str, *parts: str) -> str:
