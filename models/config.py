@@ -29,6 +29,7 @@ import fsspec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_FILE = "config.json"  # the file looked for when a spec names a folder
+TEMPORAL_UPSAMPLES = ("repeat", "depth_to_time")  # VAEConfig.temporal_upsample
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,11 @@ class VAEConfig:
             log2 of it level steps halve the frame count (causally).
         temporal_kernel: kernel of the causal temporal half of every (2+1)D convolution; 1 leaves
             them per-frame, so frames mix only where the frame count is halved or doubled.
+        temporal_upsample: how the decoder doubles the frame count. "repeat": each frame twice,
+            then a causal kernel-3 conv (both copies see the same frames, so a clip's first frames
+            are copies of each other and each pair's motion is bunched). "depth_to_time": a causal
+            kernel-3 conv at the coarse rate gives twice the channels, split into the two frames
+            (as Wan's VAE), so every frame of a latent frame's group is its own output.
         scaling_factor: latents are `(z - shift_factor) * scaling_factor` after encoding (and the
             inverse before decoding), so the DiT sees roughly unit-variance latents.
         shift_factor: see `scaling_factor`.
@@ -63,6 +69,7 @@ class VAEConfig:
     spatial_compression: int = 4
     temporal_compression: int = 4
     temporal_kernel: int = 3
+    temporal_upsample: str = "repeat"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
 
@@ -266,6 +273,8 @@ class ModelConfig:
                                   f"(one halving per level step of block_out_channels)")
         if v.temporal_kernel < 1:
             raise ConfigError(f"vae.temporal_kernel={v.temporal_kernel} must be >= 1")
+        if v.temporal_upsample not in TEMPORAL_UPSAMPLES:
+            raise ConfigError(f"vae.temporal_upsample={v.temporal_upsample!r} must be one of {', '.join(TEMPORAL_UPSAMPLES)}")
         if len(d.patch_size) != 3 or d.patch_size[1] != d.patch_size[2] or min(d.patch_size) < 1:
             raise ConfigError(f"dit.patch_size={d.patch_size} must be [pt, p, p] with positive entries")
         if d.hidden_size % d.num_heads:

@@ -122,23 +122,64 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the frame count (repeat, causal conv) and/or height and width (nearest, 3×3 conv).
+    """Double the frame count and/or height and width (nearest, 3×3 conv).
 
-    The last conv also narrows the channels to the next (finer) level's width, so no conv runs
-    at the finer resolution with the coarser level's width.
+    Time (`depth_to_time` False): repeat every frame, then a causal kernel-3 conv. Time
+    (`depth_to_time` True, as Wan's VAE): a causal kernel-3 conv at the coarse rate with twice the
+    channels, whose two halves become the two frames; `depth_to_time_weights` turns the first
+    kind's weights into the second's with the same outputs. The last conv also narrows the
+    channels to the next (finer) level's width, so no conv runs at the finer resolution with the
+    coarser level's width.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, spatial: bool, temporal: bool):
+    def __init__(self, in_channels: int, out_channels: int, spatial: bool, temporal: bool,
+                 depth_to_time: bool = False):
         super().__init__()
-        self.temporal = CausalTemporalConv(in_channels, in_channels if spatial else out_channels, 3) if temporal else None
+        self.depth_to_time = depth_to_time
+        width = in_channels if spatial else out_channels
+        self.temporal = (CausalTemporalConv(in_channels, 2 * width if depth_to_time else width, 3)
+                         if temporal else None)
         self.spatial = FrameConv(in_channels, out_channels, 3, padding=1) if spatial else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.temporal is not None:
-            x = self.temporal(x.repeat_interleave(2, dim=2))
+            if self.depth_to_time:
+                y = self.temporal(x)  # (B, 2C, T, H, W): channels [even frame | odd frame]
+                b, c2, t, h, w = y.shape
+                x = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            else:
+                x = self.temporal(x.repeat_interleave(2, dim=2))
         if self.spatial is not None:
             x = self.spatial(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
         return x
+
+
+def depth_to_time_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A "repeat" upsample's temporal conv (C_out, C_in, 3, 1, 1) as the "depth_to_time" conv
+    (2 C_out, C_in, 3, 1, 1) that gives the same frames.
+
+    After repeating, frame 2i sees the coarse frames (i-1, i-1, i) and frame 2i+1 sees (i-1, i, i)
+    (the causal padding repeats frame 0 in both), so the even half's taps are (0, w0 + w1, w2) and
+    the odd half's (0, w0, w1 + w2) over the coarse frames (i-2, i-1, i).
+    """
+    w0, w1, w2 = weight.unbind(dim=2)
+    zero = torch.zeros_like(w0)
+    even = torch.stack([zero, w0 + w1, w2], dim=2)
+    odd = torch.stack([zero, w0, w1 + w2], dim=2)
+    return torch.cat([even, odd]), None if bias is None else torch.cat([bias, bias])
+
+
+def convert_temporal_upsample(state: dict[str, torch.Tensor], vae: "VideoAutoencoder") -> dict[str, torch.Tensor]:
+    """A VAE state dict of a "repeat" decoder (keys as `vae.state_dict()`), with its upsampling
+    convs turned into `vae`'s "depth_to_time" ones (`depth_to_time_weights`); other keys as they are.
+    Loading the result into `vae` gives the old model's frames (to float rounding)."""
+    out = dict(state)
+    for name, module in vae.named_modules():
+        if isinstance(module, Upsample) and module.depth_to_time and module.temporal is not None:
+            key = f"{name}.temporal"
+            if state[f"{key}.weight"].shape[0] * 2 == module.temporal.weight.shape[0]:
+                out[f"{key}.weight"], out[f"{key}.bias"] = depth_to_time_weights(state[f"{key}.weight"], state.get(f"{key}.bias"))
+    return out
 
 
 def _level_steps(cfg: VAEConfig) -> list[tuple[bool, bool]]:
@@ -187,8 +228,9 @@ class Decoder(nn.Module):
             level = nn.Sequential(*[ResBlock(ch[i], ch[i], k) for _ in range(cfg.layers_per_block + 1)])
             if i > 0:
                 spatial, temporal = steps[i - 1]
-                level.append(Upsample(ch[i], ch[i - 1], spatial, temporal) if spatial or temporal
-                             else FrameConv(ch[i], ch[i - 1], 1))
+                level.append(Upsample(ch[i], ch[i - 1], spatial, temporal,
+                                      depth_to_time=cfg.temporal_upsample == "depth_to_time")
+                             if spatial or temporal else FrameConv(ch[i], ch[i - 1], 1))
             self.up_blocks.append(level)
         self.norm_out = ChannelRMSNorm(ch[0])
         self.conv_out = Conv2Plus1d(ch[0], cfg.in_channels, k)
@@ -370,8 +412,12 @@ def decoder_receptive_field(decoder: Decoder) -> tuple[int, int]:
     def walk(m: nn.Module) -> None:
         if isinstance(m, Upsample):
             if m.temporal is not None:
-                state["rate_t"] *= 2
-                walk(m.temporal)
+                if m.depth_to_time:  # the conv runs at the coarse rate, then the rate doubles
+                    walk(m.temporal)
+                    state["rate_t"] *= 2
+                else:
+                    state["rate_t"] *= 2
+                    walk(m.temporal)
             if m.spatial is not None:
                 state["rate_s"] *= 2
                 walk(m.spatial)

@@ -55,11 +55,12 @@ def test_off_grid_clip_is_rejected():
 # --- memory-bounded (tiled) decode ------------------------------------------------------------
 
 
-def _tiny_vae(temporal_kernel=3):
+def _tiny_vae(temporal_kernel=3, temporal_upsample="repeat"):
     from models.config import load_config
 
     cfg = load_config("tiny").vae
     cfg.temporal_kernel = temporal_kernel
+    cfg.temporal_upsample = temporal_upsample
     torch.manual_seed(0)
     return VideoAutoencoder(cfg).eval()
 
@@ -71,12 +72,12 @@ def test_tiled_decode_of_a_small_clip_is_decode():
         assert torch.equal(vae.decode_tiled(z, tile=(3, 12, 16)), vae.decode(z))
 
 
-@pytest.mark.parametrize("temporal_kernel", [1, 3])
+@pytest.mark.parametrize("temporal_kernel,temporal_upsample", [(1, "repeat"), (3, "repeat"), (1, "depth_to_time")])
 @pytest.mark.parametrize("chunk", [1, 2])
-def test_temporal_chunks_are_exact(temporal_kernel, chunk):
+def test_temporal_chunks_are_exact(temporal_kernel, temporal_upsample, chunk):
     """Causal convs carry their last k-1 input frames from chunk to chunk: any chunk length gives
     the frames of one decode (up to float rounding of convolutions over different lengths)."""
-    vae = _tiny_vae(temporal_kernel)
+    vae = _tiny_vae(temporal_kernel, temporal_upsample)
     z = torch.randn(1, 4, 5, 6, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = vae.decode(z)
@@ -106,3 +107,46 @@ def test_spatial_tiles_blend_towards_the_full_decode():
     assert mean_err == sorted(mean_err, reverse=True), errors  # wider overlaps, closer results
     assert errors[2 * radius + 1][1] <= 1e-5, errors  # exact
     assert errors[9][0] <= 0.01 * ref.abs().mean().item(), errors  # within 1% of the mean level
+
+
+# --- temporal upsampling -----------------------------------------------------------------------
+
+
+def test_depth_to_time_weights_give_the_repeat_decoders_frames():
+    """A "repeat" decoder carried over to "depth_to_time" (`convert_temporal_upsample`) decodes the
+    same frames: the starting point of a decoder-only fine-tune (`reel train --vae-decoder-only`)."""
+    from models.vae import convert_temporal_upsample
+
+    old = _tiny_vae(1, "repeat")
+    new = _tiny_vae(1, "depth_to_time")
+    state = convert_temporal_upsample(old.state_dict(), new)
+    assert state.keys() == new.state_dict().keys()
+    new.load_state_dict(state)
+    z = torch.randn(1, 4, 5, 6, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = old.decode(z), new.decode(z)
+    assert (a - b).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="size mismatch"):  # unconverted, the shapes differ
+        _tiny_vae(1, "depth_to_time").load_state_dict(old.state_dict())
+
+
+@pytest.mark.parametrize("temporal_upsample,first_group_moves", [("repeat", False), ("depth_to_time", True)])
+def test_the_first_latent_frame_decodes_to_a_still_only_when_repeating(temporal_upsample, first_group_moves):
+    """Repeating frames then padding causally with the first frame gives the first latent frame's
+    group identical frames, whatever the weights (so every clip's first frames stand still);
+    depth-to-time upsampling gives each of them its own channels."""
+    vae = _tiny_vae(1, temporal_upsample)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():  # random, so no weight is special
+            p.normal_(0, 0.2)
+        frames = vae.decode(torch.randn(1, 4, 2, 6, 8, generator=torch.Generator().manual_seed(4)))
+    first_steps = (frames[:, :, 1:4] - frames[:, :, :3]).abs().amax().item()
+    assert (first_steps > 1e-3) == first_group_moves, first_steps
+    assert (frames[:, :, 4:] - frames[:, :, 3:-1]).abs().amax().item() > 1e-3  # the later groups move in both
+
+
+def test_unknown_temporal_upsample_is_refused():
+    from models.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="temporal_upsample='nearest' must be one of repeat, depth_to_time"):
+        load_config("tiny", {"vae": {"temporal_upsample": "nearest"}})
