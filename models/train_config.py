@@ -28,6 +28,11 @@ class TrainConfig:
         object_weight: weight of the L1 averaged over the object's pixels only (far from the
             clip's median colour), so a small object counts as much as the background.
         edge_weight: weight of the L1 on spatial finite differences.
+        temporal_weight: weight of the L1 on frame-to-frame differences (the reconstruction's
+            steps against the clip's), so motion is not bunched at latent-frame boundaries.
+        vae_decoder_only: phase 1 trains the decoder alone, on `init_from`'s frozen encoder: the
+            latents, their scale and so the DiT trained on them stay valid (a better or
+            re-architected decoder, e.g. `temporal_upsample`, without retraining the DiT).
         latent_clips: clips encoded for the DiT's latent cache (per rank).
         text_dropout: share of DiT samples trained with the empty caption (for guidance).
         timestep_shift: SD3 shift of the DiT's training noise levels (logit-normal t, then shifted;
@@ -76,6 +81,8 @@ class TrainConfig:
     init_logvar: float = -8.0
     object_weight: float = 1.0
     edge_weight: float = 0.5
+    temporal_weight: float = 0.0
+    vae_decoder_only: bool = False
     latent_clips: int = 4000
     text_dropout: float = 0.1
     timestep_shift: float = 1.0
@@ -100,14 +107,18 @@ class TrainConfig:
             raise ValueError(f"--timestep-shift {self.timestep_shift}: the shift must be above 0 (1: unshifted)")
         if not 0 <= self.high_noise_share < 1:
             raise ValueError(f"--high-noise-share {self.high_noise_share}: a share in [0, 1) (0: none)")
+        if self.vae_decoder_only and not (self.init_from and self.vae_steps):
+            raise ValueError("--vae-decoder-only trains a decoder for the encoder of a trained model: "
+                             "give --init-from MODEL and --vae-steps > 0")
 
     def model_config(self) -> ModelConfig:
         return load_config(self.model, self.model_overrides or None)
 
     def check_init_from(self) -> None:
         """A one-line ValueError when `init_from` cannot start this run: no such model, a DiT of
-        another shape than `model`'s, or (with vae_steps 0, the autoencoder kept) another
-        autoencoder. Reads configs only: cheap enough to run before training starts."""
+        another shape than `model`'s, (with vae_steps 0, the autoencoder kept) another autoencoder,
+        (with vae_decoder_only) another encoder, or a decoder that cannot be carried over to
+        `model`'s temporal upsampling. Reads configs only: cheap enough to run before training starts."""
         if not self.init_from:
             return
         start, model = load_config(self.init_from), self.model_config()
@@ -115,6 +126,14 @@ class TrainConfig:
         if not self.vae_steps and replace(start.vae, **unscaled) != replace(model.vae, **unscaled):
             raise ValueError(f"--init-from {self.init_from!r}: its autoencoder differs from the one of model "
                              f"{self.model!r}; train one (--vae-steps > 0) or start from a model that matches")
+        if self.vae_steps and (start.vae.temporal_upsample, model.vae.temporal_upsample) == ("depth_to_time", "repeat"):
+            raise ValueError(f"--init-from {self.init_from!r}: its decoder upsamples time by "
+                             f"{start.vae.temporal_upsample}, model {self.model!r} by {model.vae.temporal_upsample}; "
+                             f"only repeat -> depth_to_time can be carried over")
+        encoder_only = dict(unscaled, temporal_upsample="")  # what the encoder depends on
+        if self.vae_decoder_only and replace(start.vae, **encoder_only) != replace(model.vae, **encoder_only):
+            raise ValueError(f"--vae-decoder-only: the encoder of --init-from {self.init_from!r} differs from the one "
+                             f"of model {self.model!r}; only the decoder's temporal_upsample may change")
         if start.dit != model.dit or start.text.dim != model.text.dim:
             raise ValueError(f"--init-from {self.init_from!r}: its DiT differs from the one of model {self.model!r}; "
                              f"start from a model of the same shape")

@@ -10,15 +10,19 @@ Phases, each resumable from its own DeepSpeed checkpoints under `out_dir`:
 
 1. VAE (`vae/`): random clips, cropped to `vae_crop` pixels and `vae_frames` frames around the
    object (the VAE is convolutional, so small crops train it at a fraction of the cost), loss =
-   L1 + L2 + an object-weighted L1 + an L1 on spatial gradients (edges) + `kl_weight` * KL.
+   L1 + L2 + an object-weighted L1 + an L1 on spatial gradients (edges) + an L1 on frame-to-frame
+   steps (`temporal_weight`) + `kl_weight` * KL.
    Then the latent scale: `scaling_factor = 1 / std`, `shift_factor = mean` of the posterior mean
-   over fresh clips (SD's recipe), written to `vae/final.json` with the weights.
+   over fresh clips (SD's recipe), written to `vae/final.json` with the weights. With
+   `vae_decoder_only` (and `init_from`) only the decoder trains and the init's latent scale is
+   kept, so the init's DiT still fits (and is exported as it is when there is no DiT phase).
 2. Latent cache (`latents-rank{r}.pt`): `latent_clips` fresh clips per run, encoded once with the
    final VAE; caption states for all of `source.captions` and the empty caption (`text_cache.pt`).
 3. DiT (`dit/`): rectified flow (`models.sampler.flow_matching_loss`): logit-normal t, random
    frame-conditioning masks (i2v / extend forward and backward / interpolate: some latent frames given clean), caption
    dropout (`text_dropout`, the empty caption) for classifier-free guidance; an EMA of the weights.
-4. Export (`export_weights`): `{vae.*, dit.* (EMA)}` as one safetensors file and its sha256.
+4. Export (`export_weights`): `{vae.*, dit.* (EMA)}` as one safetensors file and its sha256 (with
+   no DiT phase, the DiT of `init_from`).
 
 A step function runs over a DeepSpeed engine (`deepspeed.initialize`, ZeRO stage 1 or 2; fp32 on
 CPU, bf16 on GPU). On CPU, `DS_ACCELERATOR=cpu` and `deepspeed.init_distributed("gloo")` (which
@@ -53,7 +57,7 @@ from models.config import ModelConfig, load_config
 from models.dit import VideoDiT
 from models.sampler import flow_matching_loss
 from models.train_config import TrainConfig
-from models.vae import VideoAutoencoder
+from models.vae import VideoAutoencoder, convert_temporal_upsample
 from models.weights import build_modules, save_weights
 
 
@@ -136,7 +140,7 @@ def make_engine(module: nn.Module, lr: float, weight_decay: float, steps: int, c
 
     on_gpu = device.type == "cuda"
     module.to(device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -292,7 +296,7 @@ def prefetched(fn: Callable, keys, workers: int):
 
 
 def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """L1 + L2 + object-weighted L1 + edge L1 + kl_weight * KL per latent element."""
+    """L1 + L2 + object-weighted L1 + edge L1 + temporal L1 + kl_weight * KL per latent element."""
     recon, x = recon.float(), x.float()
     err = (recon - x).abs()
     l1, l2 = err.mean(), (recon - x).pow(2).mean()
@@ -300,9 +304,12 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, cfg: TrainConfig) 
     obj = ((x - median).abs().sum(1, keepdim=True) > 0.3).float()
     obj_l1 = (err * obj).sum() / obj.expand_as(err).sum().clamp_min(1.0)
     edge = ((recon.diff(dim=3) - x.diff(dim=3)).abs().mean() + (recon.diff(dim=4) - x.diff(dim=4)).abs().mean())
+    temporal = (recon.diff(dim=2) - x.diff(dim=2)).abs().mean() if x.shape[2] > 1 else x.new_zeros(())
     kl = posterior.kl().mean() / posterior.mean[0].numel()
-    loss = l1 + l2 + cfg.object_weight * obj_l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
-    return loss, {"l1": l1.item(), "l2": l2.item(), "obj_l1": obj_l1.item(), "edge": edge.item(), "kl": kl.item()}
+    loss = (l1 + l2 + cfg.object_weight * obj_l1 + cfg.edge_weight * edge + cfg.temporal_weight * temporal
+            + cfg.kl_weight * kl)
+    return loss, {"l1": l1.item(), "l2": l2.item(), "obj_l1": obj_l1.item(), "edge": edge.item(),
+                  "temporal": temporal.item(), "kl": kl.item()}
 
 
 # --- EMA ------------------------------------------------------------------------------------
@@ -368,9 +375,11 @@ def train_vae(cfg: TrainConfig, model_cfg: ModelConfig, source: ClipSource, run:
     torch.manual_seed(_seed_for(cfg, 1, run.rank, 0))
     vae = VideoAutoencoder(model_cfg.vae)
     if cfg.init_from:
-        vae.load_state_dict(initial_modules(cfg)["vae"].state_dict())
+        vae.load_state_dict(convert_temporal_upsample(initial_modules(cfg)["vae"].state_dict(), vae))
     else:
         init_posterior_logvar(vae, cfg.init_logvar)
+    if cfg.vae_decoder_only:  # the latent space stays the init's, and so does its DiT
+        vae.encoder.requires_grad_(False)
     engine, _, scheduler = make_engine(vae, cfg.vae_lr, 0.0, cfg.vae_steps, cfg, cfg.vae_batch, run.world, run.device)
     step, wall = 0, 0.0
     state = load_latest(engine, ckpt) if cfg.resume else None
@@ -415,7 +424,11 @@ def train_vae(cfg: TrainConfig, model_cfg: ModelConfig, source: ClipSource, run:
     if not (ckpt / f"step{step}").exists():
         save_checkpoint(engine, ckpt, step, {"step": step, "wall_s": wall}, cfg.keep_checkpoints)
     vae = engine.module.float().cpu().eval()
-    scale, shift = latent_statistics(vae, source, cfg, run)
+    if cfg.vae_decoder_only:  # same encoder, same latents: the DiT's scale must not move
+        init_vae = load_config(cfg.init_from).vae
+        scale, shift = init_vae.scaling_factor, init_vae.shift_factor
+    else:
+        scale, shift = latent_statistics(vae, source, cfg, run)
     if run.rank == 0:
         save_weights(vae.state_dict(), str(final))
         with open(run.out / "vae" / "final.json", "w") as f:
@@ -714,9 +727,11 @@ def train_model(cfg: TrainConfig, source: ClipSource, report: Callable[[dict], N
         summary["phase"] = "dit"
         return _report(summary, report)
     summary.update(finished=True, phase="done")
-    if cfg.dit_steps and rank == 0:
+    if (cfg.dit_steps or cfg.init_from) and rank == 0:
         path = cfg.export_path or str(run.out / "model.safetensors")
-        sha, _ = export_weights(run.out, model_cfg, path)
+        # no DiT phase: the init's DiT as it is (e.g. after --vae-decoder-only)
+        dit_state = None if cfg.dit_steps else initial_modules(cfg)["dit"].state_dict()
+        sha, _ = export_weights(run.out, model_cfg, path, dit_state=dit_state)
         summary.update(weights=path, weights_sha256=sha)
         run.log("export", weights=path, sha256=sha)
     summary["seconds"] = round(time.monotonic() - run.t0, 1)

@@ -125,6 +125,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear LR warm-up of each phase")
     p.add_argument("--vae-crop", type=int, default=d.vae_crop, help="VAE training crop in pixels (0: whole clip)")
     p.add_argument("--vae-frames", type=int, default=d.vae_frames, help="VAE training window in frames (0: whole clip)")
+    p.add_argument("--temporal-weight", type=float, default=d.temporal_weight,
+                   help="weight of the VAE's L1 on frame-to-frame steps (motion not bunched at latent-frame edges)")
+    p.add_argument("--vae-decoder-only", action="store_true",
+                   help="train only the decoder, on the frozen encoder of --init-from: its latents and DiT stay valid "
+                        "(with --dit-steps 0 its DiT is exported as it is)")
     p.add_argument("--latent-clips", type=int, default=d.latent_clips, help="clips in the DiT's latent cache (per worker)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="decay of the DiT weights' moving average")
     p.add_argument("--timestep-shift", type=float, default=d.timestep_shift,
@@ -151,7 +156,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out_dir=a.out, model=a.model, vae_steps=a.vae_steps, dit_steps=a.dit_steps, vae_batch=a.vae_batch,
         dit_batch=a.dit_batch, vae_lr=a.vae_lr, dit_lr=a.dit_lr, warmup_steps=a.warmup_steps, vae_crop=a.vae_crop,
-        vae_frames=a.vae_frames, latent_clips=a.latent_clips, ema_decay=a.ema_decay,
+        vae_frames=a.vae_frames, temporal_weight=a.temporal_weight, vae_decoder_only=a.vae_decoder_only,
+        latent_clips=a.latent_clips, ema_decay=a.ema_decay,
         timestep_shift=a.timestep_shift, high_noise_share=a.high_noise_share,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, seed=a.seed, minutes=a.minutes,
         threads=a.threads, data_workers=a.data_workers, zero_stage=a.zero_stage, resume=a.resume,

@@ -147,6 +147,33 @@ def test_fine_tuning_starts_from_a_trained_model(straight_run, tmp_path):
         train(tiny_cfg(tmp_path / "bad", init_from="default", vae_steps=0), source=FewScenes())
 
 
+def test_decoder_only_run_keeps_the_encoder_and_dit_and_carries_the_decoder_over(straight_run, tmp_path):
+    """--vae-decoder-only from a trained "repeat" model into a "depth_to_time" one: the encoder,
+    the latent scale and the DiT come out exactly as they went in, only the decoder learns."""
+    out, summary = straight_run
+    base = _model_folder(out, summary, tmp_path)
+    model = tmp_path / "d2t"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"base": "tiny", "vae": {"temporal_upsample": "depth_to_time"}}))
+    tuned = train(tiny_cfg(tmp_path / "dec", model=str(model), init_from=base, vae_decoder_only=True, vae_steps=3,
+                           dit_steps=0, vae_crop=0, vae_frames=0, temporal_weight=1.0), source=FewScenes())
+    assert tuned["finished"] and tuned["weights"] == str(tmp_path / "dec" / "model.safetensors")
+    start, _ = load_weights(summary["weights"])
+    got, _ = load_weights(tuned["weights"])
+    assert got.keys() == start.keys()
+    assert all(torch.equal(got[k], start[k]) for k in start if k.startswith(("vae.encoder.", "dit.")))
+    decoder = [k for k in start if k.startswith("vae.decoder.")]
+    doubled = [k for k in decoder if got[k].shape != start[k].shape]
+    assert doubled and all(got[k].shape[0] == 2 * start[k].shape[0] for k in doubled)  # the upsampling convs
+    assert any(not torch.equal(got[k], start[k]) for k in decoder if k not in doubled)  # it trained
+    scale = json.loads((tmp_path / "dec" / "vae" / "final.json").read_text())["scaling_factor"]
+    assert scale == json.loads((out / "vae" / "final.json").read_text())["scaling_factor"]
+    assert float(_curve(tmp_path / "dec" / "loss_vae.csv")[-1]["temporal"]) > 0
+
+    with pytest.raises(ValueError, match="only the decoder's temporal_upsample may change"):
+        TrainConfig(out_dir=str(tmp_path / "bad"), model="default", init_from=base, vae_decoder_only=True).check_init_from()
+
+
 def test_reel_train_refuses_a_wrong_start_in_one_line(tmp_path, capsys):
     from pipeline.cli import main
 
@@ -154,7 +181,8 @@ def test_reel_train_refuses_a_wrong_start_in_one_line(tmp_path, capsys):
                          (["--model", "tiny", "--init-from", "default", "--vae-steps", "0"], "autoencoder differs"),
                          (["--model", "tiny", "--init-from", "default"], "DiT differs"),
                          (["--timestep-shift", "0"], "must be above 0"),
-                         (["--high-noise-share", "1"], "a share in [0, 1)")):
+                         (["--high-noise-share", "1"], "a share in [0, 1)"),
+                         (["--vae-decoder-only"], "give --init-from MODEL")):
         assert main(["train", "--out", str(tmp_path / "run"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("reel train: ") and reason in err and "\n" not in err
