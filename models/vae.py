@@ -169,7 +169,7 @@ def depth_to_time_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tu
     return torch.cat([even, odd]), None if bias is None else torch.cat([bias, bias])
 
 
-def convert_temporal_upsample(state: dict[str, torch.Tensor], vae: "VideoAutoencoder") -> dict[str, torch.Tensor]:
+def convert_temporal_upsample(state: dict[str, torch.Tensor], vae: VideoAutoencoder) -> dict[str, torch.Tensor]:
     """A VAE state dict of a "repeat" decoder (keys as `vae.state_dict()`), with its upsampling
     convs turned into `vae`'s "depth_to_time" ones (`depth_to_time_weights`); other keys as they are.
     Loading the result into `vae` gives the old model's frames (to float rounding)."""

@@ -147,18 +147,20 @@ def test_fine_tuning_starts_from_a_trained_model(straight_run, tmp_path):
         train(tiny_cfg(tmp_path / "bad", init_from="default", vae_steps=0), source=FewScenes())
 
 
-def test_decoder_only_run_keeps_the_encoder_and_dit_and_carries_the_decoder_over(straight_run, tmp_path):
-    """--vae-decoder-only from a trained "repeat" model into a "depth_to_time" one: the encoder,
-    the latent scale and the DiT come out exactly as they went in, only the decoder learns."""
-    out, summary = straight_run
-    base = _model_folder(out, summary, tmp_path)
-    model = tmp_path / "d2t"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"base": "tiny", "vae": {"temporal_upsample": "depth_to_time"}}))
-    tuned = train(tiny_cfg(tmp_path / "dec", model=str(model), init_from=base, vae_decoder_only=True, vae_steps=3,
+def test_decoder_only_run_keeps_the_encoder_and_dit_and_carries_the_decoder_over(dist, tmp_path):
+    """--vae-decoder-only from a "repeat" model into tiny (a "depth_to_time" decoder, as the
+    default's): the encoder, the latent scale and the DiT come out exactly as they went in, the
+    decoder's upsampling convs are carried over to twice the channels, and only the decoder learns."""
+    from models.weights import load_modules
+
+    repeat = tmp_path / "repeat"
+    repeat.mkdir()
+    (repeat / "config.json").write_text(json.dumps({"base": "tiny", "vae": {"temporal_upsample": "repeat"}}))
+    assert load_config("tiny").vae.temporal_upsample == "depth_to_time"
+    tuned = train(tiny_cfg(tmp_path / "dec", init_from=str(repeat), vae_decoder_only=True, vae_steps=3,
                            dit_steps=0, vae_crop=0, vae_frames=0, temporal_weight=1.0), source=FewScenes())
     assert tuned["finished"] and tuned["weights"] == str(tmp_path / "dec" / "model.safetensors")
-    start, _ = load_weights(summary["weights"])
+    start = load_modules(load_config(str(repeat)))[0].state_dict()
     got, _ = load_weights(tuned["weights"])
     assert got.keys() == start.keys()
     assert all(torch.equal(got[k], start[k]) for k in start if k.startswith(("vae.encoder.", "dit.")))
@@ -167,11 +169,14 @@ def test_decoder_only_run_keeps_the_encoder_and_dit_and_carries_the_decoder_over
     assert doubled and all(got[k].shape[0] == 2 * start[k].shape[0] for k in doubled)  # the upsampling convs
     assert any(not torch.equal(got[k], start[k]) for k in decoder if k not in doubled)  # it trained
     scale = json.loads((tmp_path / "dec" / "vae" / "final.json").read_text())["scaling_factor"]
-    assert scale == json.loads((out / "vae" / "final.json").read_text())["scaling_factor"]
+    assert scale == load_config(str(repeat)).vae.scaling_factor
     assert float(_curve(tmp_path / "dec" / "loss_vae.csv")[-1]["temporal"]) > 0
 
     with pytest.raises(ValueError, match="only the decoder's temporal_upsample may change"):
-        TrainConfig(out_dir=str(tmp_path / "bad"), model="default", init_from=base, vae_decoder_only=True).check_init_from()
+        TrainConfig(out_dir=str(tmp_path / "bad"), model="default", init_from=str(repeat),
+                    vae_decoder_only=True).check_init_from()
+    with pytest.raises(ValueError, match="only repeat -> depth_to_time can be carried over"):
+        TrainConfig(out_dir=str(tmp_path / "bad"), model=str(repeat), init_from="tiny").check_init_from()
 
 
 def test_reel_train_refuses_a_wrong_start_in_one_line(tmp_path, capsys):
