@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from models.train_config import COND_PROBS
+
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift: t' = s·t / (1 + (s - 1)·t). s > 1 moves time towards the noisy end."""
@@ -137,10 +139,6 @@ class FlowMatchSampler:
 
 
 # --- training -------------------------------------------------------------------------------------
-
-#: Default share of training samples per frame-conditioning task (the rest are text→video).
-COND_PROBS = {"i2v": 0.1, "extend": 0.2, "extend_backward": 0.15, "interpolate": 0.05}
-
 
 def random_frame_masks(batch: int, frames: int, probs: dict[str, float] | None = None,
                        generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field, replace
 
 from models.config import ModelConfig, load_config
 
+#: Default share of the DiT's training samples per frame-conditioning task (the rest are
+#: text→video); the tasks are `models.sampler.random_frame_masks`'.
+COND_PROBS = {"i2v": 0.1, "extend": 0.2, "extend_backward": 0.15, "interpolate": 0.05}
+
 
 @dataclass
 class TrainConfig:
@@ -41,6 +45,10 @@ class TrainConfig:
         high_noise_share: share of the DiT's samples whose noise level is drawn from the top band
             [0.9, 1) instead (`models.sampler.sample_training_timesteps`): where the first sampler
             steps settle a clip's layout and motion, and the caption must already count.
+        cond_mix: shares of the DiT's samples per frame-conditioning task ("i2v", "extend",
+            "extend_backward", "interpolate"; `models.sampler.random_frame_masks`), the rest
+            text→video; a task not named gets none. None: `COND_PROBS`. A model
+            weak at one mode (extending backwards, say) is fine-tuned with more of it.
         ema_decay: decay of the DiT's exponential moving average (exported instead of the raw weights).
         grad_clip: gradient-norm clipping.
         zero_stage: DeepSpeed ZeRO stage (1 or 2).
@@ -87,6 +95,7 @@ class TrainConfig:
     text_dropout: float = 0.1
     timestep_shift: float = 1.0
     high_noise_share: float = 0.0
+    cond_mix: dict[str, float] | None = None
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     zero_stage: int = 1
@@ -107,6 +116,12 @@ class TrainConfig:
             raise ValueError(f"--timestep-shift {self.timestep_shift}: the shift must be above 0 (1: unshifted)")
         if not 0 <= self.high_noise_share < 1:
             raise ValueError(f"--high-noise-share {self.high_noise_share}: a share in [0, 1) (0: none)")
+        if self.cond_mix is not None:
+            unknown = sorted(set(self.cond_mix) - set(COND_PROBS))
+            if unknown or any(not 0 <= v <= 1 for v in self.cond_mix.values()) or sum(self.cond_mix.values()) > 1:
+                raise ValueError(f"--cond-mix {format_cond_mix(self.cond_mix)}: shares in [0, 1] of the tasks "
+                                 f"{', '.join(COND_PROBS)}, adding up to at most 1"
+                                 + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         if self.vae_decoder_only and not (self.init_from and self.vae_steps):
             raise ValueError("--vae-decoder-only trains a decoder for the encoder of a trained model: "
                              "give --init-from MODEL and --vae-steps > 0")
@@ -137,3 +152,21 @@ class TrainConfig:
         if start.dit != model.dit or start.text.dim != model.text.dim:
             raise ValueError(f"--init-from {self.init_from!r}: its DiT differs from the one of model {self.model!r}; "
                              f"start from a model of the same shape")
+
+
+def parse_cond_mix(text: str) -> dict[str, float]:
+    """`--cond-mix` text, "extend=0.2,extend_backward=0.4", as {task: share}; a one-line
+    ValueError for text of another form (the tasks and shares are checked by TrainConfig)."""
+    mix = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, share = part.partition("=")
+        try:
+            mix[task.strip()] = float(share)
+        except ValueError:
+            raise ValueError(f"--cond-mix {text!r}: write TASK=SHARE pairs, comma-separated "
+                             f"(e.g. extend=0.2,extend_backward=0.4)") from None
+    return mix
+
+
+def format_cond_mix(mix: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in mix.items())

@@ -583,7 +583,7 @@ def dit_step(engine, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
     loss = flow_matching_loss(engine, x0.to(dev, dtype), text.to(dev, dtype), text_mask.to(dev),
                               uncond_text=uncond.to(dev, dtype), uncond_mask=uncond_mask.to(dev),
                               text_dropout=cfg.text_dropout, shift=cfg.timestep_shift,
-                              high_noise_share=cfg.high_noise_share, generator=generator)
+                              high_noise_share=cfg.high_noise_share, cond_probs=cfg.cond_mix, generator=generator)
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -97,6 +97,11 @@ def test_frame_masks_cover_the_tasks():
     assert all(m.sum() < 4 for m in masks)  # something is always left to generate
 
 
+def test_a_mix_of_one_task_gives_only_its_masks():
+    masks = random_frame_masks(200, 4, {"extend_backward": 1.0}, generator=torch.Generator().manual_seed(0))
+    assert all(m[-1] == 1 and m[0] == 0 and (m.diff() >= 0).all() for m in masks)  # a given suffix, every one
+
+
 def test_training_loss_is_seeded_and_differentiable():
     torch.manual_seed(0)
     dit = VideoDiT(DiTConfig(hidden_size=32, num_layers=1, num_heads=2, freq_dim=32, latent_channels=4, text_dim=8))
