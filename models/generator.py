@@ -178,21 +178,19 @@ class DiffusionVideoGenerator:
     def encode_conditioning(self, r: RenderRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Latents and latent-frame mask (1, T') of a request's given frames; (None, None) if none.
 
-        A latent frame is given when any of its pixel frames is; its other pixel frames are filled
-        with the nearest given one. Frames before a given one are mid-gray: the VAE is causal, so
-        a given prefix (image→video, extension) encodes exactly as it would alone.
+        A latent frame is given when any of its pixel frames is. Every pixel frame that is not
+        given is filled with the nearest given one, as the VAE's causal padding repeats a clip's
+        first frame: a given prefix (image→video, extension) encodes exactly as it would alone,
+        and a given suffix (backward extension) as after a held copy of its first frame, nearer
+        to the clip the encoder saw in training than mid-gray frames are.
         """
         if r.cond_frames is None or not len(r.cond_index):
             return None, None
         ft = self.vae.temporal_compression
-        pixels = torch.zeros(r.frames, r.height, r.width, 3)
         known = dict(zip(r.cond_index, torch.from_numpy(np.asarray(r.cond_frames)).float() / 127.5 - 1))
+        pixels = torch.stack([known[min(known, key=lambda k: (abs(k - i), k))] for i in range(r.frames)])
         mask = torch.zeros(1, r.frames // ft)
-        for group in {i // ft for i in known}:
-            given = [i for i in range(group * ft, (group + 1) * ft) if i in known]
-            for i in range(group * ft, (group + 1) * ft):
-                pixels[i] = known[min(given, key=lambda k: abs(k - i))]
-            mask[0, group] = 1
+        mask[0, sorted({i // ft for i in known})] = 1
         video = pixels.permute(3, 0, 1, 2)[None].to(self.device)  # (1, 3, T, H, W)
         return self.vae.encode(video).float(), mask.to(self.device)
 

@@ -2,6 +2,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from models.generator import describe_model, grid_limits
 from models.interface import RenderRequest, VideoGenerator
@@ -78,6 +79,23 @@ def test_image_to_video_conditioning(tiny_generator):
     assert not np.array_equal(out, tiny_generator.generate([dataclasses.replace(r, cond_frames=None, cond_index=())])[0].frames)
     with pytest.raises(ValueError, match="cond_index"):
         tiny_generator.generate([dataclasses.replace(r, cond_index=(9,))])
+
+
+def test_conditioning_latents_of_a_prefix_and_of_a_suffix(tiny_generator):
+    """A given prefix encodes as the prefix alone (the VAE is causal); before a given suffix the
+    encoder sees its first frame held, as the VAE's causal padding holds a clip's first frame."""
+    from models.generator import pixels_to_video
+
+    g = tiny_generator
+    clip = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    latents, mask = g.encode_conditioning(request(frames=16, cond_frames=clip, cond_index=tuple(range(8))))
+    alone = g.vae.encode(pixels_to_video(clip, g.device)).float()
+    assert mask.tolist() == [[1.0, 1.0, 0.0, 0.0]] and torch.allclose(latents[:, :, :2], alone, atol=1e-5)
+    latents, mask = g.encode_conditioning(request(frames=16, cond_frames=clip, cond_index=tuple(range(8, 16))))
+    held = g.vae.encode(pixels_to_video(np.concatenate([np.repeat(clip[:1], 8, axis=0), clip]), g.device)).float()
+    assert mask.tolist() == [[0.0, 0.0, 1.0, 1.0]] and torch.allclose(latents, held)
+    gray = g.vae.encode(pixels_to_video(np.concatenate([np.full_like(clip, 128), clip]), g.device)).float()
+    assert not torch.allclose(latents[:, :, 2:], gray[:, :, 2:])  # the given latents depend on the fill
 
 
 def test_default_model_renders_the_default_clip():
