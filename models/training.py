@@ -140,8 +140,7 @@ def make_engine(module: nn.Module, lr: float, weight_decay: float, steps: int, c
 
     on_gpu = device.type == "cuda"
     module.to(device)
-    trainable = [p for p in module.parameters() if p.requires_grad]  # not a frozen encoder
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

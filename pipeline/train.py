@@ -1,6 +1,6 @@
 """Training the default model on the shapes world, under Ray Train or in one plain process.
 
-    from models.train_config import COND_PROBS, TrainConfig, format_cond_mix, parse_cond_mix
+    from models.train_config import TrainConfig
     from pipeline.train import train
 
     cfg = TrainConfig(out_dir=".train/default", vae_steps=800, dit_steps=2500, minutes=80)
@@ -161,7 +161,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         dit_batch=a.dit_batch, vae_lr=a.vae_lr, dit_lr=a.dit_lr, warmup_steps=a.warmup_steps, vae_crop=a.vae_crop,
         vae_frames=a.vae_frames, temporal_weight=a.temporal_weight, vae_decoder_only=a.vae_decoder_only,
         latent_clips=a.latent_clips, ema_decay=a.ema_decay,
-        timestep_shift=a.timestep_shift, high_noise_share=a.high_noise_share, cond_mix=parse_cond_mix(a.cond_mix) if a.cond_mix else None,
+        timestep_shift=a.timestep_shift, high_noise_share=a.high_noise_share,
+        cond_mix=parse_cond_mix(a.cond_mix) if a.cond_mix else None,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, seed=a.seed, minutes=a.minutes,
         threads=a.threads, data_workers=a.data_workers, zero_stage=a.zero_stage, resume=a.resume,
         export_path=a.export, init_from=a.init_from)
