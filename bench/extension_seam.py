@@ -5,7 +5,7 @@
 For each of `--clips` fresh shapes-world scenes (held-in pairs, every motion but "still", whose
 source has no frame-to-frame step to measure against), 8 frames of a 2 s clip of the scene are
 extended by 1 s forward and 1 s backward through the batch pipeline's own mode code
-(`pipeline.modes.render_clip`), with the model's default steps and guidance:
+(`pipeline.stages.modes.render_clip`), with the model's default steps and guidance:
 
   model  the model's own render of the scene's canonical caption (extending a generated clip):
          its middle second, frames 4-11, both ways (the object is mid-motion);
@@ -46,12 +46,12 @@ def main() -> None:
 
     import numpy as np
 
-    from models.generator import load_generator, pixels_to_video
+    from models.interface import load_generator, pixels_to_video
     from models.interface import RenderRequest
-    from pipeline.encode import decode_mp4, encode_mp4
+    from pipeline.media.encode import decode_mp4, encode_mp4
     from pipeline.evaluate import extension_seam
-    from pipeline.modes import render_clip
-    from pipeline.shapes_world import canonical_caption, render_scene, sample_scenes
+    from pipeline.stages.modes import render_clip
+    from models.shapes.world import canonical_caption, render_scene, sample_scenes
 
     gen = load_generator(a.model, device="cpu", num_threads=a.threads)
     lim = gen.limits

@@ -37,11 +37,11 @@ def manifest_rows(n: int) -> list[dict]:
 
 
 def bare_loop(manifest: str, out: str, model: str) -> float:
-    from models.generator import describe_model, load_generator
+    from models.interface import describe_model, load_generator
     from models.interface import RenderRequest
-    from pipeline.manifest import read_manifest, validate
-    from pipeline.recaption import load_recaptioner
-    from pipeline.stages import ClipWriter
+    from pipeline.batch.manifest import read_manifest, validate
+    from pipeline.prompt.recaption import load_recaptioner
+    from pipeline.stages.udfs import ClipWriter
 
     t0 = time.perf_counter()
     info, limits, recaptioner_name = describe_model(model)
@@ -72,7 +72,7 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
              cpus: float | None) -> tuple[float, float]:
     import ray
 
-    from pipeline.render import RenderConfig, render_manifest
+    from pipeline.batch.driver import RenderConfig, render_manifest
 
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)

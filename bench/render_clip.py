@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clip_seconds(model: str, clips: int, threads: int) -> dict:
-    from models.generator import load_generator
+    from models.interface import load_generator
     from models.interface import RenderRequest
-    from pipeline.shapes_world import Scene, canonical_caption
+    from models.shapes.world import Scene, canonical_caption
 
     gen = load_generator(model, device="cpu", num_threads=threads)
     lim = gen.limits

@@ -12,7 +12,7 @@
 * PSNR of the marked frames against the unmarked ones (before encoding).
 
 Rates are per clip; scores are the detector's z (threshold `THRESHOLD`). Nothing here asserts:
-tests/pipeline/test_provenance.py holds the bars.
+tests/pipeline/media/test_provenance.py holds the bars.
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
-    from models.generator import load_generator
+    from models.interface import load_generator
     from models.interface import RenderRequest
-    from pipeline import shapes_world as sw
-    from pipeline.encode import decode_mp4, encode_mp4
-    from pipeline.watermark import FALSE_POSITIVE_BOUND, THRESHOLD, detect_watermark, embed_watermark
+    from models.shapes import world as sw
+    from pipeline.media.encode import decode_mp4, encode_mp4
+    from pipeline.media.watermark import FALSE_POSITIVE_BOUND, THRESHOLD, detect_watermark, embed_watermark
 
     gen = load_generator("default", num_threads=args.threads)
     steps = args.steps or gen.limits.default_steps

@@ -1,6 +1,6 @@
 """The `VideoGenerator` the pipeline calls: caption → text states → DiT sampler → VAE decode → frames.
 
-    gen = load_generator("default")                  # or "tiny", a .json, a folder / URI
+    gen = load_generator("default")                  # models.interface; or "tiny", a .json, a folder / URI
     [out] = gen.generate([RenderRequest(caption="A red circle moves right.", width=64, height=64,
                                         frames=16, fps=8, seed=1, steps=20, guidance=4.5)])
     out.frames  # uint8 (16, 64, 64, 3); out.timings == {"text": s, "sample": s, "decode": s}
@@ -13,8 +13,10 @@ One model spread over a process group (sp x tp x cfg ranks, `models/parallel.py`
 generator with a parallel DiT, sampler and decode (`ParallelVideoGenerator`): every rank of the
 group calls `generate` with the same requests and every rank gets the same frames back.
 
-    init_distributed(rank, world, master_addr, master_port)           # one process per rank
+    join_render_group(rank, world, master_addr, master_port)          # one process per rank
     gen = load_generator("default", parallel=ParallelConfig(sp=2))    # in each rank's process
+
+(`load_generator`, `describe_model` and `join_render_group` live in `models.interface`.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from models.config import ConfigError, ModelConfig, ParallelConfig, load_config
-from models.interface import GridLimits, ModelInfo, RenderOutput, RenderRequest
+from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest
 from models.sampler import FlowMatchSampler
 from models.text import TextEncoder
 from models.weights import load_modules, weights_sha256
@@ -224,7 +226,8 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, group=None,
                  device: torch.device | str | None = None):
-        from models.parallel import ParallelSampler, build_mesh, check_layout, parallelize
+        from models.parallel import ParallelSampler, build_mesh, parallelize
+        from models.config import check_layout
         from models.vae import decoder_receptive_field
 
         check_layout(parallel, config.dit, guidance=config.sampler.guidance)  # before loading weights
@@ -267,28 +270,3 @@ def pixels_to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 frames (T, H, W, 3) as the VAE's input (1, 3, T, H, W) in [-1, 1]."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1
     return video.permute(3, 0, 1, 2)[None].to(device)
-
-
-def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
-                   num_threads: int | None = None, parallel: ParallelConfig | None = None,
-                   group=None) -> DiffusionVideoGenerator:
-    """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig).
-
-    `num_threads` sets torch's intra-op threads for this process (CPU rendering).
-    `parallel`: this process is one rank of a group running that layout, over `group` (None: the
-    default world, already initialised): a `ParallelVideoGenerator`.
-    """
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    config = spec if isinstance(spec, ModelConfig) else load_config(spec)
-    if parallel is not None:
-        return ParallelVideoGenerator(config, parallel, group=group, device=device)
-    return DiffusionVideoGenerator(config, device=device)
-
-
-def describe_model(spec: str | ModelConfig = "default") -> tuple[ModelInfo, GridLimits, str | None]:
-    """(info, limits, recaptioner name or None) without loading the text encoder or moving anything
-    to a device: what a driver needs to validate a manifest and label outputs."""
-    config = spec if isinstance(spec, ModelConfig) else load_config(spec)
-    info = ModelInfo(name=config.name, version=config.version, weights_sha256=weights_sha256(config))
-    return info, grid_limits(config), config.recaptioner

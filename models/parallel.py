@@ -42,53 +42,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import DiTConfig, ParallelConfig
+from models.config import DiTConfig, ParallelConfig, ParallelConfigError, check_layout
 from models.dit import (Attention, AttnProcessor, ContextParallelInput, ContextParallelOutput, FeedForward,
                         TransformerBlock, VideoDiT, apply_rotary_emb)
 from models.sampler import FlowMatchSampler
 
-__all__ = ["ParallelConfig", "ParallelConfigError", "ParallelMesh", "build_mesh", "check_layout",
-           "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler", "USPAttnProcessor",
+__all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler", "USPAttnProcessor",
            "ColumnParallelLinear", "RowParallelLinear", "TPRMSNorm"]
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work with this model, group or request."""
-
-
-# --- the layout ---------------------------------------------------------------------------------
-
-
-def ulysses_ring_degrees(config: ParallelConfig, num_heads: int) -> tuple[int, int]:
-    """(ulysses, ring) with ulysses · ring = sp; ulysses divides the heads left per tp rank."""
-    local_heads = num_heads // config.tp
-    if config.ulysses is not None:
-        return config.ulysses, config.sp // config.ulysses
-    u = max(d for d in range(1, config.sp + 1) if config.sp % d == 0 and local_heads % d == 0)
-    return u, config.sp // u
-
-
-def check_layout(config: ParallelConfig, dit: DiTConfig, world_size: int | None = None,
-                 guidance: float | None = None) -> tuple[int, int]:
-    """Raise `ParallelConfigError` (one line) for a layout that cannot work; else (ulysses, ring)."""
-    sp, tp, cfg = config.sp, config.tp, config.cfg
-    layout = f"sp={sp} x tp={tp} x cfg={cfg}"
-    if min(sp, tp) < 1 or cfg not in (1, 2):
-        raise ParallelConfigError(f"parallel layout {layout}: sp and tp must be >= 1 and cfg 1 or 2")
-    if world_size is not None and sp * tp * cfg != world_size:
-        raise ParallelConfigError(f"parallel layout {layout} needs {sp * tp * cfg} ranks, the group has {world_size}")
-    heads, hidden = dit.num_heads, dit.hidden_size
-    mlp = int(hidden * dit.mlp_ratio)
-    if heads % tp or hidden % tp or mlp % tp:
-        raise ParallelConfigError(f"parallel layout {layout}: tp={tp} must divide the heads ({heads}), the width "
-                                  f"({hidden}) and the MLP width ({mlp})")
-    if config.ulysses is not None and (sp % config.ulysses or (heads // tp) % config.ulysses):
-        raise ParallelConfigError(f"parallel layout {layout}: ulysses={config.ulysses} must divide sp={sp} and the "
-                                  f"heads per tp rank ({heads // tp})")
-    if cfg == 2 and guidance is not None and guidance == 1.0:
-        raise ParallelConfigError(f"parallel layout {layout}: cfg=2 needs classifier-free guidance, "
-                                  f"but guidance is 1 (one pass per step); use cfg=1")
-    return ulysses_ring_degrees(config, heads)
 
 
 def _backend_of(group) -> str:

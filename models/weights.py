@@ -23,12 +23,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models.config import ModelConfig
+from models.errors import UserError
 from models.dit import VideoDiT
 from models.vae import VideoAutoencoder
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights cannot be read, do not match their expected sha256, or do not fit the model."""
+
+    show_type = True
 
 
 def sha256_bytes(data: bytes) -> str:

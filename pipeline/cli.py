@@ -108,7 +108,8 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pipeline.render import RenderConfig, UsageError, render_manifest
+    from pipeline.batch.driver import RenderConfig, render_manifest
+    from pipeline.errors import UsageError
 
     if args.limit is not None and args.limit < 0:
         print("reel render: --limit must be 0 or more", file=sys.stderr)
@@ -150,7 +151,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 def _parallel_overrides(args: argparse.Namespace) -> dict[str, int]:
     """--sp / --tp / --cfg-parallel as overrides of the model config's parallel section."""
-    from pipeline.replica import cfg_degree
+    from pipeline.stages.replica import cfg_degree
 
     overrides = (("sp", args.sp), ("tp", args.tp), ("cfg", cfg_degree(args.cfg_parallel)))
     return {k: v for k, v in overrides if v is not None}
@@ -160,7 +161,7 @@ CAMPAIGN_HELP = """\
 Expand a campaign spec (YAML: a prompt template, variant axes, placements, seeds, exclusions)
 into a render manifest, or expand and render it in one go. Ids are derived from each variant's
 values, so a re-expanded campaign maps to the same ids and a rerun renders nothing twice.
-The spec format is described in pipeline/campaign.py and README.md. A malformed spec exits 2
+The spec format is described in pipeline/batch/campaign.py and README.md. A malformed spec exits 2
 with one line naming the line of the spec.
 """
 
@@ -188,8 +189,9 @@ def _add_campaign_parser(sub) -> None:
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from pipeline import campaign, storage
-    from pipeline.manifest import write_manifest
+    from pipeline.batch import campaign
+    from pipeline import storage
+    from pipeline.batch.manifest import write_manifest
 
     prog = f"reel campaign {args.campaign_command}"
     try:
@@ -214,11 +216,11 @@ def _campaign(args: argparse.Namespace) -> int:
 
 
 EVAL_HELP = """\
-Render a prompt set and judge every clip by its pixels (shared/SHAPES_WORLD.md): adherence per
+Render a prompt set and judge every clip by its pixels (docs/SHAPES_WORLD.md): adherence per
 attribute (shape, colour, background, motion), for held-in and held-out colour-shape pairs apart,
 and permanence (the share of frames in which the object is visible).
 
-By default the shipped set of free-form user prompts (pipeline/eval_prompts.jsonl: JSON Lines of
+By default the shipped set of free-form user prompts (models/shapes/eval_prompts.jsonl: JSON Lines of
 {"prompt", "shape", "colour", "background", "motion"}, an attribute null when the prompt leaves it
 open) goes through the whole pipeline, as `reel render` would run it (recaptioner, model, H.264),
 and the MP4s are judged. OUT gets render/ (resumable), clips.parquet (per prompt: caption,
@@ -303,7 +305,7 @@ into OUT; accepted jobs are kept in a SQLite file (--store) and survive a restar
 
 Clients authenticate with a bearer key from REEL_API_KEYS (comma-separated) or --api-key-file
 (one key a line); without any key the server does not start. /healthz and /readyz are open.
-Every option has a REELFORGE_<OPTION> variable used by `pipeline.serve:app` (cluster/rayservice.yaml).
+Every option has a REELFORGE_<OPTION> variable used by `pipeline.serve.app:app` (cluster/rayservice.yaml).
 """
 
 
@@ -337,8 +339,8 @@ def _add_serve_parser(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.render import UsageError
-    from pipeline.serve import ServeConfig, key_hash, read_key_file, run
+    from pipeline.errors import UsageError
+    from pipeline.serve.app import ServeConfig, key_hash, read_key_file, run
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
@@ -385,7 +387,7 @@ def _add_verify_parser(sub) -> None:
 def _verify(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.provenance import ProvenanceError, UnreadableInput, format_report, read_provenance
+    from pipeline.media.provenance import ProvenanceError, UnreadableInput, format_report, read_provenance
 
     unmarked = unreadable = False
     for path in args.files:

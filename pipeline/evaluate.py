@@ -1,6 +1,6 @@
-"""`reel eval`: render a prompt set and judge the clips by their pixels (shared/SHAPES_WORLD.md).
+"""`reel eval`: render a prompt set and judge the clips by their pixels (docs/SHAPES_WORLD.md).
 
-Two evaluations, both judged by `pipeline.judge` (background, colour, shape, motion, permanence;
+Two evaluations, both judged by `models.shapes.judge` (background, colour, shape, motion, permanence;
 held-in and held-out colour-shape pairs reported apart):
 
 * `evaluate_prompts` (the default of `reel eval`): the whole product. A prompt set of free-form
@@ -8,7 +8,7 @@ held-in and held-out colour-shape pairs reported apart):
   "shape": ..., "colour": ..., "background": ..., "motion": ...}; an attribute left out or null
   is one the prompt leaves open, and is not judged), goes through `reel render` (manifest → Ray
   Data → recaptioner → model → H.264 MP4); each MP4 is decoded and judged. The shipped set,
-  `pipeline/eval_prompts.jsonl`, was written as users write, before the recaptioner's word lists.
+  `models/shapes/eval_prompts.jsonl`, was written as users write, before the recaptioner's word lists.
   OUT gets render/ (the run, resumable: a rerun renders nothing twice), clips.parquet (one row
   per prompt: caption, intended and found attributes) and eval.json (the summary).
 * `evaluate_scenes`: the model alone. Fresh random scenes (held-in and held-out pairs, in equal
@@ -32,16 +32,19 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.errors import one_line
-from pipeline.encode import decode_mp4
-from pipeline.judge import ATTRIBUTES, JudgeResult, aggregate, is_held_out, judge_clip
-from pipeline.shapes_world import VOCABULARY, canonical_caption, render_scene, sample_scenes
+from pipeline.errors import UserError, one_line
+from pipeline.media.encode import decode_mp4
+from models.shapes import EVAL_PROMPTS
+from models.shapes.judge import ATTRIBUTES, JudgeResult, aggregate, is_held_out, judge_clip
+from models.shapes.world import VOCABULARY, canonical_caption, render_scene, sample_scenes
 
-DEFAULT_PROMPTS = str(Path(__file__).with_name("eval_prompts.jsonl"))
+DEFAULT_PROMPTS = str(EVAL_PROMPTS)
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """The prompt set or the options are unusable (one line, says what to fix)."""
+
+    show_type = True
 
 
 def load_prompt_set(uri: str) -> list[dict[str, Any]]:
@@ -89,8 +92,9 @@ class PromptEval:
 def evaluate_prompts(cfg: PromptEval) -> dict:
     """Render the prompt set through the pipeline and judge every clip; the summary (also in
     OUT/eval.json). Rows that fail to render count as not adherent and are listed."""
-    from pipeline.manifest import write_manifest
-    from pipeline.render import RenderConfig, UsageError, render_manifest
+    from pipeline.batch.manifest import write_manifest
+    from pipeline.batch.driver import RenderConfig, render_manifest
+    from pipeline.errors import UsageError
 
     prompts = load_prompt_set(cfg.prompts)[: cfg.limit]
     rows = []
@@ -146,7 +150,7 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
     """Judge the model on `clips` fresh held-in and `clips` fresh held-out scenes, rendered from
     their canonical captions straight through the generator (the model's default steps and
     guidance unless given): the judge's summary plus render timings."""
-    from models.generator import load_generator
+    from models.interface import load_generator
     from models.interface import RenderRequest
 
     try:
@@ -184,7 +188,7 @@ def vae_roundtrip_adherence(vae, clips: int = 64, seed: int = 777, held_out: boo
     autoencoder? `held_out` scenes by default (pairs the VAE never saw)."""
     import torch
 
-    from models.training import to_tensor
+    from models.training.engine import to_tensor
 
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(rng, clips, held_out_only=held_out)

@@ -32,6 +32,6 @@ def text_encoder(tiny_config):
 
 @pytest.fixture(scope="session")
 def tiny_generator():
-    from models.generator import load_generator
+    from models.interface import load_generator
 
     return load_generator("tiny", device="cpu")

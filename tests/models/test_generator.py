@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.generator import describe_model, grid_limits
+from models.generator import grid_limits
+from models.interface import describe_model
 from models.interface import RenderRequest, VideoGenerator
 
 
@@ -100,7 +101,7 @@ def test_conditioning_latents_of_a_prefix_and_of_a_suffix(tiny_generator):
 
 def test_default_model_renders_the_default_clip():
     """The shipped default (a real DiT) at its default size; few steps to stay quick."""
-    from models.generator import load_generator
+    from models.interface import load_generator
 
     g = load_generator("default", device="cpu")
     limits = g.limits

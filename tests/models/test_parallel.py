@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from models.config import ParallelConfig, load_config  # noqa: E402
 from models.dit import VideoDiT  # noqa: E402
-from models.parallel import ParallelConfigError, check_layout  # noqa: E402
+from models.config import ParallelConfigError, check_layout  # noqa: E402
 from models.sampler import FlowMatchSampler  # noqa: E402
 
 TOL = 1e-4

@@ -9,11 +9,11 @@ import pytest
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.contact_sheet import sheet, sheet_of_run
-from pipeline.encode import decode_mp4, encode_mp4
+from pipeline.media.contact_sheet import sheet, sheet_of_run
+from pipeline.media.encode import decode_mp4, encode_mp4
 from pipeline.evaluate import DEFAULT_PROMPTS, EvalError, extension_seam, load_prompt_set
-from pipeline.judge import JudgeResult, adherence, aggregate, is_held_out, judge_clip
-from pipeline.shapes_world import Scene, render_scene
+from models.shapes.judge import JudgeResult, adherence, aggregate, is_held_out, judge_clip
+from models.shapes.world import Scene, render_scene
 
 SCENES = [Scene("triangle", "green", "navy", "up"), Scene("diamond", "orange", "black", "left"),
           Scene("circle", "yellow", "brown", "grows"), Scene("square", "purple", "gray", "shrinks"),

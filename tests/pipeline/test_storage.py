@@ -57,7 +57,7 @@ def test_join_keeps_protocol_and_resolve():
 
 
 def test_a_runs_output_folder_is_absolute_so_its_metadata_reads_back_from_anywhere(tmp_path, monkeypatch):
-    from pipeline.render import RenderConfig
+    from pipeline.batch.driver import RenderConfig
 
     monkeypatch.chdir(tmp_path)
     assert storage.absolute("renders") == str(tmp_path / "renders")

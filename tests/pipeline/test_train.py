@@ -1,4 +1,4 @@
-"""Training (models/training.py via pipeline/train.py) on the tiny config: the steps learn, a paused
+"""Training (models/training/engine.py via pipeline/train.py) on the tiny config: the steps learn, a paused
 run resumes to the same step count and the same weights, and the export loads as a model."""
 
 import json
@@ -9,12 +9,12 @@ import torch
 
 from models.config import load_config
 from models.dit import VideoDiT
-from models.generator import load_generator
+from models.interface import load_generator
 from models.interface import RenderRequest
-from models.training import TrainConfig, dit_step, init_distributed, make_engine, to_tensor, vae_step
+from models.training.engine import TrainConfig, dit_step, init_distributed, make_engine, to_tensor, vae_step
 from models.vae import VideoAutoencoder
 from models.weights import load_weights, sha256_bytes
-from pipeline.shapes_world import Scene, canonical_caption, render_scene
+from models.shapes.world import Scene, canonical_caption, render_scene
 from pipeline.train import ShapesWorldSource, train
 
 SCENES = [Scene(shape, colour, bg, motion) for shape, colour, bg, motion in (

@@ -1,0 +1,155 @@
+"""What both sides of the seam speak: a clip to render, the frames made, the model's grid.
+
+`pipeline/` builds `RenderRequest`s and calls `VideoGenerator.generate`; `GridLimits` says which
+requests a model accepts and `ModelInfo` what it is. `pipeline/` imports these through
+`models.interface`, the seam; models/ imports them from here. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a clip's metadata records about the model that made it."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class GridLimits:
+    """The sizes, lengths and sampling settings a model accepts.
+
+    Width and height must be multiples of `size_multiple` (the VAE's spatial factor times the
+    patch size); the frame count a multiple of `frame_multiple` (the VAE's temporal factor).
+    A request longer than `window_frames` is sampled in windows of that length, each holding the
+    last `context_frames` of the one before fixed (frame conditioning), up to `max_frames`.
+    """
+
+    size_multiple: int
+    min_size: int
+    max_size: int
+    max_pixels: int
+    frame_multiple: int
+    max_frames: int
+    window_frames: int
+    context_frames: int
+    min_fps: int
+    max_fps: int
+    max_steps: int
+    default_width: int
+    default_height: int
+    default_fps: int
+    default_seconds: float
+    default_steps: int
+    default_guidance: float
+
+    def nearest_size(self, v: int) -> int:
+        """The allowed width/height nearest to `v`."""
+        m = self.size_multiple
+        return min(max(int(round(v / m)) * m, self.min_size), self.max_size)
+
+    def fit_size(self, width: int, height: int) -> tuple[int, int]:
+        """The allowed size nearest to width×height with its aspect ratio kept as far as the grid
+        allows: scaled down to fit `max_size` and `max_pixels`, each side snapped to the grid."""
+        scale = min(1.0, self.max_size / max(width, height), (self.max_pixels / (width * height)) ** 0.5)
+        w, h = self.nearest_size(round(width * scale)), self.nearest_size(round(height * scale))
+        while w * h > self.max_pixels:  # rounding up can overshoot the pixel budget by a step
+            if w >= h:
+                w -= self.size_multiple
+            else:
+                h -= self.size_multiple
+        return w, h
+
+    def check(self, request: "RenderRequest") -> None:
+        """Raise ValueError (one line, naming the nearest allowed value) for a request off the grid."""
+        r, m = request, self.size_multiple
+        for name, v in (("width", r.width), ("height", r.height)):
+            if v % m or not self.min_size <= v <= self.max_size:
+                raise ValueError(f"{name}={v} is not on the model's grid; nearest allowed is {self.nearest_size(v)} "
+                                 f"(multiples of {m} from {self.min_size} to {self.max_size})")
+        if r.width * r.height > self.max_pixels:
+            raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; the model's maximum is {self.max_pixels}")
+        fm = self.frame_multiple
+        if r.frames % fm or not fm <= r.frames <= self.max_frames:
+            nearest = min(max(int(round(r.frames / fm)) * fm, fm), self.max_frames)
+            raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is {nearest} "
+                             f"(multiples of {fm} up to {self.max_frames})")
+        if not self.min_fps <= r.fps <= self.max_fps:
+            raise ValueError(f"fps={r.fps} is outside {self.min_fps}..{self.max_fps}")
+        if not 1 <= r.steps <= self.max_steps:
+            raise ValueError(f"steps={r.steps} is outside 1..{self.max_steps}")
+        if not (r.guidance >= 0 and np.isfinite(r.guidance)):
+            raise ValueError(f"guidance={r.guidance} must be a finite number >= 0")
+        if r.cond_frames is not None or r.cond_index:
+            frames = r.cond_frames
+            if frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3) or frames.dtype != np.uint8:
+                shape = None if frames is None else (frames.shape, str(frames.dtype))
+                raise ValueError(f"cond_frames must be uint8 K x {r.height} x {r.width} x 3, got {shape}")
+            if len(r.cond_index) != frames.shape[0]:
+                raise ValueError(f"cond_index has {len(r.cond_index)} positions for {frames.shape[0]} cond_frames")
+            bad = [i for i in r.cond_index if not 0 <= i < r.frames]
+            if bad or len(set(r.cond_index)) != len(r.cond_index):
+                raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in 0..{r.frames - 1}")
+        if not 0 <= r.strength <= 1:
+            raise ValueError(f"strength={r.strength} must be in [0, 1]")
+        if r.init_frames is not None:
+            frames = r.init_frames
+            if frames.shape != (r.frames, r.height, r.width, 3) or frames.dtype != np.uint8:
+                raise ValueError(f"init_frames must be uint8 {r.frames} x {r.height} x {r.width} x 3, "
+                                 f"got {frames.shape} {frames.dtype}")
+        elif r.strength < 1:
+            raise ValueError("strength < 1 needs init_frames (the video to remix)")
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One clip to sample. `frames` is the pixel-frame count (a multiple of `frame_multiple`).
+
+    `cond_frames` (uint8 K×H×W×3) with `cond_index` (K pixel-frame positions) give frames that are
+    known (image→video, extension, interpolation); they are encoded, held fixed through frame
+    conditioning, and returned as given.
+
+    `init_frames` (uint8 T×H×W×3) with `strength` < 1 remix a video (SDEdit): sampling starts from
+    the video's latents noised to t = strength instead of from pure noise, so 0 returns the video
+    and 1 ignores it.
+    """
+
+    caption: str
+    width: int
+    height: int
+    frames: int
+    fps: int
+    seed: int
+    steps: int
+    guidance: float
+    negative_caption: str = ""
+    cond_frames: np.ndarray | None = field(default=None, compare=False)
+    cond_index: tuple[int, ...] = ()
+    init_frames: np.ndarray | None = field(default=None, compare=False)
+    strength: float = 1.0
+
+
+@dataclass
+class RenderOutput:
+    """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode)."""
+
+    frames: np.ndarray
+    timings: dict[str, float]
+
+
+@runtime_checkable
+class VideoGenerator(Protocol):
+    info: ModelInfo
+    limits: GridLimits
+
+    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
+        """Sample each request. The same request gives the same frames on the same machine,
+        whatever else is in the batch."""
+        ...

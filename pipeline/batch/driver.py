@@ -1,0 +1,377 @@
+"""`reel render`: a manifest in, videos + metadata + errors + run.json out, on Ray Data.
+
+    read + validate (driver) → recaption (CPU actors) → render (GPU/CPU actors) → encode + write (CPU)
+
+The driver reads the manifest (exact row numbers, duplicate ids, a one-line error when the
+manifest itself is unusable), drops rows whose outputs already exist with the same request hash
+(resume), and streams the rest through the stages; the first MP4 lands while later clips are
+still being sampled. Exit codes: 0 all rendered or skipped, 3 some rows failed, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from models.interface import ParallelConfig
+from models.interface import GridLimits
+from pipeline import storage
+from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, UsageError, one_line
+from pipeline.batch.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
+from pipeline.media.provenance import C2paConfig, ProvenanceError, c2pa_config_from_env
+from pipeline.stages.udfs import InputsUDF, RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
+
+ERRORS_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
+@dataclass
+class RenderConfig:
+    manifest: str
+    out: str
+    model: str = "default"
+    recaptioner: str | None = None  # None: the model's own (config `recaptioner`), else "plain"
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray started here
+    limit: int | None = None
+    resume: bool = True
+    replicas: int | None = None  # render replicas; None: one per GPU, or one per core without GPUs
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float | None = None  # CPUs a replica reserves; None: 1 with GPUs, 0.5 without
+    threads_per_replica: int | None = None  # torch threads per replica; None: 1 on CPU replicas
+    progress: bool = True
+    policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
+    blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
+    # the layout of a render replica over several devices: "sp", "tp", "cfg" (1 or 2) given here
+    # override the model config's `parallel` section; more than one rank makes each replica a
+    # group of Ray actors, one per rank (pipeline/stages/replica.py)
+    parallel: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    rows: int = 0
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+    wall_seconds: float = 0.0
+    startup_seconds: float = 0.0
+
+
+def render_manifest(cfg: RenderConfig) -> RunSummary:
+    started = dt.datetime.now(dt.timezone.utc)
+    t_start = time.perf_counter()
+    run_id = started.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    summary = RunSummary(run_id)
+
+    try:
+        table = read_manifest(cfg.manifest)
+    except ManifestError as e:
+        raise UsageError(str(e)) from None
+    if cfg.limit is not None:
+        table = table.slice(0, cfg.limit)
+    from models.interface import describe_model
+
+    try:
+        model_info, limits, model_recaptioner = describe_model(cfg.model)
+    except Exception as e:
+        raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
+    recaptioner = cfg.recaptioner or model_recaptioner or "plain"
+    _check_recaptioner(recaptioner)
+    layout = render_layout(cfg)
+    _check_policy(cfg.policy)
+    try:
+        c2pa = c2pa_config_from_env()  # the driver's REEL_C2PA_* settings, handed to the writers
+    except ProvenanceError as e:
+        raise UsageError(str(e)) from None
+    model = {"name": model_info.name, "version": model_info.version, "weights_sha256": model_info.weights_sha256}
+
+    specs, errors = validate(table, limits)
+    if cfg.blur_faces:  # run-wide blurring changes the frames: it is part of each clip's request
+        specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
+    summary.rows, summary.errors = table.num_rows, list(errors)
+    hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner) for s in specs}
+    done = _completed_requests(cfg.out) if cfg.resume else {}
+    todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
+    summary.skipped = len(specs) - len(todo)
+    if summary.skipped:
+        _say(f"skipping {summary.skipped} clip(s) already rendered with the same parameters", cfg)
+
+    if todo:
+        t_ray = time.perf_counter()
+        init_ray(cfg.address)
+        summary.startup_seconds = time.perf_counter() - t_ray
+        check_output_reachable(cfg.out)
+        passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
+        items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
+        stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items),
+                              inputs_limits=limits if any(_has_media(s) for s in todo) else None, c2pa=c2pa,
+                              layout=layout)
+        try:
+            for row in _stream(items, stages, cfg):
+                if row.get("error"):
+                    summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
+                else:
+                    summary.rendered += 1
+        finally:
+            if layout.world_size > 1:  # the render actors' placement groups outlive them
+                from pipeline.stages.replica import remove_placement_groups
+
+                remove_placement_groups(render_placement_prefix(run_id))
+
+    summary.failed = len(summary.errors)
+    summary.exit_code = EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+    summary.wall_seconds = time.perf_counter() - t_start
+    _write_errors(cfg.out, summary)
+    _write_run_json(cfg, summary, started, model, recaptioner, layout)
+    return summary
+
+
+def render_layout(cfg: RenderConfig) -> ParallelConfig:
+    """The render replicas' layout (the model's, overridden by `cfg.parallel`); a layout that cannot
+    work is a UsageError (one line), raised before Ray starts."""
+    from models.interface import ParallelConfigError
+    from pipeline.stages.replica import replica_layout
+
+    unknown = sorted(set(cfg.parallel) - {"sp", "tp", "cfg"})
+    if unknown:
+        raise UsageError(f"unknown parallel degree(s) {', '.join(unknown)} (allowed: sp, tp, cfg)")
+    try:
+        return replica_layout(cfg.model, **cfg.parallel)
+    except ParallelConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def _has_media(spec: ClipSpec) -> bool:
+    return bool(spec.image or spec.image_end or spec.video or spec.video_end)
+
+
+def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str,
+                 clips: int | None = None, inputs_limits: GridLimits | None = None,
+                 c2pa: C2paConfig | None = None, layout: ParallelConfig | None = None) -> list[Stage]:
+    """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
+
+    The inputs stage (reading and fitting the rows' pictures and clips) is there when
+    `inputs_limits` is given: when some row has media.
+
+    With GPUs: one replica per `gpus_per_replica` GPUs, each reserving one CPU. On a CPU-only
+    cluster: single-threaded replicas, one per core, each reserving half a CPU. Measured on a
+    2-core machine, two 1-thread replicas render 1.3x the clips per second of one 2-thread
+    replica: a small DiT's ops are too short for two threads to share well, and any other
+    process on the machine stalls a multi-threaded replica at every op.
+
+    A `layout` of more than one rank makes each replica a group (pipeline/stages/replica.py): the render
+    actor reserves `HOST_CPUS` and no GPU and starts its ranks in a placement group of its own,
+    one bundle per rank holding the replica's CPUs and GPUs (1 GPU + 1 CPU a rank with GPUs;
+    without, the replica's 0.5 CPU split over them), named after the run and the actor. One
+    replica per `world` GPUs, or one without GPUs: a CPU group already runs a process per rank.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    world = layout.world_size if layout is not None else 1
+    gpus_per_replica = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (world if gpus else 0)
+    threads = cfg.threads_per_replica if cfg.threads_per_replica is not None else (None if gpus_per_replica else 1)
+    cpus_per_replica = cfg.cpus_per_replica if cfg.cpus_per_replica is not None else (
+        float(world) if gpus_per_replica else 0.5)
+    if cfg.replicas:
+        replicas = cfg.replicas
+    elif gpus_per_replica:
+        replicas = max(1, int(gpus // gpus_per_replica))
+    else:
+        replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
+    if clips:
+        replicas = min(replicas, clips)
+    render = {"model": cfg.model, "num_threads": threads}
+    render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    if world > 1:  # the ranks reserve the devices; the render actor only drives them
+        from pipeline.stages.replica import HOST_CPUS, layout_name, rank_bundle
+
+        try:
+            bundle = rank_bundle(world, bool(gpus_per_replica), cpus_per_replica, gpus_per_replica)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        short = [k for k, v in bundle.items() if v * world > resources.get(k, 0)]
+        if short:
+            raise UsageError(f"a render replica of {world} ranks ({layout_name(layout)}) needs "
+                             + ", ".join(f"{bundle[k] * world:g} {k}" for k in short) + "; the Ray cluster has "
+                             + ", ".join(f"{resources.get(k, 0):g} {k}" for k in short))
+        render.update(parallel=layout, rank_bundle=bundle, placement_prefix=render_placement_prefix(run_id))
+        render_resources = {"num_cpus": HOST_CPUS, "num_gpus": 0}
+    # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
+    # Ray Data's own read and output tasks and the job deadlocks (see docs/PIPELINE.md, "Ray on a small machine").
+    light = {"num_cpus": 0.25}
+    inputs = [Stage(InputsUDF, {"limits": inputs_limits}, {"compute": ActorPoolStrategy(size=1), **light})]
+    return [
+        Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": cfg.policy},
+              {"compute": ActorPoolStrategy(size=1), **light}),
+        *(inputs if inputs_limits is not None else []),
+        Stage(RenderUDF, render,
+              {"compute": ActorPoolStrategy(min_size=1, max_size=replicas, initial_size=replicas), "batch_size": 1,
+               # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
+               # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools);
+               # a group replica comes back into its placement group and starts its ranks again.
+               **render_resources}),
+        Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id, "blur_faces": cfg.blur_faces,
+                         "c2pa": c2pa},
+              {"compute": ActorPoolStrategy(size=1), **light}),
+    ]
+
+
+def render_placement_prefix(run_id: str) -> str:
+    """The name prefix of a run's render placement groups (one per group replica)."""
+    return f"reelforge-render-{run_id}-"
+
+
+def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig):
+    import ray
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar of our own, counting clips
+    ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for stage in stages:
+        ds = stage.apply(ds)
+    failed = 0
+    with tqdm(total=len(items), unit="clip", desc="rendering", disable=not cfg.progress, file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            failed += bool(row.get("error"))
+            bar.update(1)
+            bar.set_postfix(failed=failed, refresh=False)
+            yield row
+
+
+def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
+    """A validated clip as the row the stages pass along (the online endpoint builds the same)."""
+    item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
+    item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
+                timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
+                shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
+                inputs=b"")
+    return item
+
+
+def _completed_requests(out: str) -> dict[str, str]:
+    """id → request hash of every clip whose metadata (written last) exists under `out`."""
+    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "request_sha256"])
+    if table is None:
+        return {}
+    return dict(zip(table.column("id").to_pylist(), table.column("request_sha256").to_pylist()))
+
+
+def _write_errors(out: str, summary: RunSummary) -> None:
+    """errors/ lists the rows that failed in the latest run (a fresh dataset each run)."""
+    prefix = storage.join(out, "errors")
+    rows = [{**asdict(e), "run_id": summary.run_id} for e in sorted(summary.errors, key=lambda e: e.row)]
+    storage.write_parquet_atomic(storage.join(prefix, "errors.parquet"), pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+    for name in storage.list_names(prefix):
+        if name != "errors.parquet":
+            storage.delete(storage.join(prefix, name))
+
+
+def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime, model: dict, recaptioner: str,
+                    layout: ParallelConfig) -> None:
+    versions = {}
+    for dist in ("reelforge", "ray", "torch", "deepspeed", "transformers", "pyarrow"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    storage.write_json_atomic(storage.join(cfg.out, "run.json"), {
+        "run_id": summary.run_id,
+        "manifest": cfg.manifest,
+        "out": cfg.out,
+        "counts": {"rows": summary.rows, "rendered": summary.rendered, "skipped": summary.skipped,
+                   "failed": summary.failed},
+        "exit_code": summary.exit_code,
+        "model": model,
+        "recaptioner": recaptioner,
+        "parallel": asdict(layout),  # the replicas' layout, the model's and cfg.parallel's together
+        "config": asdict(cfg),
+        "versions": versions,
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "wall_seconds": round(summary.wall_seconds, 3),
+        "ray_startup_seconds": round(summary.startup_seconds, 3),
+    })
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines and its "progress bars disabled" notice stay in its log file
+    (ray-data.log in the session folder); the terminal shows our bar and warnings."""
+    data_logger = logging.getLogger("ray.data")
+    for handler in data_logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # A local Ray for this run: no dashboard, an object store sized for clips not datasets.
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ray.init(include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
+                 logging_level=logging.WARNING, log_to_driver=False)
+
+
+def check_output_reachable(out: str) -> None:
+    """Workers on every node write outputs: a plain path only works when the cluster is one node.
+    A `file://` URI says the path is shared (every node mounts it)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if "://" not in out and len(nodes) > 1:
+        raise UsageError(f"--out {out} is a node-local path but the Ray cluster has {len(nodes)} nodes; "
+                         f"use shared storage: s3://…, gs://…, or file://{os.path.abspath(out)} if every node mounts it")
+
+
+def _check_recaptioner(spec: str) -> None:
+    from pipeline.prompt.recaption import check_recaptioner_spec
+
+    try:
+        check_recaptioner_spec(spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_policy(spec: str | None) -> None:
+    from pipeline.prompt.safety.policy import PolicyError, load_policy
+
+    try:
+        load_policy(spec)
+    except PolicyError as e:
+        raise UsageError(str(e)) from None
+
+
+def _say(msg: str, cfg: RenderConfig) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,170 @@
+"""The generation modes as render requests: what each mode gives the generator and how its frames
+become the output clip.
+
+Every mode is text→video with some frames given (frame conditioning) or a video to start from
+(remix), so one generator call does them all:
+
+    t2v          nothing given
+    image        one latent frame's worth sampled; its first frame is the still
+    i2v          the image is frame 0
+    extend       forward: the input's last frames open the request, the new part follows; the output
+                 is the input plus the new part (`extension_only`: the new part alone); backward: the
+                 input's first frames close the request and the new part comes before them
+    interpolate  two keyframes: the first and the last frame; two clips: the end of the first opens
+                 the request, the start of the second closes it, the gap is sampled between them
+    remix        the input clip noised to t = strength, then sampled with the new caption (SDEdit)
+    storyboard   shot 1 as text→video, each later shot a forward extension of the clip so far with
+                 its own caption; the context frames carry the subject and style across the cut
+
+`load_inputs` (a CPU stage) reads a row's pictures and clips and fits them to the row's size;
+`render_clip` (the render stage) turns the row and its inputs into frames.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from models.interface import GridLimits, RenderRequest, VideoGenerator
+from pipeline.media.decode import MediaError, fit_frame, load_image, load_video, probe_video, read_input
+
+
+def load_inputs(row: dict[str, Any], limits: GridLimits) -> dict[str, np.ndarray]:
+    """The row's media fitted to its size (uint8 arrays by column name). A row that gives no size
+    takes its first input's, snapped to the model's grid; `row` width/height are set then."""
+    columns = [c for c in ("image", "image_end", "video", "video_end") if row.get(c)]
+    if not columns:
+        return {}
+    images = {c: load_image(row[c], c) for c in columns if c.startswith("image")}
+    videos = {c: read_input(row[c], c) for c in columns if c.startswith("video")}
+    if not int(row.get("width") or 0):
+        first = columns[0]
+        w, h = (images[first].shape[1], images[first].shape[0]) if first in images else probe_video(videos[first], first, row[first])[:2]
+        row["width"], row["height"] = limits.fit_size(w, h)
+    width, height, fps = int(row["width"]), int(row["height"]), int(row["fps"])
+    out = {c: fit_frame(im, width, height)[None] for c, im in images.items()}
+    for c, data in videos.items():
+        out[c] = load_video(row[c], fps, width, height, c, data=data)
+    if row["mode"] == "remix" and len(out["video"]) > limits.max_frames:
+        raise MediaError(f"video: {row['video']} is {len(out['video'])} frames at {fps} fps; remix takes up to "
+                         f"{limits.max_frames} ({limits.max_frames / fps:g} s); trim it or lower fps")
+    return out
+
+
+def inputs_bytes(inputs: dict[str, np.ndarray]) -> bytes:
+    """Inputs as one .npz blob, to travel in a Ray Data row."""
+    if not inputs:
+        return b""
+    buf = io.BytesIO()
+    np.savez(buf, **inputs)
+    return buf.getvalue()
+
+
+def inputs_from_bytes(data: bytes | None) -> dict[str, np.ndarray]:
+    if not data:
+        return {}
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str, np.ndarray]
+                ) -> tuple[np.ndarray, dict[str, float], list[dict[str, Any]]]:
+    """(frames uint8 T×H×W×3, seconds per stage, per-shot records) of one validated row."""
+    limits = generator.limits
+    base = RenderRequest(
+        caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
+        width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]), fps=int(row["fps"]),
+        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]))
+    timings: dict[str, float] = {}
+    shots: list[dict[str, Any]] = []
+
+    def run(request: RenderRequest) -> np.ndarray:
+        out = generator.generate([request])[0]
+        for k, v in out.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        return out.frames
+
+    mode = row["mode"]
+    if mode == "t2v":
+        frames = run(base)
+    elif mode == "image":
+        frames = run(replace(base, frames=limits.frame_multiple))[:1]
+    elif mode == "i2v":
+        frames = run(replace(base, cond_frames=inputs["image"], cond_index=(0,)))
+    elif mode == "interpolate" and "image" in inputs:
+        ends = np.concatenate([inputs["image"], inputs["image_end"]])
+        frames = run(replace(base, cond_frames=ends, cond_index=(0, base.frames - 1)))
+    elif mode == "interpolate":
+        first, last = inputs["video"], inputs["video_end"]
+        gap = _between(run, base, limits, first, last)
+        frames = np.concatenate([first, gap, last])
+    elif mode == "extend":
+        video = inputs["video"]
+        if row.get("direction") == "backward":
+            new = _between(run, base, limits, None, video)
+            frames = new if row.get("extension_only") else np.concatenate([new, video])
+        else:
+            new = _between(run, base, limits, video, None)
+            frames = new if row.get("extension_only") else np.concatenate([video, new])
+    elif mode == "remix":
+        frames = _remix(run, base, limits, inputs["video"], float(row["strength"]))
+    elif mode == "storyboard":
+        frames, shots = _storyboard(run, base, limits, row)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return frames, timings, shots
+
+
+def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | None,
+             after: np.ndarray | None) -> np.ndarray:
+    """`base.frames` new frames after the end of `before` and/or before the start of `after`,
+    conditioned on up to `context_frames` of each; returns the new frames only."""
+    fm, ctx = limits.frame_multiple, limits.context_frames or limits.frame_multiple
+    head = before[-ctx:] if before is not None else before
+    tail = after[:ctx] if after is not None else after
+    pre = -(-len(head) // fm) * fm if head is not None else 0  # whole latent frames
+    post = -(-len(tail) // fm) * fm if tail is not None else 0
+    n = pre + base.frames + post
+    if n > limits.max_frames:
+        raise ValueError(f"the new part with its {pre + post} context frames is {n} frames; the model's "
+                         f"maximum is {limits.max_frames}: ask for fewer seconds")
+    known, index = [], []
+    if head is not None:  # the last given frame sits right before the new part
+        known.append(head)
+        index += range(pre - len(head), pre)
+    if tail is not None:
+        known.append(tail)
+        index += range(pre + base.frames, pre + base.frames + len(tail))
+    frames = run(replace(base, frames=n, cond_frames=np.concatenate(known), cond_index=tuple(index)))
+    return frames[pre:pre + base.frames]
+
+
+def _remix(run, base: RenderRequest, limits: GridLimits, video: np.ndarray, strength: float) -> np.ndarray:
+    """The video re-sampled from noise level `strength` under the row's caption (same length)."""
+    n = len(video)
+    fm = limits.frame_multiple
+    padded = -(-n // fm) * fm
+    init = np.concatenate([video, np.repeat(video[-1:], padded - n, axis=0)]) if padded > n else video
+    return run(replace(base, frames=padded, init_frames=init, strength=strength))[:n]
+
+
+def _storyboard(run, base: RenderRequest, limits: GridLimits, row: dict[str, Any]
+                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    shots = json.loads(row["shots"])
+    captions = json.loads(row.get("shot_captions") or "[]")
+    if len(captions) != len(shots):
+        raise ValueError(f"storyboard has {len(shots)} shots but {len(captions)} captions")
+    clip: np.ndarray | None = None
+    records = []
+    for k, ((prompt, frames), caption) in enumerate(zip(shots, captions)):
+        shot = replace(base, caption=caption, frames=int(frames), seed=(base.seed + k) % 2**32)
+        new = run(shot) if clip is None else _between(run, shot, limits, clip, None)
+        start = 0 if clip is None else len(clip)
+        clip = new if clip is None else np.concatenate([clip, new])
+        records.append({"prompt": prompt, "caption": caption, "start_frame": start, "frames": int(frames),
+                        "seconds": int(frames) / base.fps, "seed": shot.seed})
+    return clip, records

@@ -1,0 +1,121 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from models.interface import GridLimits
+from pipeline.batch.manifest import ManifestError, default_seed, read_manifest, validate
+
+LIMITS = GridLimits(
+    size_multiple=16, min_size=32, max_size=256, max_pixels=256 * 256, frame_multiple=2, max_frames=64, window_frames=64, context_frames=32,
+    min_fps=4, max_fps=30, max_steps=100, default_width=64, default_height=64, default_fps=8,
+    default_seconds=2.0, default_steps=20, default_guidance=4.0,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def reasons(errors):
+    return {e.row: e.reason for e in errors}
+
+
+def test_defaults_and_passthrough(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["  a red   ball "], "campaign": ["spring"]}), tmp_path / "m.parquet")
+    specs, errors = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
+    assert errors == []
+    (s,) = specs
+    assert (s.prompt, s.width, s.height, s.frames, s.fps, s.steps, s.guidance, s.mode) == (
+        "a red ball", 64, 64, 16, 8, 20, 4.0, "t2v")
+    assert s.seed == default_seed("a") and default_seed("a") != default_seed("b")
+    assert s.passthrough == {"campaign": "spring"}
+
+
+def test_every_bad_row_gets_a_reason_and_good_rows_survive(tmp_path):
+    uri = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "ok-1", "prompt": "a blue square"},
+        {"id": "ok-1", "prompt": "duplicate"},
+        {"id": "../x", "prompt": "traversal"},
+        {"id": "empty", "prompt": "   "},
+        {"id": "long", "prompt": "x" * 2001},
+        {"id": "neg", "prompt": "p", "seconds": -1},
+        {"id": "toolong", "prompt": "p", "seconds": 60},
+        {"id": "offgrid", "prompt": "p", "width": 70},
+        {"id": "huge", "prompt": "p", "width": 4096},
+        {"prompt": "no id"},
+        {"id": "nullprompt", "prompt": None},
+        {"id": "badtype", "prompt": "p", "seconds": "soon"},
+        {"id": "badsteps", "prompt": "p", "steps": 2.5},
+        "{not json",
+        {"id": "ok-2", "prompt": "a green circle", "seconds": "3", "width": 96},
+        {"id": "mode", "prompt": "p", "mode": "warp"},
+    ])
+    specs, errors = validate(read_manifest(uri), LIMITS)
+    assert [s.id for s in specs] == ["ok-1", "ok-2"]
+    assert specs[1].frames == 24 and specs[1].width == 96
+    r = reasons(errors)
+    assert r[1] == "duplicate id 'ok-1' (first used on row 0)"
+    assert "id" in r[2] and "../x" in r[2]
+    assert r[3] == "prompt is empty"
+    assert "2001 characters" in r[4]
+    assert "positive" in r[5]
+    assert "maximum is 64 frames" in r[6]
+    assert "nearest allowed is 64" in r[7]
+    assert "nearest allowed is 256" in r[8]
+    assert r[9] == "id is missing"
+    assert r[10] == "prompt is missing"
+    assert "seconds must be a number" in r[11]
+    assert "whole number" in r[12]
+    assert "line 14 is not valid JSON" in r[13]
+    assert "unknown mode 'warp'" in r[15]
+    assert all("\n" not in reason for reason in r.values())
+    assert len(errors) == 14
+
+
+def test_wrong_column_types_in_parquet_fail_rows_not_the_run(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "width": ["64", "wide"]}), tmp_path / "m.parquet")
+    specs, errors = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
+    assert [s.id for s in specs] == ["a"]
+    assert reasons(errors) == {1: "width must be a number, got 'wide'"}
+
+
+def test_nan_means_missing(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "seed": [float("nan"), 5.0]}), tmp_path / "m.parquet")
+    specs, _ = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
+    assert [s.seed for s in specs] == [default_seed("a"), 5]
+
+
+def test_folder_of_parquet(tmp_path):
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"]}), tmp_path / "m" / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["b"], "prompt": ["q"]}), tmp_path / "m" / "part-1.parquet")
+    specs, _ = validate(read_manifest(str(tmp_path / "m")), LIMITS)
+    assert [s.id for s in specs] == ["a", "b"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "manifest not found"),
+    (lambda p: p.write_bytes(b"id,prompt\na,b\n"), "not a Parquet or JSON Lines manifest"),
+    (lambda p: pq.write_table(pa.table({"id": ["a"], "text": ["b"]}), p), "no 'prompt' column"),
+    (lambda p: p.write_bytes(b"PAR1 truncated"), "not a readable Parquet file"),
+])
+def test_unusable_manifest(tmp_path, make, message):
+    path = tmp_path / "manifest.bin"
+    make(path)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(str(path))
+
+
+def test_request_hash_changes_with_parameters():
+    from pipeline.batch.manifest import ClipSpec
+
+    a = ClipSpec(0, "a", "p", "", 64, 64, 16, 8, 1, 20, 4.0, "t2v", {"campaign": "x"})
+    same = ClipSpec(5, "a", "p", "", 64, 64, 16, 8, 1, 20, 4.0, "t2v", {"campaign": "y"})
+    other = ClipSpec(0, "a", "p", "", 64, 64, 16, 8, 2, 20, 4.0, "t2v")
+    h = lambda s, m="m": s.request_sha256(model_sha256=m, recaptioner="plain-1")
+    assert h(a) == h(same)
+    assert h(a) != h(other)
+    assert h(a) != h(a, "other-model")
