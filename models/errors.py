@@ -2,8 +2,9 @@
 
 It lives on the models side of the seam because models/ raises such errors too (a config, weights
 or parallel layout that cannot work) and never imports pipeline/; `pipeline.errors` re-exports it
-beside the pipeline's own (`UsageError`, `one_line`, the exit codes). Catch `UserError` to tell a
-user's mistake (exit 2, a 4xx, a row's one-line reason) from a bug.
+(through `models.interface`, the seam) beside the pipeline's own (`UsageError`, `one_line`, the
+exit codes). Catch `UserError` to tell a user's mistake (exit 2, a 4xx, a row's one-line reason)
+from a bug.
 """
 
 

@@ -3,7 +3,7 @@ one-line text every failure takes (errors/, exit messages, API responses)."""
 
 from __future__ import annotations
 
-from models.errors import UserError
+from models.interface import UserError
 
 __all__ = ["EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_USAGE", "UsageError", "UserError", "one_line"]
 

@@ -27,7 +27,7 @@ def test_hf_kind_from_a_uri_with_another_model_class(tmp_path, monkeypatch):
     import fsspec
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    import models.text
+    import models.files
 
     local = tmp_path / "t5"
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def test_hf_kind_from_a_uri_with_another_model_class(tmp_path, monkeypatch):
     mem = fsspec.filesystem("memory")
     for f in local.iterdir():
         mem.pipe(f"/reelforge-test/t5/{f.name}", f.read_bytes())
-    monkeypatch.setattr(models.text, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(models.files, "CACHE_DIR", tmp_path / "cache")
 
     cfg = TextConfig(kind="hf", path="memory://reelforge-test/t5", model_class="T5EncoderModel", dim=32, max_tokens=16)
     states, mask = TextEncoder(cfg).encode(["a red ball", ""])
