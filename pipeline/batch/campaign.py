@@ -45,7 +45,7 @@ import yaml
 
 from models.interface import GridLimits
 from pipeline.batch.manifest import ID_PATTERN, KNOWN_COLUMNS
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 TOP_KEYS = ("campaign", "template", "negative_prompt", "axes", "placements", "seeds", "exclude",
             "steps", "guidance", "fps", "model", "description")
@@ -161,7 +161,8 @@ def load_spec(text_or_path: str, *, model: str | None = None, source: str | None
         except FileNotFoundError:
             raise CampaignError(f"{source}: campaign spec not found") from None
         except Exception as e:
-            raise CampaignError(f"{source}: cannot read campaign spec: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            reason = one_line(e, limit=None, show_type=False)
+            raise CampaignError(f"{source}: cannot read campaign spec: {reason}") from None
     else:
         text = text_or_path
     source = source or "<spec>"
@@ -229,7 +230,8 @@ def _check(doc: Any, source: str, model: str | None, limits: GridLimits | None) 
         try:
             _, limits, _ = describe_model(model_name)
         except Exception as e:
-            raise CampaignError(f"{source}: cannot load model {model_name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            reason = one_line(e, limit=None, show_type=False)
+            raise CampaignError(f"{source}: cannot load model {model_name!r}: {reason}") from None
 
     fps_default = _int(doc, "fps", fail, lo=limits.min_fps, hi=limits.max_fps) if "fps" in doc else limits.default_fps
     steps = _int(doc, "steps", fail, lo=1, hi=limits.max_steps) if "steps" in doc else None
