@@ -340,7 +340,8 @@ def _add_serve_parser(sub) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.errors import UsageError
-    from pipeline.serve.app import ServeConfig, key_hash, read_key_file, run
+    from pipeline.serve.app import run
+    from pipeline.serve.config import ServeConfig, key_hash, read_key_file
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
