@@ -305,7 +305,8 @@ into OUT; accepted jobs are kept in a SQLite file (--store) and survive a restar
 
 Clients authenticate with a bearer key from REEL_API_KEYS (comma-separated) or --api-key-file
 (one key a line); without any key the server does not start. /healthz and /readyz are open.
-Every option has a REELFORGE_<OPTION> variable used by `pipeline.serve.app:app` (cluster/rayservice.yaml).
+Every option has a REELFORGE_<OPTION> variable used by the application builder
+`pipeline.serve.app:app_from_env` (cluster/rayservice.yaml).
 """
 
 

@@ -34,13 +34,13 @@ loopback or link-local address is refused unless `allow_private_urls` is set.
 REEL_API_KEYS or the key file.
 
 Configuration is `ServeConfig`: `reel serve` options, or REELFORGE_* environment variables for
-the module-level `app` (`pipeline.serve.app:app`, what cluster/rayservice.yaml imports). Replica
-counts, CPUs/GPUs per replica and autoscaling are fields of it, and a Serve config file's
+the application builder `pipeline.serve.app:app_from_env` (what cluster/rayservice.yaml imports).
+Replica counts, CPUs/GPUs per replica and autoscaling are fields of it, and a Serve config file's
 `deployments:` section can override them per deployment (names `VideoAPI`, `Renderer`).
 
 The modules:
 
-    app.py         build_app (VideoAPI → Renderer), run (`reel serve`), app (what RayService imports)
+    app.py         build_app (VideoAPI → Renderer), run (`reel serve`), app_from_env (the builder)
     config.py      ServeConfig, the API keys (as hashes)
     api.py         VideoAPI: auth, job admission, the dispatcher, deletes
     http.py        its FastAPI app: routes, error shapes, auth and metrics middleware, bodies

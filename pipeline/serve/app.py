@@ -1,8 +1,11 @@
 """The Serve application: `build_app(cfg)` binds VideoAPI → Renderer; `run` is `reel serve`;
-`app`, configured by REELFORGE_* variables, is what cluster/rayservice.yaml imports."""
+`app_from_env` is the application builder a Serve config file or RayService imports
+(`pipeline.serve.app:app_from_env`), configured by REELFORGE_* variables."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import time
 from typing import Any
@@ -70,5 +73,15 @@ def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
         serve.delete(APP_NAME)  # accepted jobs stay in the store for the next start
 
 
-#: The application RayService imports (cluster/rayservice.yaml), configured by REELFORGE_* variables.
-app = build_app(ServeConfig.from_env())
+def app_from_env(args: dict[str, Any]) -> Application:
+    """The application builder a Serve config file names (cluster/rayservice.yaml: `import_path:
+    pipeline.serve.app:app_from_env`): `build_app` of `ServeConfig.from_env()`, read when Serve
+    builds the app, where it builds it (with the application's runtime_env), not when the module is
+    imported. `args` (the config's `args:`) are ServeConfig fields, e.g. {"max_queued": 16}, read as
+    their REELFORGE_* variables are and winning over them."""
+    names = {f.name for f in dataclasses.fields(ServeConfig)} - {"api_key_sha256"}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise ValueError(f"unknown args {unknown}: the args are ServeConfig fields, {sorted(names)}")
+    env = {**os.environ, **{f"REELFORGE_{k.upper()}": "" if v is None else str(v) for k, v in args.items()}}
+    return build_app(ServeConfig.from_env(env))
