@@ -305,7 +305,8 @@ into OUT; accepted jobs are kept in a SQLite file (--store) and survive a restar
 
 Clients authenticate with a bearer key from REEL_API_KEYS (comma-separated) or --api-key-file
 (one key a line); without any key the server does not start. /healthz and /readyz are open.
-Every option has a REELFORGE_<OPTION> variable used by `pipeline.serve.app:app` (cluster/rayservice.yaml).
+Every option has a REELFORGE_<OPTION> variable used by the application builder
+`pipeline.serve.app:app_from_env` (cluster/rayservice.yaml).
 """
 
 
@@ -340,7 +341,8 @@ def _add_serve_parser(sub) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.errors import UsageError
-    from pipeline.serve.app import ServeConfig, key_hash, read_key_file, run
+    from pipeline.serve.app import run
+    from pipeline.serve.config import ServeConfig, key_hash, read_key_file
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",

@@ -231,8 +231,9 @@ def cluster_main(out_dir: str, model: str) -> None:
     from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
 
+    from pipeline.serve.app import APP_NAME, build_app
+    from pipeline.serve.config import ServeConfig, key_hash
     from pipeline.stages.replica import rank_bundle
-    from pipeline.serve.app import APP_NAME, ServeConfig, build_app, key_hash
     from pipeline.stages.udfs import RenderUDF
 
     seconds, results = {}, {}

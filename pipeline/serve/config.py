@@ -1,0 +1,104 @@
+"""`ServeConfig`: what the app is configured with (`reel serve` options or REELFORGE_* variables),
+and the API keys it accepts (held as hashes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import storage
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the app is configured with. `api_key_sha256` holds hashes of the keys, so no
+    key travels to (or is checkpointed by) the Serve controller."""
+
+    model: str = "default"
+    out: str = "renders/online"
+    store: str | None = None  # SQLite file; None: OUT/.serve/jobs.sqlite (local OUT), else ~/.reelforge/
+    recaptioner: str | None = None  # None: the model's own, else "plain"
+    api_key_sha256: tuple[str, ...] = ()
+    replicas: int = 1  # render replicas (fixed); ignored when max_replicas is set
+    min_replicas: int | None = None  # with max_replicas: autoscale the render deployment
+    max_replicas: int | None = None
+    cpus_per_replica: float = 0.5
+    gpus_per_replica: float = 0.0
+    threads_per_replica: int | None = 1  # torch threads per render replica (None: torch's default)
+    # One render replica over several devices (pipeline/stages/replica.py); None: the model config's `parallel`
+    sp: int | None = None  # sequence-parallel ranks
+    tp: int | None = None  # tensor-parallel ranks
+    cfg_parallel: bool | None = None  # guidance's two passes on two ranks
+    ingress_cpus: float = 0.1
+    max_queued: int = 64  # jobs waiting for a render slot; beyond: 429
+    max_inflight_per_key: int = 8  # queued + in-progress jobs per API key; beyond: 429
+    max_upload_bytes: int = 10 << 20  # request bodies (input_reference uploads)
+    poll_after_ms: int = 2000  # the openai-poll-after-ms header on queued / in-progress videos
+    graceful_shutdown_s: float = 20.0
+    allow_private_urls: bool = False  # fetch input_reference image_urls on private/loopback addresses
+    fetch_timeout_s: float = 10.0  # an input_reference image_url must answer within this
+
+    def __post_init__(self):
+        # Replicas do not share this process's working directory: local paths become absolute.
+        object.__setattr__(self, "out", storage.absolute(self.out))
+        if self.store:
+            object.__setattr__(self, "store", os.path.abspath(os.path.expanduser(self.store)))
+
+    @property
+    def store_path(self) -> str:
+        if self.store:
+            return self.store
+        if storage.is_local(self.out):
+            return os.path.join(self.out, ".serve", "jobs.sqlite")
+        return os.path.expanduser("~/.reelforge/jobs.sqlite")
+
+    def layout(self):
+        """The render replica's parallel layout (`ParallelConfigError` when it cannot work)."""
+        from pipeline.stages.replica import cfg_degree, replica_layout
+
+        return replica_layout(self.model, sp=self.sp, tp=self.tp, cfg=cfg_degree(self.cfg_parallel))
+
+    def recaptioner_for(self, model_recaptioner: str | None) -> str:
+        """The recaptioner spec: the configured one, else the model's own, else "plain"."""
+        return self.recaptioner or model_recaptioner or "plain"
+
+    @property
+    def render_slots(self) -> int:
+        """Renders the dispatcher keeps in flight: one per (maximum) render replica."""
+        return max(1, self.max_replicas or self.replicas)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServeConfig:
+        """REELFORGE_<FIELD> variables (e.g. REELFORGE_MODEL, REELFORGE_OUT, REELFORGE_MAX_QUEUED),
+        keys from REEL_API_KEYS (comma-separated) and REELFORGE_API_KEY_FILE; `overrides` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"REELFORGE_{f.name.upper()}")
+            if raw is None or f.name == "api_key_sha256":
+                continue
+            kind = str(f.type)
+            if kind.startswith("bool"):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                continue
+            values[f.name] = ((int(raw) if "int" in kind else float(raw) if "float" in kind else raw)
+                              if raw != "" else None)
+        keys = [k.strip() for k in env.get("REEL_API_KEYS", "").split(",") if k.strip()]
+        if env.get("REELFORGE_API_KEY_FILE"):
+            keys += read_key_file(env["REELFORGE_API_KEY_FILE"])
+        values["api_key_sha256"] = tuple(sorted({key_hash(k) for k in keys}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def read_key_file(path: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped."""
+    text = storage.read_bytes(path).decode("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()

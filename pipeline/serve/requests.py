@@ -1,0 +1,216 @@
+"""HTTP request fields → a validated clip: sizes, seconds, prompts, our extra fields, unknown
+fields, reference images (uploaded, data URLs or fetched http(s) URLs, with a guard against
+private addresses) and uploaded videos, checked when the request arrives. The clip itself is
+validated exactly as a manifest row is (`pipeline.batch.manifest.validate`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import math
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.batch.manifest import JSON_COLUMNS_KEY, MAX_PROMPT_CHARS, ClipSpec, validate
+from pipeline.errors import one_line
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.errors import APIError
+
+#: Our fields every render endpoint takes (sent by SDK users through `extra_body`).
+EXTRA_FIELDS = ("seed", "steps", "guidance", "negative_prompt", "blur_faces")
+#: The fields of each endpoint: OpenAI's, then ours.
+CREATE_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *EXTRA_FIELDS, "shots")
+REMIX_FIELDS = ("prompt", "model", *EXTRA_FIELDS, "strength")
+EDIT_FIELDS = ("prompt", "model", "video", *EXTRA_FIELDS, "strength")
+EXTEND_FIELDS = ("prompt", "model", "seconds", "video", *EXTRA_FIELDS, "direction", "extension_only")
+IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+def _param_of(reason: str) -> str | None:
+    """Which request field a validation message is about (the messages start with the field name)."""
+    head = re.match(r"[a-z_]+", reason)
+    name = head.group(0) if head else ""
+    if name in ("width", "height") or re.match(r"\d+x\d+ is", reason):
+        return "size"
+    if name in ("frames", "seconds", "fps"):
+        return "seconds"
+    return name if name in CREATE_FIELDS + REMIX_FIELDS + EXTEND_FIELDS else None
+
+
+def requested_size(value: Any, limits) -> tuple[int, int] | None:
+    """(width, height) of a `size` field; None when it is not given."""
+    if value is None:
+        return None
+    m = SIZE_PATTERN.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not m:
+        raise APIError(400, f"size must be a string WIDTHxHEIGHT, e.g. '{limits.default_width}x"
+                            f"{limits.default_height}'; got {value!r}", param="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def clip_spec(video_id: str, row: dict[str, Any], limits) -> ClipSpec:
+    """The validated clip of a request, given as a manifest row (None values left out), through
+    the batch pipeline's own row validation; APIError 400 naming the field when it is refused."""
+    row = {"id": video_id, **{k: v for k, v in row.items() if v is not None}}
+    # Every value as JSON text in a column marked mixed: validation converts each value itself,
+    # so "7" from a form field and 7 from JSON are checked alike, with the manifest's messages.
+    table = pa.table({k: pa.array([json.dumps(v)], pa.string()) for k, v in row.items()})
+    table = table.replace_schema_metadata({JSON_COLUMNS_KEY: json.dumps(list(row))})
+    specs, errors = validate(table, limits)
+    if errors:
+        reason = errors[0].reason
+        raise APIError(400, reason, param=_param_of(reason), code="invalid_value")
+    return specs[0]
+
+
+def requested_seconds(value: Any, limits) -> float:
+    """The clip length asked for, which must fall on the model's frame grid at its fps."""
+    fps, step = limits.default_fps, limits.frame_multiple
+    allowed = f"multiples of {step / fps:g} s up to {limits.max_frames / fps:g} s"
+    if value is None:
+        return float(limits.default_seconds)
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError
+        seconds = float(value)
+    except ValueError:
+        raise APIError(400, f"seconds must be a string holding a number of seconds ({allowed}), got {value!r}",
+                       param="seconds") from None
+    frames = seconds * fps if math.isfinite(seconds) else -1
+    if frames <= 0 or frames != int(frames) or int(frames) % step or frames > limits.max_frames:
+        raise APIError(400, f"seconds={value!r} is not a length this model renders: {allowed} "
+                            f"(at {fps} fps, frames in multiples of {step})", param="seconds", code="invalid_value")
+    return seconds
+
+
+def required_prompt(fields: dict[str, Any], name: str = "prompt") -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise APIError(400, f"{name} is required: a non-empty string", param=name)
+    if len(value) > MAX_PROMPT_CHARS:
+        raise APIError(400, f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", param=name)
+    return value
+
+
+def extra_columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """Our extra fields every render endpoint takes, as manifest columns (None: not given)."""
+    return {k: fields.get(k) for k in EXTRA_FIELDS}
+
+
+def new_video_id() -> str:
+    return "video_" + uuid.uuid4().hex
+
+
+def check_unknown(fields: dict[str, Any], known: tuple[str, ...]) -> None:
+    for name in fields:
+        if name not in known:
+            raise APIError(400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of PNG, JPEG or WebP bytes by their magic numbers; None for anything else."""
+    for mime, magic in IMAGE_TYPES.items():
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _check_image(data: bytes, param: str) -> None:
+    if image_type(data) is None:
+        raise APIError(400, f"{param} must be a PNG, JPEG or WebP image", param=param, code="invalid_image_format")
+
+
+def reference_image(value: Any, param: str, cfg: ServeConfig) -> bytes:
+    """The image bytes of an uploaded image or {"image_url": URL or data URL}, type-checked; an
+    http(s) URL is fetched (blocking: call it off the event loop)."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, dict) and value.get("file_id") is not None and "image_url" not in value:
+        raise APIError(400, f"{param}.file_id is not supported: this server has no Files API; upload the image "
+                            "or pass image_url", param=param, code="unsupported_value")
+    elif isinstance(value, dict) and set(value) <= {"image_url", "file_id"} and isinstance(value.get("image_url"), str):
+        data = _image_url_bytes(value["image_url"], param, cfg)
+    else:
+        raise APIError(400, f"{param} must be an uploaded image file or an object with image_url", param=param)
+    _check_image(data, param)
+    return data
+
+
+def _image_url_bytes(url: str, param: str, cfg: ServeConfig) -> bytes:
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if not head.endswith(";base64") or len(payload) > cfg.max_upload_bytes * 4 // 3 + 4:
+            raise APIError(400, f"{param}.image_url must be a base64 data URL of at most {cfg.max_upload_bytes} bytes",
+                           param=param)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise APIError(400, f"{param}.image_url is not valid base64", param=param) from None
+    if not url.startswith(("https://", "http://")):
+        raise APIError(400, f"{param}.image_url must be an http(s) URL or a base64 data URL", param=param)
+    return fetch_url(url, param, max_bytes=cfg.max_upload_bytes, timeout_s=cfg.fetch_timeout_s,
+                     allow_private=cfg.allow_private_urls)
+
+
+def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float, allow_private: bool = False,
+              max_redirects: int = 3) -> bytes:
+    """GET an http(s) URL for a request field: at most `max_bytes`, within `timeout_s`, following
+    up to `max_redirects` redirects; every hop's host must resolve to public addresses unless
+    `allow_private` (a server fetching for clients must not reach its own network). APIError 400
+    when it cannot be had."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # each hop is checked below, not followed blindly
+
+    opener = urllib.request.build_opener(NoRedirect)
+    for _ in range(max_redirects + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise APIError(400, f"{param}.image_url must be an http(s) URL", param=param)
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
+        except (socket.gaierror, UnicodeError):
+            raise APIError(400, f"{param}.image_url: cannot resolve host {parts.hostname!r}", param=param) from None
+        if not allow_private and any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+            raise APIError(400, f"{param}.image_url points at a private or local address; pass the image as an "
+                                "upload or a data URL", param=param, code="invalid_url")
+        try:
+            with opener.open(urllib.request.Request(url, headers={"User-Agent": "reelforge"}), timeout=timeout_s) as r:
+                data = r.read(max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
+                url = urllib.parse.urljoin(url, e.headers["Location"])
+                continue
+            raise APIError(400, f"{param}.image_url answered HTTP {e.code}", param=param) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise APIError(400, f"{param}.image_url cannot be fetched ({one_line(e, 200)})", param=param) from None
+        if len(data) > max_bytes:
+            raise APIError(400, f"{param}.image_url is larger than {max_bytes} bytes", param=param,
+                           code="file_too_large")
+        return data
+    raise APIError(400, f"{param}.image_url redirects more than {max_redirects} times", param=param)
+
+
+def uploaded_video(value: Any, param: str = "video") -> bytes | None:
+    """An uploaded video's bytes (an MP4 by its ftyp box); None for a reference {"id": VIDEO_ID}."""
+    if isinstance(value, (bytes, bytearray)):
+        if bytes(value[4:8]) != b"ftyp":
+            raise APIError(400, f"{param} must be an MP4 file", param=param, code="invalid_video_format")
+        return bytes(value)
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str) or set(value) != {"id"}:
+        raise APIError(400, f"{param} is required: an uploaded video file or an object {{\"id\": VIDEO_ID}}",
+                       param=param)
+    return None

@@ -1,0 +1,21 @@
+"""`ServeConfig` from REELFORGE_* variables and API keys; `reel serve` without a key."""
+
+
+def test_config_from_the_environment():
+    from pipeline.serve.config import ServeConfig, key_hash
+
+    cfg = ServeConfig.from_env({"REELFORGE_MAX_QUEUED": "5", "REELFORGE_ALLOW_PRIVATE_URLS": "true",
+                                "REELFORGE_OUT": "s3://bucket/online", "REEL_API_KEYS": "a, b,"})
+    assert (cfg.max_queued, cfg.allow_private_urls, cfg.out) == (5, True, "s3://bucket/online")
+    assert cfg.api_key_sha256 == tuple(sorted(key_hash(k) for k in "ab"))
+    assert ServeConfig.from_env({"REELFORGE_ALLOW_PRIVATE_URLS": "0"}).allow_private_urls is False
+    assert ServeConfig.from_env({}, max_queued=9).max_queued == 9
+
+
+def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.delenv("REEL_API_KEYS", raising=False)
+    monkeypatch.delenv("REELFORGE_API_KEY_FILE", raising=False)
+    assert main(["serve", "--model", "tiny"]) == 2
+    assert "no API key" in capsys.readouterr().err
