@@ -160,9 +160,9 @@ def test_hf_name_follows_the_model_and_the_settings(tiny_models, tmp_path):
 def test_hf_from_object_store(tiny_models, bucket, tmp_path, monkeypatch):
     import fsspec
 
-    import models.text
+    import models.files
 
-    monkeypatch.setattr(models.text, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(models.files, "CACHE_DIR", tmp_path / "cache")
     fs = fsspec.filesystem("s3")
     fs.put(tiny_models["a"] + "/", f"{bucket}/models/tiny", recursive=True)
     r = load_recaptioner(f"llm:s3://{bucket}/models/tiny;max_tokens=8")
