@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.prompt.llm import (LLMRecaptioner, check_caption, clean_answer, content_words, parse_spec)
+from pipeline.prompt.llm import LLMRecaptioner, check_caption, clean_answer, content_words, parse_spec
+from pipeline.prompt.plain import PlainRecaptioner
 from pipeline.prompt.recaption import check_recaptioner_spec, load_recaptioner
 
 CORPUS = [
@@ -153,7 +154,8 @@ def test_hf_name_follows_the_model_and_the_settings(tiny_models, tmp_path):
     copy = shutil.copytree(tiny_models["a"], tmp_path / "tiny")
     assert LLMRecaptioner("hf", str(copy), max_new_tokens=4).name == a.name     # a moved copy keeps its name
     assert LLMRecaptioner("hf", str(copy), max_new_tokens=4, system_prompt="Describe it.").name != a.name
-    assert LLMRecaptioner("hf", tiny_models["a"], max_new_tokens=4, fallback="plain", keep=0.5).name != a.name
+    plain = PlainRecaptioner()
+    assert LLMRecaptioner("hf", tiny_models["a"], max_new_tokens=4, fallback=plain, keep=0.5).name != a.name
     assert LLMRecaptioner("hf", tiny_models["chat"], max_new_tokens=4).name.startswith("llm-1:hf:tiny-chat:")
 
 
