@@ -16,7 +16,8 @@ Spec strings (what `load_recaptioner`, the CLI's `--recaptioner` and a model con
     openai:MODEL[@BASE_URL][;OPTION=VALUE...]  openai:qwen2.5-7b@http://10.0.0.5:8000/v1   openai:gpt-4o-mini
 
 Options (all optional):
-    fallback=NAME      registered recaptioner used whenever the LLM's answer is not kept (default: plain)
+    fallback=NAME      registered recaptioner used whenever the LLM's answer is not kept (default: plain;
+                       `pipeline.prompt.recaption.load_recaptioner` loads it and hands it to `from_spec`)
     keep=FRACTION      share of the prompt's content words the caption must keep (default 0.8)
     temperature=T      sampling temperature, seeded per clip (default 0.7); 0 = greedy, the seed is unused
     max_tokens=N       most new tokens per caption (default 160)
@@ -54,6 +55,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
+
+from pipeline.prompt.plain import PlainRecaptioner, Recaptioner
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +283,9 @@ def parse_spec(spec: str) -> LLMSpec:
     return LLMSpec("openai", model, url or None, options)
 
 
-def from_spec(spec: str) -> "LLMRecaptioner":
-    """An LLMRecaptioner from a spec string (see the module docstring)."""
+def from_spec(spec: str, fallback: Recaptioner) -> "LLMRecaptioner":
+    """An LLMRecaptioner from a spec string (see the module docstring), falling back to `fallback` (the
+    recaptioner its `fallback=NAME` option names, loaded by `pipeline.prompt.recaption`)."""
     s = parse_spec(spec)
     o = s.options
     kwargs: dict = {}
@@ -291,8 +295,6 @@ def from_spec(spec: str) -> "LLMRecaptioner":
     for key, arg in (("max_tokens", "max_new_tokens"), ("retries", "max_retries")):
         if key in o:
             kwargs[arg] = int(o[key])
-    if "fallback" in o:
-        kwargs["fallback"] = o["fallback"]
     if "system" in o:
         kwargs["system_prompt"] = Path(o["system"]).read_text()
         kwargs["examples"] = ()
@@ -300,7 +302,7 @@ def from_spec(spec: str) -> "LLMRecaptioner":
         kwargs["device"] = o["device"]
     if "key_env" in o:
         kwargs["api_key_env"] = o["key_env"]
-    return LLMRecaptioner(s.backend, s.model, base_url=s.base_url, **kwargs)
+    return LLMRecaptioner(s.backend, s.model, base_url=s.base_url, fallback=fallback, **kwargs)
 
 
 # -- backends -----------------------------------------------------------------------------------------
@@ -391,14 +393,16 @@ class _OpenAIBackend:
         try:
             import openai
         except ImportError:
-            raise ImportError("the 'openai:' recaptioner needs the openai client: pip install 'reelforge[llm]'") from None
+            raise ImportError("the 'openai:' recaptioner needs the openai client: "
+                              "pip install 'reelforge[llm]'") from None
         env = api_key_env or "OPENAI_API_KEY"
         key = os.environ.get(env)
         if not key:
             if api_key_env:
                 raise ValueError(f"recaptioner: environment variable {api_key_env} (the API key) is not set")
             if not base_url and not os.environ.get("OPENAI_BASE_URL"):
-                raise ValueError("recaptioner: set OPENAI_API_KEY, or give a base URL: 'openai:MODEL@http://HOST:PORT/v1'")
+                raise ValueError("recaptioner: set OPENAI_API_KEY, or give a base URL: "
+                                 "'openai:MODEL@http://HOST:PORT/v1'")
             key = "none"  # local OpenAI-compatible servers (vLLM, llama.cpp, Ollama) take any key
         self.model = model
         self.label = model
@@ -424,7 +428,8 @@ class LLMRecaptioner:
         backend: "hf" (a transformers causal LM) or "openai" (an OpenAI-compatible chat endpoint).
         model: hf: a local folder or fsspec URI of the model and its tokenizer; openai: the model name.
         base_url: openai: the endpoint (e.g. "http://127.0.0.1:8000/v1"); None: the client's default.
-        fallback: a registered recaptioner name, or a recaptioner (default "plain").
+        fallback: the recaptioner used when the answer is not kept (default: a PlainRecaptioner);
+            `pipeline.prompt.recaption.load_recaptioner` loads one by name.
         system_prompt: the instructions that describe the caption style (default DEFAULT_SYSTEM_PROMPT).
         examples: (prompt, caption) pairs shown to the model as earlier turns (default DEFAULT_EXAMPLES).
         keep: the share of the prompt's content words a caption must keep to be used.
@@ -436,18 +441,16 @@ class LLMRecaptioner:
         cache_size: (prompt, seed) → caption answers kept, so a prompt repeated in a run is asked once.
     """
 
-    def __init__(self, backend: str, model: str, *, base_url: str | None = None, fallback="plain",
+    def __init__(self, backend: str, model: str, *, base_url: str | None = None, fallback: Recaptioner | None = None,
                  system_prompt: str | None = None, examples: Sequence[tuple[str, str]] | None = None,
                  keep: float = 0.8, temperature: float = 0.7, max_new_tokens: int = 160, max_chars: int = 600,
                  device: str | None = None, timeout: float = 30.0, max_retries: int = 2,
                  api_key_env: str | None = None, cache_size: int = 1024):
-        from pipeline.prompt.recaption import load_recaptioner
-
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep={keep} must be between 0 and 1")
         if temperature < 0 or max_new_tokens < 1:
             raise ValueError("temperature must be >= 0 and max_new_tokens >= 1")
-        self.fallback = load_recaptioner(fallback) if isinstance(fallback, str) else fallback
+        self.fallback = PlainRecaptioner() if fallback is None else fallback
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.examples = tuple(DEFAULT_EXAMPLES if examples is None else examples)
         self.keep, self.temperature = keep, temperature

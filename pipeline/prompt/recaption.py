@@ -6,45 +6,22 @@ of the resume key, so changing it re-renders) and `recaption(prompt, seed, conte
 the seed lets a recaptioner fill in what the prompt leaves open, reproducibly, and `context` (the
 caption of a storyboard's previous shot) is what it fills in from first, so shots keep their subject.
 
-Registered: "plain" (`PlainRecaptioner`) and every caption style a model registers in
-`models.interface.MODEL_RECAPTIONERS` ("shapes": the shapes world's canonical captions, which loads
-the MiniLM vocabulary index once per process).
+Registered: "plain" (`pipeline.prompt.plain.PlainRecaptioner`) and every caption style a model
+registers in `models.interface.MODEL_RECAPTIONERS` ("shapes": the shapes world's canonical captions,
+which loads the MiniLM vocabulary index once per process).
 Spec strings starting with "llm:" or "openai:" load an LLM recaptioner (`pipeline.prompt.llm`):
 "llm:PATH_OR_URI" (a local transformers causal LM) or "openai:MODEL@BASE_URL" (an OpenAI-compatible
-chat endpoint), optionally followed by ";fallback=NAME;keep=0.8;temperature=0.7".
+chat endpoint), optionally followed by ";fallback=NAME;keep=0.8;temperature=0.7"; the fallback is
+loaded here, by its name (default "plain"), and handed to the LLM recaptioner.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 from models.interface import MODEL_RECAPTIONERS, model_recaptioner
-
-
-@runtime_checkable
-class Recaptioner(Protocol):
-    name: str
-
-    def recaption(self, prompt: str, seed: int, context: str = "") -> str: ...
-
-
-class PlainRecaptioner:
-    """Keeps the user's words: whitespace normalised, first letter capitalised, a closing full stop.
-
-    The default for models trained on free-form captions; models with a canonical caption style
-    register their own recaptioner under their config's `recaptioner` name.
-    """
-
-    name = "plain-1"
-
-    def recaption(self, prompt: str, seed: int, context: str = "") -> str:
-        caption = " ".join(prompt.split())  # free-form captions: a shot's own words are its caption
-        if not caption:
-            raise ValueError("prompt is empty")
-        caption = caption[0].upper() + caption[1:]
-        return caption if caption[-1] in ".!?" else caption + "."
-
+from pipeline.prompt.plain import PlainRecaptioner, Recaptioner
 
 RECAPTIONERS: dict[str, Callable[[], Recaptioner]] = {
     "plain": PlainRecaptioner,
@@ -75,6 +52,6 @@ def load_recaptioner(spec: str) -> Recaptioner:
     if spec in RECAPTIONERS:
         return RECAPTIONERS[spec]()
     check_recaptioner_spec(spec)
-    from pipeline.prompt.llm import from_spec  # transformers / openai: only when asked for
+    from pipeline.prompt.llm import from_spec, parse_spec  # transformers / openai: only when asked for
 
-    return from_spec(spec)
+    return from_spec(spec, load_recaptioner(parse_spec(spec).options.get("fallback", "plain")))

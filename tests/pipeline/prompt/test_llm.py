@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.prompt.llm import (LLMRecaptioner, check_caption, clean_answer, content_words, parse_spec)
+from pipeline.prompt.llm import LLMRecaptioner, check_caption, clean_answer, content_words, parse_spec
+from pipeline.prompt.plain import PlainRecaptioner
 from pipeline.prompt.recaption import check_recaptioner_spec, load_recaptioner
 
 CORPUS = [
@@ -153,16 +154,17 @@ def test_hf_name_follows_the_model_and_the_settings(tiny_models, tmp_path):
     copy = shutil.copytree(tiny_models["a"], tmp_path / "tiny")
     assert LLMRecaptioner("hf", str(copy), max_new_tokens=4).name == a.name     # a moved copy keeps its name
     assert LLMRecaptioner("hf", str(copy), max_new_tokens=4, system_prompt="Describe it.").name != a.name
-    assert LLMRecaptioner("hf", tiny_models["a"], max_new_tokens=4, fallback="plain", keep=0.5).name != a.name
+    plain = PlainRecaptioner()
+    assert LLMRecaptioner("hf", tiny_models["a"], max_new_tokens=4, fallback=plain, keep=0.5).name != a.name
     assert LLMRecaptioner("hf", tiny_models["chat"], max_new_tokens=4).name.startswith("llm-1:hf:tiny-chat:")
 
 
 def test_hf_from_object_store(tiny_models, bucket, tmp_path, monkeypatch):
     import fsspec
 
-    import models.text
+    import models.files
 
-    monkeypatch.setattr(models.text, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(models.files, "CACHE_DIR", tmp_path / "cache")
     fs = fsspec.filesystem("s3")
     fs.put(tiny_models["a"] + "/", f"{bucket}/models/tiny", recursive=True)
     r = load_recaptioner(f"llm:s3://{bucket}/models/tiny;max_tokens=8")
