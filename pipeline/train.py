@@ -7,7 +7,7 @@
     summary = train(cfg)                               # one process, no Ray
     summary = train(cfg, num_workers=2, use_gpu=True)  # Ray Train: TorchTrainer, one rank per worker
 
-The maths and the loop live in `models.training.engine` (`train_model`); this module supplies the data
+The maths and the loop live in `models.training.train` (`train_model`); this module supplies the data
 (`ShapesWorldSource`: random scenes without the held-out colour-shape pairs, their canonical
 captions) and the runner. Under Ray each worker runs `train_model` with DeepSpeed over the process
 group that Ray Train's `TorchTrainer` created (gloo on CPUs, NCCL on GPUs); every worker draws its
@@ -52,10 +52,10 @@ def train(cfg: TrainConfig, num_workers: int | None = None, use_gpu: bool = Fals
           cpus_per_worker: float | None = None, source: object | None = None) -> dict:
     """Run the training job: in this process when `num_workers` is None, else under Ray Train.
 
-    Returns rank 0's summary (see `models.training.engine.train_model`).
+    Returns rank 0's summary (see `models.training.train.train_model`).
     """
     if num_workers is None:
-        from models.training.engine import train_model  # torch + DeepSpeed: only when training
+        from models.training.train import train_model  # torch + DeepSpeed: only when training
 
         return train_model(cfg, source or ShapesWorldSource())
     return train_ray(cfg, num_workers, use_gpu, cpus_per_worker)
@@ -65,7 +65,7 @@ def _worker_loop(config: dict) -> None:
     """One Ray Train worker: `train_model` over the process group Ray Train set up."""
     import ray.train
 
-    from models.training.engine import train_model
+    from models.training.train import train_model
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()

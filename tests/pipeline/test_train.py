@@ -1,4 +1,4 @@
-"""Training (models/training/engine.py via pipeline/train.py) on the tiny config: the steps learn, a paused
+"""Training (models/training/ via pipeline/train.py) on the tiny config: the steps learn, a paused
 run resumes to the same step count and the same weights, and the export loads as a model."""
 
 import json
@@ -11,7 +11,11 @@ from models.config import load_config
 from models.dit import VideoDiT
 from models.interface import load_generator
 from models.interface import RenderRequest
-from models.training.engine import TrainConfig, dit_step, init_distributed, make_engine, to_tensor, vae_step
+from models.training.config import TrainConfig
+from models.training.data import to_tensor
+from models.training.dit import dit_step
+from models.training.engine import init_training_process, make_engine
+from models.training.vae import vae_step
 from models.vae import VideoAutoencoder
 from models.weights import load_weights, sha256_bytes
 from models.shapes.world import Scene, canonical_caption, render_scene
@@ -43,7 +47,7 @@ def tiny_cfg(out, **kw):
 
 @pytest.fixture(scope="module")
 def dist():
-    return init_distributed()
+    return init_training_process()
 
 
 def test_vae_and_dit_steps_decrease_the_loss(dist, tmp_path):
