@@ -18,8 +18,9 @@ from models.training.engine import init_training_process, make_engine
 from models.training.vae import vae_step
 from models.vae import VideoAutoencoder
 from models.weights import load_weights, sha256_bytes
+from models.shapes.source import ShapesWorldSource
 from models.shapes.world import Scene, canonical_caption, render_scene
-from pipeline.train import ShapesWorldSource, train
+from pipeline.train import train
 
 SCENES = [Scene(shape, colour, bg, motion) for shape, colour, bg, motion in (
     ("circle", "red", "black", "right"), ("square", "blue", "gray", "up"),
