@@ -188,7 +188,7 @@ def vae_roundtrip_adherence(vae, clips: int = 64, seed: int = 777, held_out: boo
     autoencoder? `held_out` scenes by default (pairs the VAE never saw)."""
     import torch
 
-    from models.training.engine import to_tensor
+    from models.training.data import to_tensor
 
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(rng, clips, held_out_only=held_out)

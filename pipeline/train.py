@@ -7,14 +7,15 @@
     summary = train(cfg)                               # one process, no Ray
     summary = train(cfg, num_workers=2, use_gpu=True)  # Ray Train: TorchTrainer, one rank per worker
 
-The maths and the loop live in `models.training.engine` (`train_model`); this module supplies the data
-(`ShapesWorldSource`: random scenes without the held-out colour-shape pairs, their canonical
-captions) and the runner. Under Ray each worker runs `train_model` with DeepSpeed over the process
-group that Ray Train's `TorchTrainer` created (gloo on CPUs, NCCL on GPUs); every worker draws its
-own clips (seeded by rank), so the data is sharded by construction and the out_dir (checkpoints,
-caches, loss curves) must be shared storage on a multi-node cluster. On a 2-CPU machine use one
-worker with a fractional CPU (`cpus_per_worker=0.5`): whole-CPU actors can starve Ray's own tasks
-there; the worker still uses every core for torch (`threads`).
+The maths and the loop live in `models.training` (`models.training.train.train_model`), the data in
+`models.shapes.source` (`ShapesWorldSource`: random scenes without the held-out colour-shape pairs,
+their canonical captions); this module is the runner and the command line. Under Ray each worker
+runs `train_model` with DeepSpeed over the process group that Ray Train's `TorchTrainer` created
+(gloo on CPUs, NCCL on GPUs); every worker draws its own clips (seeded by rank), so the data is
+sharded by construction and the out_dir (checkpoints, caches, loss curves) must be shared storage
+on a multi-node cluster. On a 2-CPU machine use one worker with a fractional CPU
+(`cpus_per_worker=0.5`): whole-CPU actors can starve Ray's own tasks there; the worker still uses
+every core for torch (`threads`).
 """
 
 from __future__ import annotations
@@ -24,26 +25,8 @@ import os
 import time
 from dataclasses import asdict, replace
 
-import numpy as np
-
+from models.shapes.source import ShapesWorldSource
 from models.training.config import COND_PROBS, TrainConfig, format_cond_mix, parse_cond_mix
-from models.shapes.world import all_scenes, canonical_caption, render_scene, sample_scenes
-
-
-class ShapesWorldSource:
-    """Training clips of the shapes world (docs/SHAPES_WORLD.md): held-in scenes only, random
-    placement, size and speed, 64x64 by default, with their canonical captions."""
-
-    def __init__(self, width: int = 64, height: int = 64, frames: int = 16):
-        self.width, self.height, self.frames = width, height, frames
-        self.captions = [canonical_caption(s) for s in all_scenes(include_held_out=False)]
-
-    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
-        scenes = sample_scenes(rng, n, include_held_out=False)
-        clips = np.stack([render_scene(s, width=self.width, height=self.height, frames=self.frames, rng=rng)
-                          for s in scenes])
-        return clips, [canonical_caption(s) for s in scenes]
-
 
 # --- running --------------------------------------------------------------------------------
 
@@ -52,10 +35,12 @@ def train(cfg: TrainConfig, num_workers: int | None = None, use_gpu: bool = Fals
           cpus_per_worker: float | None = None, source: object | None = None) -> dict:
     """Run the training job: in this process when `num_workers` is None, else under Ray Train.
 
-    Returns rank 0's summary (see `models.training.engine.train_model`).
+    Returns rank 0's summary (see `models.training.train.train_model`).
     """
     if num_workers is None:
-        from models.training.engine import train_model  # torch + DeepSpeed: only when training
+        from models.training.train import (
+            train_model,  # torch + DeepSpeed: only when training
+        )
 
         return train_model(cfg, source or ShapesWorldSource())
     return train_ray(cfg, num_workers, use_gpu, cpus_per_worker)
@@ -65,7 +50,7 @@ def _worker_loop(config: dict) -> None:
     """One Ray Train worker: `train_model` over the process group Ray Train set up."""
     import ray.train
 
-    from models.training.engine import train_model
+    from models.training.train import train_model
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -130,7 +115,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-decoder-only", action="store_true",
                    help="train only the decoder, on the frozen encoder of --init-from: its latents and DiT stay valid "
                         "(with --dit-steps 0 its DiT is exported as it is)")
-    p.add_argument("--latent-clips", type=int, default=d.latent_clips, help="clips in the DiT's latent cache (per worker)")
+    p.add_argument("--latent-clips", type=int, default=d.latent_clips,
+                   help="clips in the DiT's latent cache (per worker)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="decay of the DiT weights' moving average")
     p.add_argument("--timestep-shift", type=float, default=d.timestep_shift,
                    help="SD3 shift of the DiT's training noise levels (1: unshifted; >1 trains more at high noise)")
@@ -143,8 +129,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss-curve rows")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=float, default=None, help="wall-time budget of this call; then checkpoint and stop "
-                                                               "(go on later with --resume)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget of this call; then checkpoint and stop (go on later with --resume)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--data-workers", type=int, default=d.data_workers,
                    help="processes drawing clips ahead of the steps (0: inline; give a GPU run most cores)")
@@ -173,4 +159,4 @@ def run_from_args(a: argparse.Namespace) -> dict:
     return train(config_from_args(a), num_workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker)
 
 
-__all__ = ["ShapesWorldSource", "TrainConfig", "add_train_arguments", "config_from_args", "run_from_args", "train", "train_ray"]
+__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "run_from_args", "train", "train_ray"]

@@ -1,4 +1,4 @@
-"""The options of one training run (`models/training/engine.py`), kept apart from the training code so
+"""The options of one training run (`models/training/train.py`), kept apart from the training code so
 that reading them (the CLI's `reel train` options) does not import torch."""
 
 from __future__ import annotations
