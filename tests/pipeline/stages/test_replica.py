@@ -33,8 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.config import ParallelConfig, load_config  # noqa: E402
-from models.interface import RenderRequest  # noqa: E402
-from models.interface import ParallelConfigError  # noqa: E402
+from models.interface import ParallelConfigError, RenderRequest  # noqa: E402
 
 MODEL = "tiny"
 ROWS = [
@@ -119,6 +118,20 @@ def test_serve_options_for_a_group_replica():
                    "ray_actor_options": {"num_cpus": HOST_CPUS, "num_gpus": 0}}
     cpu = replica_deployment_options(MODEL, ParallelConfig(sp=2), use_gpus=False)
     assert cpu["placement_group_bundles"] == [{"CPU": HOST_CPUS}, {"CPU": 0.25}, {"CPU": 0.25}]
+
+
+def test_replica_resources_defaults_are_one_place():
+    """(CPUs, GPUs) of a replica: what is given, else 1 GPU + 1 CPU a rank with GPUs, 0.5 CPU without."""
+    from pipeline.stages.replica import rank_bundle, replica_resources
+
+    assert replica_resources(1, use_gpus=True) == (1.0, 1.0)
+    assert replica_resources(4, use_gpus=True) == (4.0, 4.0)
+    assert replica_resources(1, use_gpus=False) == replica_resources(2, use_gpus=False) == (0.5, 0.0)
+    assert replica_resources(2, use_gpus=True, cpus_per_replica=3, gpus_per_replica=4) == (3.0, 4.0)
+    assert rank_bundle(2, use_gpus=True) == {"CPU": 1.0, "GPU": 1.0}
+    assert rank_bundle(2, use_gpus=False) == {"CPU": 0.25}
+    with pytest.raises(ValueError, match="3 GPUs per replica do not split over 2 ranks"):
+        rank_bundle(2, use_gpus=True, gpus_per_replica=3)
 
 
 def test_the_layout_is_the_model_configs_unless_a_flag_overrides_it():
