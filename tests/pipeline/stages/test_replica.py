@@ -181,8 +181,8 @@ def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, 
     from ray.util.placement_group import placement_group_table
 
     from pipeline import storage
+    from pipeline.batch.processor import render_placement_prefix
     from pipeline.media.encode import decode_mp4, encode_mp4
-    from pipeline.batch.driver import render_placement_prefix
     from pipeline.media.watermark import embed_watermark
 
     out = tmp_path / "out"
@@ -244,9 +244,9 @@ def cluster_main(out_dir: str, model: str) -> None:
     from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
 
-    from pipeline.stages.replica import rank_bundle
     from pipeline.serve.app import APP_NAME, ServeConfig, build_app, key_hash
-    from pipeline.stages.udfs import RenderUDF
+    from pipeline.stages.render import RenderUDF
+    from pipeline.stages.replica import rank_bundle
 
     seconds, results = {}, {}
     t0 = time.perf_counter()
