@@ -37,11 +37,10 @@ def manifest_rows(n: int) -> list[dict]:
 
 
 def bare_loop(manifest: str, out: str, model: str) -> float:
-    from models.interface import describe_model, load_generator
-    from models.interface import RenderRequest
+    from models.interface import RenderRequest, describe_model, load_generator
     from pipeline.batch.manifest import read_manifest, validate
     from pipeline.prompt.recaption import load_recaptioner
-    from pipeline.stages.udfs import ClipWriter
+    from pipeline.stages.write import ClipWriter
 
     t0 = time.perf_counter()
     info, limits, recaptioner_name = describe_model(model)

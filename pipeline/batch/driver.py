@@ -6,6 +6,7 @@ The driver reads the manifest (exact row numbers, duplicate ids, a one-line erro
 manifest itself is unusable), drops rows whose outputs already exist with the same request hash
 (resume), and streams the rest through the stages; the first MP4 lands while later clips are
 still being sampled. Exit codes: 0 all rendered or skipped, 3 some rows failed, 2 unusable input.
+The stages and their resources are the processor's (`pipeline.batch.processor`).
 """
 
 from __future__ import annotations
@@ -13,24 +14,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib.metadata
-import json
 import logging
 import os
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import pyarrow as pa
 
 from models.interface import ParallelConfig
-from models.interface import GridLimits
 from pipeline import storage
-from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, UsageError, one_line
 from pipeline.batch.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
-from pipeline.media.provenance import C2paConfig, ProvenanceError, c2pa_config_from_env
-from pipeline.stages.udfs import InputsUDF, RecaptionUDF, RenderUDF, Stage, WriteUDF, passthrough_bytes
+from pipeline.batch.processor import build_stages, clip_item, render_layout, render_placement_prefix, stream
+from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, UsageError, one_line
+from pipeline.media.provenance import ProvenanceError, c2pa_config_from_env
+from pipeline.stages.metadata import passthrough_bytes
 
 ERRORS_SCHEMA = pa.schema([
     ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
@@ -96,7 +95,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
     recaptioner = cfg.recaptioner or model_recaptioner or "plain"
     _check_recaptioner(recaptioner)
-    layout = render_layout(cfg)
+    layout = render_layout(cfg.model, cfg.parallel)
     _check_policy(cfg.policy)
     try:
         c2pa = c2pa_config_from_env()  # the driver's REEL_C2PA_* settings, handed to the writers
@@ -122,11 +121,14 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         check_output_reachable(cfg.out)
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
         items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
-        stages = build_stages(cfg, recaptioner, model, run_id, clips=len(items),
-                              inputs_limits=limits if any(_has_media(s) for s in todo) else None, c2pa=c2pa,
-                              layout=layout)
+        stages = build_stages(
+            model_spec=cfg.model, recaptioner=recaptioner, policy=cfg.policy, out=cfg.out, model=model,
+            run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, layout=layout, clips=len(items),
+            inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
+            gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
+            threads_per_replica=cfg.threads_per_replica)
         try:
-            for row in _stream(items, stages, cfg):
+            for row in stream(items, stages, cfg.progress):
                 if row.get("error"):
                     summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
                 else:
@@ -145,132 +147,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     return summary
 
 
-def render_layout(cfg: RenderConfig) -> ParallelConfig:
-    """The render replicas' layout (the model's, overridden by `cfg.parallel`); a layout that cannot
-    work is a UsageError (one line), raised before Ray starts."""
-    from models.interface import ParallelConfigError
-    from pipeline.stages.replica import replica_layout
-
-    unknown = sorted(set(cfg.parallel) - {"sp", "tp", "cfg"})
-    if unknown:
-        raise UsageError(f"unknown parallel degree(s) {', '.join(unknown)} (allowed: sp, tp, cfg)")
-    try:
-        return replica_layout(cfg.model, **cfg.parallel)
-    except ParallelConfigError as e:
-        raise UsageError(str(e)) from None
-
-
 def _has_media(spec: ClipSpec) -> bool:
     return bool(spec.image or spec.image_end or spec.video or spec.video_end)
-
-
-def build_stages(cfg: RenderConfig, recaptioner: str, model: dict[str, str], run_id: str,
-                 clips: int | None = None, inputs_limits: GridLimits | None = None,
-                 c2pa: C2paConfig | None = None, layout: ParallelConfig | None = None) -> list[Stage]:
-    """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
-
-    The inputs stage (reading and fitting the rows' pictures and clips) is there when
-    `inputs_limits` is given: when some row has media.
-
-    With GPUs: one replica per `gpus_per_replica` GPUs, each reserving one CPU. On a CPU-only
-    cluster: single-threaded replicas, one per core, each reserving half a CPU. Measured on a
-    2-core machine, two 1-thread replicas render 1.3x the clips per second of one 2-thread
-    replica: a small DiT's ops are too short for two threads to share well, and any other
-    process on the machine stalls a multi-threaded replica at every op.
-
-    A `layout` of more than one rank makes each replica a group (pipeline/stages/replica.py): the render
-    actor reserves `HOST_CPUS` and no GPU and starts its ranks in a placement group of its own,
-    one bundle per rank holding the replica's CPUs and GPUs (1 GPU + 1 CPU a rank with GPUs;
-    without, the replica's 0.5 CPU split over them), named after the run and the actor. One
-    replica per `world` GPUs, or one without GPUs: a CPU group already runs a process per rank.
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    world = layout.world_size if layout is not None else 1
-    gpus_per_replica = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (world if gpus else 0)
-    threads = cfg.threads_per_replica if cfg.threads_per_replica is not None else (None if gpus_per_replica else 1)
-    cpus_per_replica = cfg.cpus_per_replica if cfg.cpus_per_replica is not None else (
-        float(world) if gpus_per_replica else 0.5)
-    if cfg.replicas:
-        replicas = cfg.replicas
-    elif gpus_per_replica:
-        replicas = max(1, int(gpus // gpus_per_replica))
-    else:
-        replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
-    if clips:
-        replicas = min(replicas, clips)
-    render = {"model": cfg.model, "num_threads": threads}
-    render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
-    if world > 1:  # the ranks reserve the devices; the render actor only drives them
-        from pipeline.stages.replica import HOST_CPUS, layout_name, rank_bundle
-
-        try:
-            bundle = rank_bundle(world, bool(gpus_per_replica), cpus_per_replica, gpus_per_replica)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        short = [k for k, v in bundle.items() if v * world > resources.get(k, 0)]
-        if short:
-            raise UsageError(f"a render replica of {world} ranks ({layout_name(layout)}) needs "
-                             + ", ".join(f"{bundle[k] * world:g} {k}" for k in short) + "; the Ray cluster has "
-                             + ", ".join(f"{resources.get(k, 0):g} {k}" for k in short))
-        render.update(parallel=layout, rank_bundle=bundle, placement_prefix=render_placement_prefix(run_id))
-        render_resources = {"num_cpus": HOST_CPUS, "num_gpus": 0}
-    # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
-    # Ray Data's own read and output tasks and the job deadlocks (see docs/PIPELINE.md, "Ray on a small machine").
-    light = {"num_cpus": 0.25}
-    inputs = [Stage(InputsUDF, {"limits": inputs_limits}, {"compute": ActorPoolStrategy(size=1), **light})]
-    return [
-        Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": cfg.policy},
-              {"compute": ActorPoolStrategy(size=1), **light}),
-        *(inputs if inputs_limits is not None else []),
-        Stage(RenderUDF, render,
-              {"compute": ActorPoolStrategy(min_size=1, max_size=replicas, initial_size=replicas), "batch_size": 1,
-               # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
-               # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools);
-               # a group replica comes back into its placement group and starts its ranks again.
-               **render_resources}),
-        Stage(WriteUDF, {"out": cfg.out, "model": model, "run_id": run_id, "blur_faces": cfg.blur_faces,
-                         "c2pa": c2pa},
-              {"compute": ActorPoolStrategy(size=1), **light}),
-    ]
-
-
-def render_placement_prefix(run_id: str) -> str:
-    """The name prefix of a run's render placement groups (one per group replica)."""
-    return f"reelforge-render-{run_id}-"
-
-
-def _stream(items: list[dict[str, Any]], stages: list[Stage], cfg: RenderConfig):
-    import ray
-    from tqdm import tqdm
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar of our own, counting clips
-    ctx.print_on_execution_start = False
-    _quiet_ray_data_console()
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for stage in stages:
-        ds = stage.apply(ds)
-    failed = 0
-    with tqdm(total=len(items), unit="clip", desc="rendering", disable=not cfg.progress, file=sys.stderr) as bar:
-        for row in ds.iter_rows():
-            failed += bool(row.get("error"))
-            bar.update(1)
-            bar.set_postfix(failed=failed, refresh=False)
-            yield row
-
-
-def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
-    """A validated clip as the row the stages pass along (the online endpoint builds the same)."""
-    item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
-    item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
-                timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
-                shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
-                inputs=b"")
-    return item
 
 
 def _completed_requests(out: str) -> dict[str, str]:
@@ -285,7 +163,8 @@ def _write_errors(out: str, summary: RunSummary) -> None:
     """errors/ lists the rows that failed in the latest run (a fresh dataset each run)."""
     prefix = storage.join(out, "errors")
     rows = [{**asdict(e), "run_id": summary.run_id} for e in sorted(summary.errors, key=lambda e: e.row)]
-    storage.write_parquet_atomic(storage.join(prefix, "errors.parquet"), pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+    storage.write_parquet_atomic(storage.join(prefix, "errors.parquet"),
+                                 pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
     for name in storage.list_names(prefix):
         if name != "errors.parquet":
             storage.delete(storage.join(prefix, name))
@@ -318,16 +197,6 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
     })
 
 
-def _quiet_ray_data_console() -> None:
-    """Ray Data's INFO lines and its "progress bars disabled" notice stay in its log file
-    (ray-data.log in the session folder); the terminal shows our bar and warnings."""
-    data_logger = logging.getLogger("ray.data")
-    for handler in data_logger.handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -352,7 +221,8 @@ def check_output_reachable(out: str) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if "://" not in out and len(nodes) > 1:
         raise UsageError(f"--out {out} is a node-local path but the Ray cluster has {len(nodes)} nodes; "
-                         f"use shared storage: s3://…, gs://…, or file://{os.path.abspath(out)} if every node mounts it")
+                         f"use shared storage: s3://…, gs://…, or file://{os.path.abspath(out)} "
+                         "if every node mounts it")
 
 
 def _check_recaptioner(spec: str) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "encode_png", "thumbnail_frame", "probe_mp4", "mp4_top_level_boxes", "ffmpeg_exe",
-           "EncodeError"]
+__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "encode_png", "thumbnail_frame", "probe_mp4",
+           "mp4_top_level_boxes", "ffmpeg_exe", "check_frames", "EncodeError"]
 
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "veryfast"
@@ -53,17 +53,15 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _check_frames(frames: Any) -> np.ndarray:
+def check_frames(frames: Any, min_side: int = 2) -> np.ndarray:
+    """`frames` as a C-contiguous uint8 (T, H, W, 3) array holding at least one `min_side` x `min_side`
+    frame; anything else is refused in one line (ValueError). The encoders' and the face blur's check."""
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     t, h, w, _ = frames.shape
-    if t < 1 or h < 2 or w < 2:
-        raise ValueError(f"frames must hold at least one 2x2 frame, got shape {frames.shape}")
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 in yuv420p needs an even width and height, got {w}x{h}")
+    if t < 1 or h < min_side or w < min_side:
+        raise ValueError(f"frames must hold at least one {min_side}x{min_side} frame, got shape {frames.shape}")
     return np.ascontiguousarray(frames)
 
 
@@ -100,10 +98,12 @@ def encode_mp4(
     `crf` 18 is visually near-lossless; `preset` veryfast keeps CPU time low. `threads` is fixed
     (not "auto") so the bytes do not depend on the machine's core count.
     """
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 in yuv420p needs an even width and height, got {w}x{h}")
     if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps <= 0:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
-    t, h, w, _ = frames.shape
     tag_args, custom = _metadata_args(metadata)
     movflags = "+faststart" + ("+use_metadata_tags" if custom else "")
     with tempfile.TemporaryDirectory(prefix="reelforge-encode-") as tmp:

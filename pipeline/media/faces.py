@@ -19,8 +19,8 @@ How a clip is processed:
    `lfw_subset` faces (25x25, placed in 64x64 frames) 98/100 found, its 100 non-face patches 0;
    the test photograph's face found in every frame at 256x256 and 64x64 (~15 px); shapes-world clips
    (flat shapes on plain backgrounds) 0 detections in 3200 frames at 64x64 and 640 at 256x256
-   (in a 960-frame sample: 6 at min_neighbors 3, 1 at 4, 0 at 5 and 6). The only natural-image hits seen were the portrait heads on the coins in
-   `skimage.data.coins()`.
+   (in a 960-frame sample: 6 at min_neighbors 3, 1 at 4, 0 at 5 and 6). The only natural-image hits
+   seen were the portrait heads on the coins in `skimage.data.coins()`.
 2. **Track** detections across frames (overlap or near centres), **interpolate** a box on frames
    between two detections of one track, and **extend** each track `temporal_radius` frames past its
    ends (held and moved on at the track's speed), so a face the detector misses on a frame or two,
@@ -45,6 +45,8 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.media.encode import check_frames
 
 __all__ = ["blur_faces", "detect_faces", "blur_boxes", "FaceBlurSettings", "DEFAULT_SETTINGS"]
 
@@ -117,15 +119,6 @@ def _cascades():
     return cached
 
 
-def _check_frames(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    if frames.shape[0] == 0 or frames.shape[1] < 8 or frames.shape[2] < 8:
-        raise ValueError(f"frames must hold at least one 8x8 frame, got {frames.shape}")
-    return frames
-
-
 def _merge(boxes: list[tuple[float, float, float, float]]) -> list[tuple[float, float, float, float]]:
     """Union boxes (x0, y0, x1, y1) that overlap a lot or hold each other's centre, until stable."""
     boxes = sorted(boxes)
@@ -186,7 +179,7 @@ def _detect_frame(frame: np.ndarray, s: FaceBlurSettings) -> list[tuple[float, f
 def detect_faces(frames: np.ndarray, settings: FaceBlurSettings = DEFAULT_SETTINGS
                  ) -> list[list[tuple[float, float, float, float]]]:
     """Per frame, the face boxes (x0, y0, x1, y1) in the frame's pixels, sorted; no tracking."""
-    frames = _check_frames(frames)
+    frames = check_frames(frames, min_side=8)
     return [_detect_frame(f, settings) for f in frames]
 
 
@@ -261,7 +254,7 @@ def blur_boxes(frames: np.ndarray, detections: list[list[tuple[float, float, flo
                settings: FaceBlurSettings = DEFAULT_SETTINGS) -> np.ndarray:
     """A copy of `frames` with the faces in `detections` (per frame, as `detect_faces` gives them)
     blurred, after tracking, interpolation and extension (steps 2 and 3 of the module doc)."""
-    frames = _check_frames(frames)
+    frames = check_frames(frames, min_side=8)
     if len(detections) != len(frames):
         raise ValueError(f"detections must hold one list per frame: {len(detections)} lists for {len(frames)} frames")
     out = frames.copy()

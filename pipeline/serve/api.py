@@ -237,7 +237,7 @@ class VideoAPI:
                 logger.exception("dispatching %s failed", job_id)
 
     async def _run(self, job_id: str) -> None:
-        from pipeline.batch.driver import clip_item
+        from pipeline.batch.processor import clip_item
 
         job = self.store.claim(job_id)
         if job is None:  # deleted while queued

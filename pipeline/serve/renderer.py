@@ -30,7 +30,7 @@ def spritesheet(frames: np.ndarray, tiles: int = 16, columns: int = 4) -> np.nda
 
 def output_uris(out: str, video_id: str) -> dict[str, str]:
     """The batch layout's keys for a clip, plus the API's spritesheet and the folder of its uploaded inputs."""
-    from pipeline.stages.udfs import output_keys
+    from pipeline.stages.metadata import output_keys
 
     return {**output_keys(out, video_id), "spritesheet": storage.join(out, "spritesheets", f"{video_id}.jpg"),
             "inputs": storage.join(out, "inputs", video_id)}
@@ -47,7 +47,10 @@ class Renderer:
     """One render replica: the batch stages' per-row methods, called in sequence for one clip."""
 
     def __init__(self, cfg: ServeConfig):
-        from pipeline.stages.udfs import ClipWriter, InputsUDF, RecaptionUDF, RenderUDF
+        from pipeline.stages.inputs import InputsUDF
+        from pipeline.stages.prompt import RecaptionUDF
+        from pipeline.stages.render import RenderUDF
+        from pipeline.stages.write import ClipWriter
 
         self.out = cfg.out
         self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
@@ -68,7 +71,7 @@ class Renderer:
         the clip's frame count, or `failed` {code, message}: refused by the safety gate, or an
         input that cannot be used (the user's to fix; anything else raises)."""
         from pipeline.media.encode import encode_jpeg
-        from pipeline.stages.udfs import row_frames
+        from pipeline.stages.render import row_frames
 
         uris = output_uris(self.out, item["id"])
         recorded = recorded_clip(uris["metadata"])

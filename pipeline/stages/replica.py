@@ -40,8 +40,8 @@ from ray.util.placement_group import (PlacementGroup, get_current_placement_grou
                                       placement_group_table, remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from models.interface import ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
-from models.interface import RenderOutput, RenderRequest
+from models.interface import (ModelConfig, ParallelConfig, ParallelConfigError, RenderOutput, RenderRequest,
+                              check_layout, load_config)
 
 #: CPUs the actor that drives a group reserves (a Ray Data render actor, a Serve replica): it only
 #: passes requests and frames, the ranks hold the devices.
@@ -73,24 +73,35 @@ def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | No
     return layout
 
 
-def rank_bundle(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
-                gpus_per_replica: float | None = None) -> dict[str, float]:
-    """What one rank of a `world`-rank replica reserves: the replica's CPUs and GPUs split evenly.
+def replica_resources(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
+                      gpus_per_replica: float | None = None) -> tuple[float, float]:
+    """(CPUs, GPUs) a render replica of `world` ranks reserves: the ones given, else the defaults.
 
     Defaults: with GPUs, 1 GPU and 1 CPU a rank (NCCL runs one process per GPU, so a rank gets
-    whole GPUs); without, 0.5 CPU for the whole group, like a one-process CPU replica: fractional,
-    so that on a small machine Ray keeps CPUs for the pipeline's other actors (docs/PIPELINE.md, "Ray on a small machine").
+    whole GPUs); without, 0.5 CPU for the whole replica (one process or a group): fractional, so
+    that on a small machine Ray keeps CPUs for the pipeline's other actors (docs/PIPELINE.md, "Ray
+    on a small machine"). The batch processor, the Serve deployment and `rank_bundle` all size
+    their replicas here.
+    """
+    gpus = float(world if use_gpus else 0) if gpus_per_replica is None else float(gpus_per_replica)
+    cpus = float(world if use_gpus else 0.5) if cpus_per_replica is None else float(cpus_per_replica)
+    return cpus, gpus
+
+
+def rank_bundle(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
+                gpus_per_replica: float | None = None) -> dict[str, float]:
+    """What one rank of a `world`-rank replica reserves: the replica's CPUs and GPUs
+    (`replica_resources`) split evenly.
+
     Raises ValueError (one line) for GPUs that do not split into whole GPUs per rank.
     """
+    cpus, gpus = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)
     if use_gpus:
-        gpus = float(world if gpus_per_replica is None else gpus_per_replica)
         per_rank = gpus / world
         if per_rank < 1 or per_rank != int(per_rank):
             raise ValueError(f"{gpus:g} GPUs per replica do not split over {world} ranks: each rank needs "
                              f"whole GPUs (NCCL runs one process per GPU); use a multiple of {world}")
-        cpus = float(world if cpus_per_replica is None else cpus_per_replica)
         return {"CPU": cpus / world, "GPU": per_rank}
-    cpus = 0.5 if cpus_per_replica is None else float(cpus_per_replica)
     return {"CPU": cpus / world}
 
 
@@ -99,11 +110,11 @@ def replica_deployment_options(model: str | ModelConfig, parallel: ParallelConfi
                                gpus_per_replica: float | None = None) -> dict[str, Any]:
     """Serve options (`Deployment.options(**...)`) for a render deployment with `parallel`'s layout.
 
-    One rank: `ray_actor_options` with the replica's CPUs and GPUs (defaults 1 CPU + 1 GPU with
-    GPUs, 0.5 CPU without). More: a placement group per replica, `[{"CPU": HOST_CPUS}]` for the
-    replica itself (Serve puts it in bundle 0 and captures its children) followed by one
-    `rank_bundle` per rank, PACK; the replica reserves `HOST_CPUS` and no GPU, and its
-    `RenderUDF(model, parallel=layout)` starts the ranks in bundles 1..world.
+    One rank: `ray_actor_options` with the replica's CPUs and GPUs (`replica_resources`: defaults
+    1 CPU + 1 GPU with GPUs, 0.5 CPU without). More: a placement group per replica,
+    `[{"CPU": HOST_CPUS}]` for the replica itself (Serve puts it in bundle 0 and captures its
+    children) followed by one `rank_bundle` per rank, PACK; the replica reserves `HOST_CPUS` and no
+    GPU, and its `RenderUDF(model, parallel=layout)` starts the ranks in bundles 1..world.
     `parallel`: None takes the model config's. Raises `ParallelConfigError` for a bad layout.
     """
     config = model if isinstance(model, ModelConfig) else load_config(model)
@@ -111,8 +122,7 @@ def replica_deployment_options(model: str | ModelConfig, parallel: ParallelConfi
     check_layout(layout, config.dit, guidance=config.sampler.guidance)
     world = layout.world_size
     if world == 1:
-        gpus = (1.0 if use_gpus else 0.0) if gpus_per_replica is None else gpus_per_replica
-        cpus = (1.0 if use_gpus else 0.5) if cpus_per_replica is None else cpus_per_replica
+        cpus, gpus = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
     bundle = rank_bundle(world, use_gpus, cpus_per_replica, gpus_per_replica)
     return {"placement_group_bundles": replica_bundles(world, bundle),

@@ -33,8 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.config import ParallelConfig, load_config  # noqa: E402
-from models.interface import RenderRequest  # noqa: E402
-from models.interface import ParallelConfigError  # noqa: E402
+from models.interface import ParallelConfigError, RenderRequest  # noqa: E402
 
 MODEL = "tiny"
 ROWS = [
@@ -121,6 +120,20 @@ def test_serve_options_for_a_group_replica():
     assert cpu["placement_group_bundles"] == [{"CPU": HOST_CPUS}, {"CPU": 0.25}, {"CPU": 0.25}]
 
 
+def test_replica_resources_defaults_are_one_place():
+    """(CPUs, GPUs) of a replica: what is given, else 1 GPU + 1 CPU a rank with GPUs, 0.5 CPU without."""
+    from pipeline.stages.replica import rank_bundle, replica_resources
+
+    assert replica_resources(1, use_gpus=True) == (1.0, 1.0)
+    assert replica_resources(4, use_gpus=True) == (4.0, 4.0)
+    assert replica_resources(1, use_gpus=False) == replica_resources(2, use_gpus=False) == (0.5, 0.0)
+    assert replica_resources(2, use_gpus=True, cpus_per_replica=3, gpus_per_replica=4) == (3.0, 4.0)
+    assert rank_bundle(2, use_gpus=True) == {"CPU": 1.0, "GPU": 1.0}
+    assert rank_bundle(2, use_gpus=False) == {"CPU": 0.25}
+    with pytest.raises(ValueError, match="3 GPUs per replica do not split over 2 ranks"):
+        rank_bundle(2, use_gpus=True, gpus_per_replica=3)
+
+
 def test_the_layout_is_the_model_configs_unless_a_flag_overrides_it():
     from pipeline.stages.replica import replica_layout
 
@@ -168,8 +181,8 @@ def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, 
     from ray.util.placement_group import placement_group_table
 
     from pipeline import storage
+    from pipeline.batch.processor import render_placement_prefix
     from pipeline.media.encode import decode_mp4, encode_mp4
-    from pipeline.batch.driver import render_placement_prefix
     from pipeline.media.watermark import embed_watermark
 
     out = tmp_path / "out"
@@ -233,8 +246,8 @@ def cluster_main(out_dir: str, model: str) -> None:
 
     from pipeline.serve.app import APP_NAME, build_app
     from pipeline.serve.config import ServeConfig, key_hash
+    from pipeline.stages.render import RenderUDF
     from pipeline.stages.replica import rank_bundle
-    from pipeline.stages.udfs import RenderUDF
 
     seconds, results = {}, {}
     t0 = time.perf_counter()

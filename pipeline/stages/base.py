@@ -1,0 +1,53 @@
+"""What every stage shares: `Stage` (a UDF class and the `map_batches` arguments it runs under)
+and the per-row plumbing of the UDFs (`each_row`, `add_timing`).
+
+A stage follows the `ray.data.llm` pattern: a UDF class loads its heavy state once in `__init__`
+and transforms one batch in `__call__`; the work on one row lives in a plain method
+(`recaption_row`, `inputs_row`, `render_row`, `write_row`) that the online endpoint reuses without
+Ray Data. A row that fails a stage keeps flowing with `error` and `stage` set, so the driver
+records it and later stages leave it alone: a bad row never costs the good ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+
+from pipeline.errors import one_line
+
+
+def each_row(batch: pd.DataFrame, stage: str, fn: Callable[[dict[str, Any]], None]) -> pd.DataFrame:
+    """Apply `fn` to every row still in good standing; an exception fails that row alone."""
+    rows = batch.to_dict("records")
+    for row in rows:
+        if row.get("error"):
+            continue
+        try:
+            fn(row)
+        except Exception as e:  # one row's failure must not cost the batch
+            row["error"], row["stage"] = one_line(e), stage
+    return pd.DataFrame.from_records(rows, columns=list(batch.columns) if not rows else None)
+
+
+def add_timing(row: dict[str, Any], **seconds: float) -> None:
+    timings = json.loads(row.get("timings") or "{}")
+    timings.update(seconds)
+    row["timings"] = json.dumps(timings)
+
+
+@dataclass
+class Stage:
+    """A UDF class and the `map_batches` arguments it runs under."""
+
+    udf: type
+    constructor_kwargs: dict[str, Any]
+    map_batches_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, ds):
+        return ds.map_batches(
+            self.udf, fn_constructor_kwargs=self.constructor_kwargs, batch_format="pandas",
+            **self.map_batches_kwargs,
+        )

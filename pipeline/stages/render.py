@@ -1,0 +1,59 @@
+"""The render stage: caption (+ inputs) → frames on a render replica (`RenderUDF`), and `row_frames`,
+the frames it leaves in a row."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stages.base import add_timing, each_row
+from pipeline.stages.modes import inputs_from_bytes, render_clip
+
+
+class RenderUDF:
+    """caption (+ inputs) → frames, on a render replica (GPU actors, or CPU actors where there are none).
+
+    `parallel`: the replica's layout (models.config.ParallelConfig). More than one rank makes the
+    replica a group of Ray actors, one per rank, that this actor drives (`pipeline.stages.replica`); one
+    rank, or None, runs the model in this actor. `rank_bundle`: what each rank reserves. The
+    group's placement group is named `placement_prefix` + this actor's id when a prefix is given,
+    so that the actor, restarted by Ray, finds it again (and the driver removes a run's groups by
+    the prefix when the run ends); inside a placement group already (Serve), that one is used.
+    """
+
+    def __init__(self, model: str, num_threads: int | None = None, parallel=None,
+                 rank_bundle: dict[str, float] | None = None, placement_prefix: str | None = None):
+        if parallel is not None and parallel.world_size > 1:
+            import ray
+
+            from pipeline.stages.replica import ModelParallelReplica
+
+            actor = ray.get_runtime_context().get_actor_id()
+            name = f"{placement_prefix}{actor}" if placement_prefix and actor else None
+            self.generator = ModelParallelReplica(model, parallel, rank_bundle=rank_bundle, num_threads=num_threads,
+                                                  placement_name=name)
+        else:
+            from models.interface import load_generator  # torch loads in the actor, not the driver
+
+            self.generator = load_generator(model, num_threads=num_threads)
+
+    def render_row(self, row: dict[str, Any]) -> None:
+        frames, timings, shots = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        row["frames_data"] = frames.tobytes()
+        row["frames_shape"] = json.dumps(list(frames.shape))
+        row["inputs"] = b""
+        if shots:
+            row["shot_records"] = json.dumps(shots)
+        add_timing(row, **timings)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return each_row(batch, "render", self.render_row)
+
+
+def row_frames(row: dict[str, Any]) -> np.ndarray:
+    """The frames `RenderUDF.render_row` left in a row, as uint8 (T, H, W, 3)."""
+    return np.frombuffer(row["frames_data"], dtype=np.uint8).reshape(json.loads(row["frames_shape"]))

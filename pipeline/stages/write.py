@@ -1,0 +1,114 @@
+"""The write stage: frames → MP4 (a still: PNG) + thumbnail + metadata row, on CPU actors
+(`WriteUDF`, around `ClipWriter`, which the online endpoint uses directly)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.media.encode import encode_jpeg, encode_mp4, encode_png, thumbnail_frame
+from pipeline.media.provenance import C2paConfig, Provenance, c2pa_config_from_env, sign_c2pa
+from pipeline.media.watermark import embed_watermark
+from pipeline.stages.base import each_row
+from pipeline.stages.metadata import METADATA_SCHEMA, TIMING_FIELDS, output_keys, passthrough_table
+from pipeline.stages.render import row_frames
+
+
+@dataclass
+class ClipWriter:
+    """frames → MP4 (a still: PNG) + thumbnail + one metadata row, written atomically under `out`.
+
+    On the way: faces blurred (when asked), the invisible watermark embedded (`reel verify` finds
+    it), provenance tags in the file and a signed C2PA manifest when REEL_C2PA_KEY/_CERT are set.
+
+    The metadata file is written last: its presence means the clip is complete, and its
+    `request_sha256` is what a rerun compares to skip work already done.
+    """
+
+    out: str
+    model: dict[str, str]
+    run_id: str
+    blur_faces: bool = False  # run-wide; a row's own `blur_faces` also turns it on
+    c2pa: C2paConfig | None = field(default_factory=c2pa_config_from_env)  # REEL_C2PA_KEY / _CERT
+
+    def write(self, row: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
+        keys = output_keys(self.out, row["id"])
+        t0 = time.perf_counter()
+        faces = None
+        if self.blur_faces or row.get("blur_faces"):
+            from pipeline.media.faces import blur_faces
+
+            frames, faces = blur_faces(frames)
+        # provenance: an invisible watermark in every frame, tags in the file, C2PA when configured
+        frames = embed_watermark(frames)
+        record = Provenance.for_clip(self.model, row["caption"], seed=int(row["seed"]))
+        tags = {"title": row["id"], "comment": row["caption"], **record.tags()}
+        still = row["mode"] == "image"
+        if still:  # a still is a PNG (lossless) under images/
+            media = sign_c2pa(encode_png(frames[0], tags), record, mime_type="image/png", config=self.c2pa)
+            media_key = keys["image"]
+        else:
+            media = sign_c2pa(encode_mp4(frames, int(row["fps"]), metadata=tags), record, config=self.c2pa)
+            media_key = keys["video"]
+        thumbnail = encode_jpeg(thumbnail_frame(frames))
+        t1 = time.perf_counter()
+        storage.write_bytes_atomic(media_key, media)
+        storage.write_bytes_atomic(keys["thumbnail"], thumbnail)
+        timings = json.loads(row.get("timings") or "{}")
+        timings.update(encode=t1 - t0, write=time.perf_counter() - t1)
+        record = {
+            "id": row["id"], "row": int(row["row"]), "prompt": row["prompt"],
+            "negative_prompt": row.get("negative_prompt") or "", "caption": row["caption"],
+            "recaptioner": row["recaptioner"], "mode": row["mode"], "seed": int(row["seed"]),
+            "model": dict(self.model), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
+            "frames": int(frames.shape[0]), "fps": int(row["fps"]),
+            "seconds": frames.shape[0] / int(row["fps"]), "steps": int(row["steps"]),
+            "guidance": float(row["guidance"]),
+            "timings": {name: timings.get(name) for name in TIMING_FIELDS},
+            "video_uri": "" if still else media_key, "image_uri": media_key if still else "",
+            "thumbnail_uri": keys["thumbnail"],
+            "video_sha256": hashlib.sha256(media).hexdigest(), "bytes": len(media),
+            # the raw frames' hash: what "rendered again bit-for-bit" is checked against
+            "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),
+            "created_at": dt.datetime.now(dt.timezone.utc), "request_sha256": row["request_sha256"],
+            "run_id": self.run_id,
+            "inputs": {name: row.get(name) or None for name in ("image", "image_end", "video", "video_end")},
+            "direction": row.get("direction") if row["mode"] == "extend" else None,
+            "extension_only": bool(row.get("extension_only")) if row["mode"] == "extend" else None,
+            "strength": float(row["strength"]) if row["mode"] == "remix" else None,
+            "shots": json.loads(row.get("shot_records") or "null"),
+            "faces_blurred": faces,
+        }
+        table = pa.Table.from_pylist([record], schema=METADATA_SCHEMA)
+        passthrough = passthrough_table(row.get("passthrough"))
+        for name in passthrough.column_names:
+            column = name if name not in table.column_names else f"manifest_{name}"
+            table = table.append_column(column, passthrough.column(name))
+        storage.write_parquet_atomic(keys["metadata"], table)
+        return record
+
+
+class WriteUDF:
+    """Encode and write each rendered clip (CPU); the frames leave the dataset here."""
+
+    def __init__(self, out: str, model: dict[str, str], run_id: str, blur_faces: bool = False,
+                 c2pa: C2paConfig | None = None):
+        self.writer = ClipWriter(out, model, run_id, blur_faces, c2pa)
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        record = self.writer.write(row, row_frames(row))
+        row["video_uri"] = record["video_uri"]
+        row["timings"] = json.dumps(record["timings"])
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = each_row(batch, "write", self.write_row)
+        return out.drop(columns=["frames_data", "frames_shape", "passthrough"], errors="ignore")
