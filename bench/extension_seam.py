@@ -46,12 +46,11 @@ def main() -> None:
 
     import numpy as np
 
-    from models.interface import load_generator, pixels_to_video
-    from models.interface import RenderRequest
-    from pipeline.media.encode import decode_mp4, encode_mp4
-    from pipeline.evaluate import extension_seam
-    from pipeline.stages.modes import render_clip
+    from models.interface import RenderRequest, load_generator, pixels_to_video
     from models.shapes.world import canonical_caption, render_scene, sample_scenes
+    from pipeline.evaluate import extension_seam
+    from pipeline.media.encode import decode_mp4, encode_mp4
+    from pipeline.stages.modes import render_clip
 
     gen = load_generator(a.model, device="cpu", num_threads=a.threads)
     lim = gen.limits

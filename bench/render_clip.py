@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clip_seconds(model: str, clips: int, threads: int) -> dict:
-    from models.interface import load_generator
-    from models.interface import RenderRequest
+    from models.interface import RenderRequest, load_generator
     from models.shapes.world import Scene, canonical_caption
 
     gen = load_generator(model, device="cpu", num_threads=threads)

@@ -66,8 +66,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
-    from models.interface import load_generator
-    from models.interface import RenderRequest
+    from models.interface import RenderRequest, load_generator
     from models.shapes import world as sw
     from pipeline.media.encode import decode_mp4, encode_mp4
     from pipeline.media.watermark import FALSE_POSITIVE_BOUND, THRESHOLD, detect_watermark, embed_watermark

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from models.config import DiTConfig
 
-
 # --- context-parallel plan entries (the shape of diffusers' ContextParallelInput/Output) ----------
 
 
@@ -68,7 +67,7 @@ class AttnProcessor:
     (B, M), True = attend, and rotary (cos, sin) for the query/key positions.
     """
 
-    def __call__(self, attn: "Attention", hidden_states: torch.Tensor,
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from models.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from models.config import ConfigError, ModelConfig, ParallelConfig
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest
 from models.sampler import FlowMatchSampler
 from models.text import TextEncoder
-from models.weights import load_modules, weights_sha256
+from models.weights import load_modules
 
 
 def grid_limits(config: ModelConfig) -> GridLimits:
@@ -226,8 +226,8 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, group=None,
                  device: torch.device | str | None = None):
-        from models.parallel import ParallelSampler, build_mesh, parallelize
         from models.config import check_layout
+        from models.parallel import ParallelSampler, build_mesh, parallelize
         from models.vae import decoder_receptive_field
 
         check_layout(parallel, config.dit, guidance=config.sampler.guidance)  # before loading weights

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,8 +43,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import DiTConfig, ParallelConfig, ParallelConfigError, check_layout
-from models.dit import (Attention, AttnProcessor, ContextParallelInput, ContextParallelOutput, FeedForward,
-                        TransformerBlock, VideoDiT, apply_rotary_emb)
+from models.dit import (
+    Attention,
+    AttnProcessor,
+    ContextParallelInput,
+    ContextParallelOutput,
+    FeedForward,
+    TransformerBlock,
+    VideoDiT,
+    apply_rotary_emb,
+)
 from models.sampler import FlowMatchSampler
 
 __all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler", "USPAttnProcessor",

@@ -17,7 +17,7 @@ k backward) and interpolation (first and last).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -20,7 +20,7 @@ Two choices keep it cheap on CPUs and ready for long clips:
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

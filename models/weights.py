@@ -23,8 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models.config import ModelConfig
-from models.errors import UserError
 from models.dit import VideoDiT
+from models.errors import UserError
 from models.vae import VideoAutoencoder
 
 

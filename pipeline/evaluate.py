@@ -25,18 +25,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
-from pipeline.errors import UserError, one_line
-from pipeline.media.encode import decode_mp4
 from models.shapes import EVAL_PROMPTS
 from models.shapes.judge import ATTRIBUTES, JudgeResult, aggregate, is_held_out, judge_clip
 from models.shapes.world import VOCABULARY, canonical_caption, render_scene, sample_scenes
+from pipeline import storage
+from pipeline.errors import UserError, one_line
+from pipeline.media.encode import decode_mp4
 
 DEFAULT_PROMPTS = str(EVAL_PROMPTS)
 
@@ -92,8 +91,8 @@ class PromptEval:
 def evaluate_prompts(cfg: PromptEval) -> dict:
     """Render the prompt set through the pipeline and judge every clip; the summary (also in
     OUT/eval.json). Rows that fail to render count as not adherent and are listed."""
-    from pipeline.batch.manifest import write_manifest
     from pipeline.batch.driver import RenderConfig, render_manifest
+    from pipeline.batch.manifest import write_manifest
     from pipeline.errors import UsageError
 
     prompts = load_prompt_set(cfg.prompts)[: cfg.limit]
@@ -150,8 +149,7 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
     """Judge the model on `clips` fresh held-in and `clips` fresh held-out scenes, rendered from
     their canonical captions straight through the generator (the model's default steps and
     guidance unless given): the judge's summary plus render timings."""
-    from models.interface import load_generator
-    from models.interface import RenderRequest
+    from models.interface import RenderRequest, load_generator
 
     try:
         gen = load_generator(model, num_threads=threads)

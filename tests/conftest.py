@@ -7,7 +7,6 @@ special configuration.
 """
 
 import logging
-import os
 import uuid
 
 import pytest

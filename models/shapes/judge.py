@@ -38,14 +38,24 @@ colour and motion are None (the background is still judged).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 
-from models.shapes.world import (ATTRIBUTES, BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, Scene, coverage,
-                                   shape_area_factor, shape_centroid_offset)
+from models.shapes.world import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    Scene,
+    coverage,
+    shape_area_factor,
+    shape_centroid_offset,
+)
 
 COARSE_DISTANCE = 48.0   # sRGB distance from the background for the coarse object mask
 MIN_CONTRAST = 40.0      # an "object colour" closer than this to the background means no object
@@ -256,7 +266,7 @@ def judge_clip(frames: np.ndarray) -> JudgeResult:
     return JudgeResult(shape, colour, background, motion, float(visible.mean()), details)
 
 
-Target = Union[Scene, Mapping[str, Optional[str]]]
+Target = Union[Scene, Mapping[str, str | None]]
 
 
 def expected_attributes(target: Target) -> dict[str, str]:

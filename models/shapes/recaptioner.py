@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.shapes import lexicon as lx
-from models.shapes.world import (ATTRIBUTES, BACKGROUNDS, COLOURS, HELD_OUT, MOTIONS, SHAPES, Scene,
-                                   canonical_caption)
+from models.shapes.world import ATTRIBUTES, BACKGROUNDS, COLOURS, HELD_OUT, MOTIONS, SHAPES, Scene, canonical_caption
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -15,8 +15,8 @@ import functools
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 from models.interface import GridLimits, ParallelConfig, ParallelConfigError
 from pipeline.batch.manifest import ClipSpec

@@ -102,7 +102,7 @@ class Provenance:
 
     @classmethod
     def for_clip(cls, info: Any, caption: str, *, seed: int | None = None, watermarked: bool = True,
-                 extra: dict[str, str] | None = None) -> "Provenance":
+                 extra: dict[str, str] | None = None) -> Provenance:
         """From a `models.interface.ModelInfo` (or any object/dict with name, version, weights_sha256)."""
         get = info.get if isinstance(info, dict) else (lambda k: getattr(info, k))
         return cls(model=str(get("name")), model_version=str(get("version")), model_sha256=str(get("weights_sha256")),

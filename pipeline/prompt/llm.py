@@ -52,9 +52,10 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from pipeline.prompt.plain import PlainRecaptioner, Recaptioner
 
@@ -283,7 +284,7 @@ def parse_spec(spec: str) -> LLMSpec:
     return LLMSpec("openai", model, url or None, options)
 
 
-def from_spec(spec: str, fallback: Recaptioner) -> "LLMRecaptioner":
+def from_spec(spec: str, fallback: Recaptioner) -> LLMRecaptioner:
     """An LLMRecaptioner from a spec string (see the module docstring), falling back to `fallback` (the
     recaptioner its `fallback=NAME` option names, loaded by `pipeline.prompt.recaption`)."""
     s = parse_spec(spec)

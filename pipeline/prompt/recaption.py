@@ -18,7 +18,7 @@ loaded here, by its name (default "plain"), and handed to the LLM recaptioner.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from models.interface import MODEL_RECAPTIONERS, model_recaptioner
 from pipeline.prompt.plain import PlainRecaptioner, Recaptioner

@@ -25,9 +25,22 @@ from pipeline.serve.http import build_api
 from pipeline.serve.jobs_store import Job, JobStore, Rejected
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.renderer import output_uris
-from pipeline.serve.requests import (CREATE_FIELDS, EDIT_FIELDS, EXTEND_FIELDS, REMIX_FIELDS, check_unknown, clip_spec,
-                                     extra_columns, image_type, new_video_id, reference_image, requested_seconds,
-                                     requested_size, required_prompt, uploaded_video)
+from pipeline.serve.requests import (
+    CREATE_FIELDS,
+    EDIT_FIELDS,
+    EXTEND_FIELDS,
+    REMIX_FIELDS,
+    check_unknown,
+    clip_spec,
+    extra_columns,
+    image_type,
+    new_video_id,
+    reference_image,
+    requested_seconds,
+    requested_size,
+    required_prompt,
+    uploaded_video,
+)
 
 logger = logging.getLogger("reelforge.serve")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +23,14 @@ from pipeline.serve.errors import APIError, not_available
 from pipeline.serve.jobs_store import Job
 from pipeline.serve.renderer import output_uris
 from pipeline.serve.requests import check_unknown, required_prompt
-from pipeline.serve.schemas import (CREATE_SCHEMA, EDIT_SCHEMA, EXTEND_SCHEMA, REMIX_SCHEMA, add_bearer_security,
-                                    body_schema)
+from pipeline.serve.schemas import (
+    CREATE_SCHEMA,
+    EDIT_SCHEMA,
+    EXTEND_SCHEMA,
+    REMIX_SCHEMA,
+    add_bearer_security,
+    body_schema,
+)
 
 logger = logging.getLogger("reelforge.serve")
 

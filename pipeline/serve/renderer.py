@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from ray import serve

@@ -11,8 +11,9 @@ records it and later stages leave it alone: a bad row never costs the good ones.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 

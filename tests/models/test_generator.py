@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from models.generator import grid_limits
-from models.interface import describe_model
-from models.interface import RenderRequest, VideoGenerator
+from models.interface import RenderRequest, VideoGenerator, describe_model
 
 
 def request(**kw):

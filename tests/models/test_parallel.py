@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.config import ParallelConfig, load_config  # noqa: E402
+from models.config import ParallelConfig, ParallelConfigError, check_layout, load_config  # noqa: E402  # noqa: E402
 from models.dit import VideoDiT  # noqa: E402
-from models.config import ParallelConfigError, check_layout  # noqa: E402
 from models.sampler import FlowMatchSampler  # noqa: E402
 
 TOL = 1e-4

@@ -4,8 +4,15 @@ import torch.nn as nn
 
 from models.config import DiTConfig
 from models.dit import VideoDiT
-from models.sampler import (HIGH_NOISE_FROM, FlowMatchSampler, flow_matching_loss, random_frame_masks,
-                            sample_training_timesteps, sampling_timesteps, shift_timesteps)
+from models.sampler import (
+    HIGH_NOISE_FROM,
+    FlowMatchSampler,
+    flow_matching_loss,
+    random_frame_masks,
+    sample_training_timesteps,
+    sampling_timesteps,
+    shift_timesteps,
+)
 
 
 class Oracle(nn.Module):

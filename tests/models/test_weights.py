@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from models.config import load_config
-from models.weights import (WeightsError, init_modules, load_modules, load_weights, save_weights,
-                            state_dict_sha256, weights_sha256)
+from models.weights import (
+    WeightsError,
+    init_modules,
+    load_modules,
+    load_weights,
+    save_weights,
+    state_dict_sha256,
+    weights_sha256,
+)
 
 
 @pytest.mark.parametrize("scheme", ["path", "file", "memory"])

@@ -7,13 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
-from pipeline.cli import main
-from pipeline.media.contact_sheet import sheet, sheet_of_run
-from pipeline.media.encode import decode_mp4, encode_mp4
-from pipeline.evaluate import DEFAULT_PROMPTS, EvalError, extension_seam, load_prompt_set
 from models.shapes.judge import JudgeResult, adherence, aggregate, is_held_out, judge_clip
 from models.shapes.world import Scene, render_scene
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.evaluate import DEFAULT_PROMPTS, EvalError, extension_seam, load_prompt_set
+from pipeline.media.contact_sheet import sheet, sheet_of_run
+from pipeline.media.encode import decode_mp4, encode_mp4
 
 SCENES = [Scene("triangle", "green", "navy", "up"), Scene("diamond", "orange", "black", "left"),
           Scene("circle", "yellow", "brown", "grows"), Scene("square", "purple", "gray", "shrinks"),

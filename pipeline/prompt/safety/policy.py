@@ -104,12 +104,12 @@ class SafetyPolicy:
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def allow_all(cls) -> "SafetyPolicy":
+    def allow_all(cls) -> SafetyPolicy:
         """The "none"/"off" policy: no category, no classifier; `check` always returns None."""
         return cls([], [], None, "none")
 
     @classmethod
-    def from_dict(cls, doc: Any, source: str = "<dict>", base_dir: str | None = None) -> "SafetyPolicy":
+    def from_dict(cls, doc: Any, source: str = "<dict>", base_dir: str | None = None) -> SafetyPolicy:
         """Validate and compile a parsed policy document (the file format in the module doc)."""
         where = f"policy {source}"
         if not isinstance(doc, dict):

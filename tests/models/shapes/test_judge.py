@@ -5,9 +5,8 @@ import io
 import numpy as np
 import pytest
 
-from models.shapes.judge import aggregate, adherence, judge_clip, judge_clips, min_visible_pixels
-from models.shapes.world import (ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, Scene, coverage, render_scene,
-                                   sample_scenes)
+from models.shapes.judge import adherence, aggregate, judge_clip, judge_clips, min_visible_pixels
+from models.shapes.world import ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, Scene, coverage, render_scene, sample_scenes
 
 SIZES = [(64, 64), (96, 64), (64, 96)]
 

@@ -7,13 +7,13 @@ written from it. The per-attribute accuracy is printed (pytest -s) and held to 0
 """
 
 import json
-from models.shapes import EVAL_PROMPTS
 
 import pytest
 
-from pipeline.prompt.recaption import RECAPTIONERS, load_recaptioner
+from models.shapes import EVAL_PROMPTS
 from models.shapes.recaptioner import ShapesRecaptioner
 from models.shapes.world import ATTRIBUTES, HELD_OUT, VOCABULARY, all_scenes, canonical_caption, scene_from_caption
+from pipeline.prompt.recaption import RECAPTIONERS, load_recaptioner
 
 EVAL = EVAL_PROMPTS
 

@@ -3,8 +3,19 @@
 import numpy as np
 import pytest
 
-from models.shapes.world import (BACKGROUNDS, COLOURS, HELD_OUT, MOTIONS, SHAPES, Scene, all_scenes,
-                                   canonical_caption, render_scene, sample_scenes, scene_from_caption)
+from models.shapes.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    MOTIONS,
+    SHAPES,
+    Scene,
+    all_scenes,
+    canonical_caption,
+    render_scene,
+    sample_scenes,
+    scene_from_caption,
+)
 
 SIZES = [(64, 64), (96, 64), (64, 96)]
 FRAMES = [8, 16, 24]

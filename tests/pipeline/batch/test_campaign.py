@@ -7,8 +7,8 @@ import pytest
 
 from models.interface import describe_model
 from pipeline.batch.campaign import CampaignError, expand, grid_size, load_spec
-from pipeline.cli import main
 from pipeline.batch.manifest import ID_PATTERN, read_manifest, validate
+from pipeline.cli import main
 
 TINY = describe_model("tiny")[1]
 

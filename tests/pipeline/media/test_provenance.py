@@ -21,8 +21,18 @@ import pytest
 
 from models.shapes import world as sw
 from pipeline.media.encode import decode_mp4, encode_mp4, encode_png
-from pipeline.media.provenance import (C2paConfig, Provenance, ProvenanceError, UnreadableInput, c2pa_config_from_env,
-                                 caption_sha256, read_c2pa, read_provenance, read_tags, sign_c2pa)
+from pipeline.media.provenance import (
+    C2paConfig,
+    Provenance,
+    ProvenanceError,
+    UnreadableInput,
+    c2pa_config_from_env,
+    caption_sha256,
+    read_c2pa,
+    read_provenance,
+    read_tags,
+    sign_c2pa,
+)
 from pipeline.media.watermark import THRESHOLD, detect_watermark, embed_watermark
 
 ROOT = Path(__file__).resolve().parents[3]

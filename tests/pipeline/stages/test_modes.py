@@ -13,11 +13,11 @@ from PIL import Image
 
 from models.shapes import world as sw
 from pipeline import storage
-from pipeline.media.encode import decode_mp4, encode_mp4
-from pipeline.evaluate import extension_seam
-from pipeline.media.faces import detect_faces
-from pipeline.batch.manifest import write_manifest
 from pipeline.batch.driver import RenderConfig, render_manifest
+from pipeline.batch.manifest import write_manifest
+from pipeline.evaluate import extension_seam
+from pipeline.media.encode import decode_mp4, encode_mp4
+from pipeline.media.faces import detect_faces
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,9 +37,7 @@ def run(ray_session, s3_server, tmp_path_factory):
     # the object is mid-way at both ends, so going on either way stays within the shapes world (the
     # first half starts where the motion starts; a second before it would put the object partly
     # outside the frame). Keyframes come from the shapes world's own renderer.
-    from models.interface import load_generator
-    from models.interface import RenderRequest
-
+    from models.interface import RenderRequest, load_generator
     from models.shapes.judge import judge_clip
 
     caption = sw.canonical_caption(sw.Scene("circle", "red", "gray", "right"))

@@ -4,9 +4,9 @@ policy that was written in code before, its YAML dump round trip, and the shell 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 from pipeline.prompt.safety.__main__ import main
