@@ -87,7 +87,8 @@ def main() -> None:
             add(row, f"{name} forward", extension_seam(inputs["world", "forward"], frames[12:13], "forward"))
             add(row, f"{name} backward", extension_seam(inputs["world", "backward"], frames[7:8], "backward"))
         print(json.dumps(row), flush=True)
-    summary = {"model": f"{gen.info.name} {gen.info.version}", "clips": len(scenes), "input": "raw" if a.raw else "h264"}
+    summary = {"model": f"{gen.info.name} {gen.info.version}", "clips": len(scenes),
+               "input": "raw" if a.raw else "h264"}
     for key, values in seams.items():
         summary[key] = {"median": round(statistics.median(values), 3), "max": round(max(values), 3),
                         "share_at_most_1": round(sum(v <= 1 for v in values) / len(values), 3)}

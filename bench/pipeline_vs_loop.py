@@ -47,10 +47,12 @@ def bare_loop(manifest: str, out: str, model: str) -> float:
     specs, _ = validate(read_manifest(manifest), limits)
     generator = load_generator(model)
     recaptioner = load_recaptioner(recaptioner_name or "plain")
-    writer = ClipWriter(out, {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}, "bench")
+    model = {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}
+    writer = ClipWriter(out, model, "bench")
     for s in specs:
         caption = recaptioner.recaption(s.prompt, s.seed)
-        out = generator.generate([RenderRequest(caption, s.width, s.height, s.frames, s.fps, s.seed, s.steps, s.guidance)])[0]
+        request = RenderRequest(caption, s.width, s.height, s.frames, s.fps, s.seed, s.steps, s.guidance)
+        out = generator.generate([request])[0]
         row = {"id": s.id, "row": s.row, "prompt": s.prompt, "caption": caption, "recaptioner": recaptioner.name,
                "mode": s.mode, "seed": s.seed, "fps": s.fps, "steps": s.steps, "guidance": s.guidance,
                "request_sha256": "", "timings": json.dumps(out.timings)}
@@ -62,7 +64,8 @@ def stage_medians(out: str) -> dict[str, float]:
     """Median seconds per stage over the clips written under `out` (from their metadata)."""
     from pipeline import storage
 
-    timings = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["timings"]).column("timings").to_pylist()
+    metadata = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["timings"])
+    timings = metadata.column("timings").to_pylist()
     return {k: round(statistics.median(t[k] for t in timings if t[k] is not None), 3)
             for k in timings[0] if any(t[k] is not None for t in timings)}
 
@@ -99,7 +102,8 @@ def main() -> None:
         manifest = f"{tmp}/bench.parquet"
         pq.write_table(pa.Table.from_pylist(manifest_rows(args.rows)), manifest)
         loop_s = bare_loop(manifest, f"{tmp}/loop", args.model)
-        pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model, args.replicas, args.threads, args.cpus_per_replica)
+        pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model, args.replicas, args.threads,
+                                     args.cpus_per_replica)
         medians = {"loop": stage_medians(f"{tmp}/loop"), "pipeline": stage_medians(f"{tmp}/pipeline")}
     result = {
         "rows": args.rows, "model": args.model, "cpus": os.cpu_count(),

@@ -32,7 +32,8 @@ def clip_seconds(model: str, clips: int, threads: int) -> dict:
 
     gen = load_generator(model, device="cpu", num_threads=threads)
     lim = gen.limits
-    req = dict(caption=canonical_caption(Scene("circle", "red", "black", "right")), width=64, height=64, fps=8, frames=16,
+    caption = canonical_caption(Scene("circle", "red", "black", "right"))
+    req = dict(caption=caption, width=64, height=64, fps=8, frames=16,
                steps=lim.default_steps, guidance=lim.default_guidance)
     gen.generate([RenderRequest(seed=0, **req)])  # warm-up
     times = []
@@ -49,8 +50,8 @@ def render_peak_memory(manifest: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "render", manifest, "--out", out, "--no-progress"],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "pipeline.cli", "render", manifest, "--out", out, "--no-progress"]
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         root, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
             try:

@@ -118,7 +118,8 @@ def main() -> None:
                     "marked": {}, "unmarked": {}, "psnr": {}}
     print(f"\nwatermark: {args.clips} default-model renders (16 frames, {steps} steps) + {len(NATURAL)} natural clips; "
           f"threshold z >= {THRESHOLD} (bound on false positives {FALSE_POSITIVE_BOUND:.1e})")
-    print(f"{'size':18s} {'n':>4s} {'PSNR dB':>12s}  " + "  ".join(f"{c:>20s}" for c in ("raw", "crf18", "crf28", "down2x+crf18")))
+    columns = ("raw", "crf18", "crf28", "down2x+crf18")
+    print(f"{'size':18s} {'n':>4s} {'PSNR dB':>12s}  " + "  ".join(f"{c:>20s}" for c in columns))
     print(f"{'':18s} {'':>4s} {'mean (min)':>12s}  " + "  ".join(f"{'rate  mean z (min)':>20s}" for _ in range(4)))
     all_rates, big_rates = defaultdict(list), defaultdict(list)
     for key in [f"{w}x{h}" for w, h in SIZES] + [f"natural {w}x{h}" for _, w, h in NATURAL]:

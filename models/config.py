@@ -316,7 +316,8 @@ class ModelConfig:
         if v.temporal_kernel < 1:
             raise ConfigError(f"vae.temporal_kernel={v.temporal_kernel} must be >= 1")
         if v.temporal_upsample not in TEMPORAL_UPSAMPLES:
-            raise ConfigError(f"vae.temporal_upsample={v.temporal_upsample!r} must be one of {', '.join(TEMPORAL_UPSAMPLES)}")
+            raise ConfigError(f"vae.temporal_upsample={v.temporal_upsample!r} must be one of "
+                              f"{', '.join(TEMPORAL_UPSAMPLES)}")
         if len(d.patch_size) != 3 or d.patch_size[1] != d.patch_size[2] or min(d.patch_size) < 1:
             raise ConfigError(f"dit.patch_size={d.patch_size} must be [pt, p, p] with positive entries")
         if d.hidden_size % d.num_heads:

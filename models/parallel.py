@@ -55,7 +55,8 @@ from models.dit import (
 )
 from models.sampler import FlowMatchSampler
 
-__all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler", "USPAttnProcessor",
+__all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler",
+           "USPAttnProcessor",
            "ColumnParallelLinear", "RowParallelLinear", "TPRMSNorm"]
 
 

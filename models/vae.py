@@ -178,7 +178,8 @@ def convert_temporal_upsample(state: dict[str, torch.Tensor], vae: VideoAutoenco
         if isinstance(module, Upsample) and module.depth_to_time and module.temporal is not None:
             key = f"{name}.temporal"
             if state[f"{key}.weight"].shape[0] * 2 == module.temporal.weight.shape[0]:
-                out[f"{key}.weight"], out[f"{key}.bias"] = depth_to_time_weights(state[f"{key}.weight"], state.get(f"{key}.bias"))
+                weight, bias = depth_to_time_weights(state[f"{key}.weight"], state.get(f"{key}.bias"))
+                out[f"{key}.weight"], out[f"{key}.bias"] = weight, bias
     return out
 
 
@@ -199,7 +200,8 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, out_ch in enumerate(ch):
             in_ch = ch[max(i - 1, 0)]
-            level = nn.Sequential(*[ResBlock(in_ch if j == 0 else out_ch, out_ch, k) for j in range(cfg.layers_per_block)])
+            level = nn.Sequential(*[ResBlock(in_ch if j == 0 else out_ch, out_ch, k)
+                                    for j in range(cfg.layers_per_block)])
             if i < len(steps) and any(steps[i]):
                 level.append(Downsample(out_ch, *steps[i]))
             self.down_blocks.append(level)

@@ -229,8 +229,10 @@ def extension_seam(source: np.ndarray, new: np.ndarray, direction: str = "forwar
 
 def format_summary(summary: dict) -> str:
     """A short table of a summary: adherence per attribute, all / held-in / held-out."""
-    lines = [f"{'':10} {'clips':>5} {'adher.':>6} {'all4':>5} {'perm.':>5}  " + " ".join(f"{a:>10}" for a in ATTRIBUTES)]
-    for name, part in (("all", summary), ("held-in", summary.get("held_in", {})), ("held-out", summary.get("held_out", {}))):
+    header = f"{'':10} {'clips':>5} {'adher.':>6} {'all4':>5} {'perm.':>5}  "
+    lines = [header + " ".join(f"{a:>10}" for a in ATTRIBUTES)]
+    parts = (("all", summary), ("held-in", summary.get("held_in", {})), ("held-out", summary.get("held_out", {})))
+    for name, part in parts:
         if not part.get("clips"):
             continue
         attrs = " ".join(f"{part['attributes'][a]:>10.3f}" if a in part["attributes"] else f"{'-':>10}"

@@ -41,7 +41,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Union
 
 import numpy as np
 
@@ -175,7 +174,10 @@ def _shape_scores(masks: np.ndarray, projs: np.ndarray) -> dict[str, float]:
         near = m[y0:y1, x0:x1].copy()
         for _ in range(WINDOW_PAD):       # grow the component to take in its soft edge only
             g = near.copy()
-            g[1:] |= near[:-1]; g[:-1] |= near[1:]; g[:, 1:] |= near[:, :-1]; g[:, :-1] |= near[:, 1:]
+            g[1:] |= near[:-1]
+            g[:-1] |= near[1:]
+            g[:, 1:] |= near[:, :-1]
+            g[:, :-1] |= near[:, 1:]
             near = g
         soft = _soft(projs[i, y0:y1, x0:x1]) * near
         area = float(soft.sum())
@@ -266,7 +268,7 @@ def judge_clip(frames: np.ndarray) -> JudgeResult:
     return JudgeResult(shape, colour, background, motion, float(visible.mean()), details)
 
 
-Target = Union[Scene, Mapping[str, str | None]]
+Target = Scene | Mapping[str, str | None]
 
 
 def expected_attributes(target: Target) -> dict[str, str]:

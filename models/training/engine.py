@@ -24,9 +24,10 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -243,7 +244,7 @@ class Phase:
     scheduler: Any  # the engine's LR scheduler (the curve's lr)
     steps: int  # optimiser steps of the whole phase
     batch: int  # clips per step per rank
-    batches: Callable[[int], ContextManager[Iterator[Any]]]  # the batches of the steps from this one on
+    batches: Callable[[int], AbstractContextManager[Iterator[Any]]]  # the batches of the steps from this one on
     train_step: Callable[[Any, int], dict[str, float]]  # one optimiser step on (batch, step number): its losses
     ema: EMA | None = None  # updated after every step, checkpointed and resumed with the engine
     start_fields: dict = field(default_factory=dict)  # more fields of the "start" log line

@@ -319,8 +319,9 @@ def sign_c2pa(data: bytes, provenance: Provenance, *, mime_type: str = "video/mp
     try:
         signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(config.alg, cert, key, config.tsa_url))
     except Exception as e:
+        reason = one_line(e, limit=None, show_type=False)
         raise ProvenanceError(f"C2PA signer rejected REEL_C2PA_KEY/REEL_C2PA_CERT with alg {config.alg}: "
-                              f"{one_line(e, limit=None, show_type=False)}; the key must match the certificate and REEL_C2PA_ALG") from None
+                              f"{reason}; the key must match the certificate and REEL_C2PA_ALG") from None
     settings = {"builder": {"thumbnail": {"enabled": False}}}
     try:
         with signer, c2pa.Context.from_dict(settings) as ctx, \
@@ -329,8 +330,9 @@ def sign_c2pa(data: bytes, provenance: Provenance, *, mime_type: str = "video/mp
             builder.sign(signer, mime_type, io.BytesIO(data), out)
             return out.getvalue()
     except Exception as e:
+        reason = one_line(e, limit=None, show_type=False)
         raise ProvenanceError(
-            f"C2PA signing failed: {one_line(e, limit=None, show_type=False)}; REEL_C2PA_CERT must be the signer's certificate (issued by a CA, "
+            f"C2PA signing failed: {reason}; REEL_C2PA_CERT must be the signer's certificate (issued by a CA, "
             "not self-signed, with the emailProtection or documentSigning EKU) followed by its intermediates") from None
 
 
@@ -370,7 +372,8 @@ def read_c2pa(data: bytes, mime_type: str | None = None) -> dict | None:
                 store = json.loads(reader.json())
                 state = reader.get_validation_state()
     except Exception as e:  # c2pa.C2paError and its kin: a manifest is there but cannot be read
-        return {"state": "Invalid", "valid": False, "trusted": False, "error": one_line(e, limit=None, show_type=False)[:300]}
+        reason = one_line(e, limit=None, show_type=False)[:300]
+        return {"state": "Invalid", "valid": False, "trusted": False, "error": reason}
     active = store.get("manifests", {}).get(store.get("active_manifest") or "", {})
     results = (store.get("validation_results") or {}).get("activeManifest") or {}
     failures = [f.get("code") for f in results.get("failure", []) if f.get("code")]
@@ -383,7 +386,8 @@ def read_c2pa(data: bytes, mime_type: str | None = None) -> dict | None:
         "valid": state in ("Valid", "Trusted") and not serious,
         "trusted": state == "Trusted",
         "signer": {k: sig.get(k) for k in ("issuer", "common_name", "alg", "time") if sig.get(k)},
-        "claim_generator": [f"{g.get('name')} {g.get('version', '')}".strip() for g in active.get("claim_generator_info", [])],
+        "claim_generator": [f"{g.get('name')} {g.get('version', '')}".strip()
+                            for g in active.get("claim_generator_info", [])],
         "actions": [{"action": a.get("action"), "digitalSourceType": a.get("digitalSourceType")} for a in actions],
         "generation": assertions.get(ASSERTION_LABEL),
         "failures": serious,
@@ -404,7 +408,7 @@ def _load(path_or_bytes: str | os.PathLike | bytes) -> tuple[str, bytes]:
         with fsspec.open(name, "rb") as f:
             return name, f.read()
     except Exception as e:
-        raise UnreadableInput(f"cannot read {name}: {type(e).__name__}: {one_line(e, limit=None, show_type=False)}") from None
+        raise UnreadableInput(f"cannot read {name}: {one_line(e, limit=None, show_type=True)}") from None
 
 
 def _frames(kind: str, data: bytes) -> np.ndarray:
@@ -414,14 +418,16 @@ def _frames(kind: str, data: bytes) -> np.ndarray:
         try:
             return decode_mp4(data)
         except Exception as e:
-            raise UnreadableInput(f"not a decodable MP4 video: {one_line(e, limit=None, show_type=False)[-300:]}") from None
+            reason = one_line(e, limit=None, show_type=False)[-300:]
+            raise UnreadableInput(f"not a decodable MP4 video: {reason}") from None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))[None]
     except Exception as e:
-        raise UnreadableInput(f"not a decodable {kind.upper()} image: {one_line(e, limit=None, show_type=False)}") from None
+        reason = one_line(e, limit=None, show_type=False)
+        raise UnreadableInput(f"not a decodable {kind.upper()} image: {reason}") from None
 
 
 def read_provenance(path_or_bytes: str | os.PathLike | bytes, *, watermark: bool = True, c2pa: bool = True) -> dict:
@@ -463,7 +469,8 @@ def read_provenance(path_or_bytes: str | os.PathLike | bytes, *, watermark: bool
 def format_report(report: dict) -> str:
     """The human-readable lines `reel verify` prints for one report."""
     wm = report.get("watermark")
-    lines = [f"{report['file']}: {report['format']}" + (f" {report['size']}, {report['frames']} frame(s)" if wm else "")]
+    size = f" {report['size']}, {report['frames']} frame(s)" if wm else ""
+    lines = [f"{report['file']}: {report['format']}{size}"]
     if wm:
         verdict = "DETECTED" if wm["detected"] else "not detected"
         lines.append(f"  watermark: {verdict} (score {wm['score']:.2f}, threshold {wm['threshold']:.1f})")
@@ -471,7 +478,8 @@ def format_report(report: dict) -> str:
     if tags:
         lines.append("  tags: " + ", ".join(f"{k}={v}" for k, v in tags.items() if k not in ("comment", "title")))
         if report.get("caption_matches") is not None:
-            lines.append(f"  caption hash: {'matches' if report['caption_matches'] else 'DOES NOT match'} the comment tag")
+            matches = "matches" if report["caption_matches"] else "DOES NOT match"
+            lines.append(f"  caption hash: {matches} the comment tag")
     else:
         lines.append("  tags: none")
     c = report.get("c2pa")

@@ -43,7 +43,10 @@ def load_inputs(row: dict[str, Any], limits: GridLimits) -> dict[str, np.ndarray
     videos = {c: read_input(row[c], c) for c in columns if c.startswith("video")}
     if not int(row.get("width") or 0):
         first = columns[0]
-        w, h = (images[first].shape[1], images[first].shape[0]) if first in images else probe_video(videos[first], first, row[first])[:2]
+        if first in images:
+            w, h = images[first].shape[1], images[first].shape[0]
+        else:
+            w, h = probe_video(videos[first], first, row[first])[:2]
         row["width"], row["height"] = limits.fit_size(w, h)
     width, height, fps = int(row["width"]), int(row["height"]), int(row["fps"])
     out = {c: fit_frame(im, width, height)[None] for c, im in images.items()}

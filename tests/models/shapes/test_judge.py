@@ -142,7 +142,7 @@ def test_shape_features_are_robust():
     rng = np.random.default_rng(3)
     for shape in SHAPES:
         for h, aspect in ((4.5, 1.0), (7, 1.0), (12, 1.0), (9, 1.3), (9, 0.8)):   # small, large, stretched
-            clip = _clip_of(shape, lambda t: (0.5, 0.5, h), frames=8, aspect=aspect)
+            clip = _clip_of(shape, lambda t, h=h: (0.5, 0.5, h), frames=8, aspect=aspect)
             for frames in (clip, _perturb(clip, rng)):
                 r = judge_clip(frames)
                 assert r.shape == shape, (shape, h, aspect, r.details["shape_iou"])

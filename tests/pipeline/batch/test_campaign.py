@@ -57,13 +57,16 @@ def test_full_cross_product_with_exclusions():
 
 
 def test_ids_are_stable_across_reexpansion_reordering_and_growth():
-    before = {(r["product"], r["setting"], r["style"], r["cta"], r["placement"], r["seed"]): r["id"] for r in expand(spec())}
+    def variant(r):
+        return r["product"], r["setting"], r["style"], r["cta"], r["placement"], r["seed"]
+
+    before = {variant(r): r["id"] for r in expand(spec())}
     # Axes and placements reordered, a new axis value and a changed template: the old variants keep their ids.
     reordered = SPEC.replace("product: [sneakers, backpack, bottle]", "product: [hoodie, bottle, backpack, sneakers]")
     reordered = reordered.replace('template: "A {style} shot', 'template: "Ad: a {style} shot')
     reordered = reordered.replace("  cta: [Shop now., Limited drop.]\n", "")
     reordered = reordered.replace("axes:\n", "axes:\n  cta: [Limited drop., Shop now.]\n")
-    after = {(r["product"], r["setting"], r["style"], r["cta"], r["placement"], r["seed"]): r["id"] for r in expand(spec(reordered))}
+    after = {variant(r): r["id"] for r in expand(spec(reordered))}
     assert before.items() <= after.items()
     assert len(after) > len(before)
 
@@ -94,7 +97,8 @@ def test_explicit_seeds_and_aspect_mapping():
     (("width: 128, height: 72", "width: 130, height: 72"), 11, "nearest allowed is 128"),
     (('aspect: "9:16", seconds: 6', 'aspect: "9:16", seconds: 40'), 9, "maximum of 30 s at 8 fps"),
     (("seeds: 2", "seeds: 2\ncolour: red"), 13, "unknown key 'colour'"),
-    (('{name: story, aspect: "9:16", seconds: 6}', '{name: story, ratio: "9:16", seconds: 6}'), 9, "unknown key 'ratio'"),
+    (('{name: story, aspect: "9:16", seconds: 6}', '{name: story, ratio: "9:16", seconds: 6}'), 9,
+     "unknown key 'ratio'"),
     (("- {product: backpack, setting: on a ridge}", "- {product: kayak}"), 14, "'kayak' is not a value"),
     (("- {product: backpack, setting: on a ridge}", "- {colour: red}"), 14, "unknown axis 'colour'"),
 ])

@@ -157,7 +157,8 @@ def test_watermark_on_odd_sizes_and_stills():
 
 
 def test_tags_round_trip_mp4_and_png(renders):
-    caption = "A red circle moves from the left to the right of the frame on a plain black background. The camera is static."
+    caption = ("A red circle moves from the left to the right of the frame on a plain black background. "
+               "The camera is static.")
     rec = Provenance.for_clip(MODEL_INFO, caption, seed=42)
     tags = rec.tags()
     assert tags["caption_sha256"] == caption_sha256(caption) and tags["seed"] == "42"
@@ -165,7 +166,8 @@ def test_tags_round_trip_mp4_and_png(renders):
     mp4 = encode_mp4(embed_watermark(renders[0]), 8, metadata={"title": "clip", "comment": caption, **tags})
     back = read_tags(mp4)
     assert back == {"title": "clip", "comment": caption, **tags}
-    assert read_tags(encode_mp4(renders[0], 8, metadata={"title": "t", "comment": "c"})) == {"title": "t", "comment": "c"}
+    tags = {"title": "t", "comment": "c"}
+    assert read_tags(encode_mp4(renders[0], 8, metadata=tags)) == tags
     png = encode_png(embed_watermark(renders[0][0]), {"comment": caption, **tags})
     assert read_tags(png) == {"comment": caption, **tags}
     report = read_provenance(png)
@@ -182,7 +184,8 @@ def _name(cn):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "reelforge tests")])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "reelforge tests")])
 
 
 def _cert(subject, issuer, public_key, signing_key, *, ca: bool, issuer_key=None):
@@ -216,7 +219,8 @@ def certs(tmp_path_factory):
     pem = serialization.Encoding.PEM
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _cert(_name("reelforge test CA"), _name("reelforge test CA"), ca_key.public_key(), ca_key, ca=True)
-    leaf = _cert(_name("reelforge signer"), ca.subject, key.public_key(), ca_key, ca=False, issuer_key=ca_key.public_key())
+    leaf = _cert(_name("reelforge signer"), ca.subject, key.public_key(), ca_key, ca=False,
+                 issuer_key=ca_key.public_key())
     selfsigned = _cert(_name("self"), _name("self"), key.public_key(), key, ca=False)
     (d / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (d / "chain.pem").write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
@@ -244,8 +248,9 @@ def test_c2pa_sign_and_read_back(signed_clip, certs, monkeypatch):
     assert m["valid"] and m["state"] == "Valid" and not m["failures"], m
     assert m["signer"]["common_name"] == "reelforge signer"
     assert m["claim_generator"][0].startswith("reelforge")
-    assert {"action": "c2pa.created",
-            "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"} in m["actions"]
+    created = {"action": "c2pa.created",
+               "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"}
+    assert created in m["actions"]
     assert m["generation"]["model"] == {"name": "reelforge-shapes", "version": "0.2.0", "weights_sha256": "ab" * 32}
     assert m["generation"]["caption_sha256"] == caption_sha256("A blue square moves up on a plain gray background.")
     # signing keeps the tags, the frames and the mark

@@ -83,7 +83,8 @@ def test_check_caption_keeps_the_users_words():
     assert check_caption("crimson ball bouncing left", "A red ball bounces left.") == "dropped crimson"
     assert check_caption("two dogs on a beach", "Dogs on a sandy beach.") == "dropped two"
     assert check_caption("a dog on a beach without a leash", "A dog on a sandy beach.") == "dropped a negation"
-    assert check_caption("a big fluffy dog chasing seagulls on a sunny beach", "A dog on a beach.").startswith("kept 2/7")
+    verdict = check_caption("a big fluffy dog chasing seagulls on a sunny beach", "A dog on a beach.")
+    assert verdict.startswith("kept 2/7")
     assert check_caption("a big fluffy dog chasing seagulls on a sunny beach", "A dog on a beach.", keep=0.2) == ""
     assert check_caption("a cat", "I'm sorry, I can't help with that cat.") == "refusal"
     assert check_caption("a cat", "") == "empty answer"
@@ -137,7 +138,8 @@ def test_hf_prompt_uses_the_chat_template_when_there_is_one(tiny_models):
     assert not templated and text.endswith(f"Prompt: {PROMPT}\nCaption:") and "The camera is static." in text
     chat = LLMRecaptioner("hf", tiny_models["chat"], max_new_tokens=4)
     text, templated = chat.backend.prompt_text(chat.messages(PROMPT))
-    assert templated and text.startswith("<|system|> You rewrite") and text.endswith(f"<|user|> {PROMPT}\n<|assistant|>")
+    assert templated and text.startswith("<|system|> You rewrite")
+    assert text.endswith(f"<|user|> {PROMPT}\n<|assistant|>")
     assert chat.recaption_with_source(PROMPT, 0).source == "fallback"
     # A template that refuses a system turn gets the instructions folded into the first user turn.
     chat.backend.tokenizer.chat_template = (
@@ -200,7 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             content = _answer(body["model"], prompt, body.get("seed") or 0)
         except KeyError:
-            return self._send(404, {"error": {"message": f"model {body['model']} not found", "type": "invalid_request_error"}})
+            error = {"message": f"model {body['model']} not found", "type": "invalid_request_error"}
+            return self._send(404, {"error": error})
         self._send(200, {
             "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
@@ -244,7 +247,8 @@ def test_openai_good_answer_is_used(endpoint, monkeypatch):
     sent = endpoint.requests[n]
     assert sent["body"]["seed"] == 7 and sent["body"]["model"] == "good" and sent["auth"] == "Bearer sekrit"
     assert sent["body"]["messages"][0]["role"] == "system" and sent["body"]["messages"][-1]["content"] == PROMPT
-    assert r.recaption(PROMPT, 4) == f"{PROMPT[0].upper() + PROMPT[1:]} on a plain gray background. The camera is static."
+    expected = f"{PROMPT[0].upper() + PROMPT[1:]} on a plain gray background. The camera is static."
+    assert r.recaption(PROMPT, 4) == expected
     assert r.recaption(PROMPT, 7) == out.caption and len(endpoint.requests) == n + 2   # asked once per (prompt, seed)
     assert r.stats == {"llm": 3, "fallback": 0}
 

@@ -33,7 +33,9 @@ def test_image_urls_are_fetched_within_limits(tmp_path, png):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        fetch = lambda path, **kw: fetch_url(base + path, "input_reference", max_bytes=4096, timeout_s=5, **kw)
+        def fetch(path, **kw):
+            return fetch_url(base + path, "input_reference", max_bytes=4096, timeout_s=5, **kw)
+
         assert fetch("/a.png", allow_private=True) == image
         assert fetch("/hop", allow_private=True) == image  # a redirect is followed, its target checked
         for path, allow, words in [("/a.png", False, "private or local address"), ("/big", True, "larger than 4096"),

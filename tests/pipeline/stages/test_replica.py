@@ -334,7 +334,8 @@ def test_reel_serve_with_a_replica_over_two_nodes_renders_the_single_process_vid
 
     out, nodes, results = two_node_cluster
     result = results["serve"]
-    assert (result["video"]["status"], result["video"]["size"], result["video"]["seconds"]) == ("completed", "32x32", "2")
+    video = result["video"]
+    assert (video["status"], video["size"], video["seconds"]) == ("completed", "32x32", "2")
     # Serve's placement group for the Renderer replica: its own bundle, then one per rank, spread
     assert (result["strategy"], result["bundles"]) == (["PACK"], [[{"CPU": 0.1}, {"CPU": 0.6}, {"CPU": 0.6}]])
     assert sorted(result["rank_nodes"]) == nodes, result
