@@ -105,7 +105,8 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
         render.update(parallel=layout, rank_bundle=bundle, placement_prefix=render_placement_prefix(run_id))
         render_resources = {"num_cpus": HOST_CPUS, "num_gpus": 0}
     # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
-    # Ray Data's own read and output tasks and the job deadlocks (see docs/PIPELINE.md, "Ray on a small machine").
+    # Ray Data's own read and output tasks and the job deadlocks (docs/PIPELINE.md, "Resources on small
+    # machines").
     light = {"num_cpus": 0.25}
     inputs = [Stage(InputsUDF, {"limits": inputs_limits}, {"compute": ActorPoolStrategy(size=1), **light})]
     return [

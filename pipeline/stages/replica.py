@@ -79,8 +79,8 @@ def replica_resources(world: int, use_gpus: bool, cpus_per_replica: float | None
 
     Defaults: with GPUs, 1 GPU and 1 CPU a rank (NCCL runs one process per GPU, so a rank gets
     whole GPUs); without, 0.5 CPU for the whole replica (one process or a group): fractional, so
-    that on a small machine Ray keeps CPUs for the pipeline's other actors (docs/PIPELINE.md, "Ray
-    on a small machine"). The batch processor, the Serve deployment and `rank_bundle` all size
+    that on a small machine Ray keeps CPUs for the pipeline's other actors (docs/PIPELINE.md,
+    "Resources on small machines"). The batch processor, the Serve deployment and `rank_bundle` all size
     their replicas here.
     """
     gpus = float(world if use_gpus else 0) if gpus_per_replica is None else float(gpus_per_replica)
