@@ -166,6 +166,9 @@ def read_wan_folder(path: str, name: str | None = None) -> WanFolder:
     if "transformer_2" in present and boundary is None:
         raise WanFolderError(f"{where}: transformer_2 is there but {MODEL_INDEX} gives no boundary_ratio (where the "
                              f"low-noise expert takes over); set it as the release does (0.875 for Wan 2.2 A14B)")
+    if "transformer_2" not in present and boundary is not None:
+        raise WanFolderError(f"{where}: {MODEL_INDEX} gives boundary_ratio={boundary} but no transformer_2 (the "
+                             f"low-noise expert below it); supply transformer_2/ or set boundary_ratio to null")
     if "transformer" not in present and boundary is not None and boundary < 1:
         raise WanFolderError(f"{where}: no transformer/ for the steps above boundary_ratio={boundary}; supply it")
     if index["scheduler"][0] != "diffusers":

@@ -84,6 +84,8 @@ def test_two_experts_need_a_boundary(wan_folders, tmp_path):
     folder = shutil.copytree(wan_folders["a14b"], tmp_path / "a14b")
     _edit_index(folder, boundary_ratio=None)
     assert "transformer_2 is there but model_index.json gives no boundary_ratio" in one_line_error(folder)
+    _edit_index(folder, boundary_ratio=0.875, transformer_2=[None, None])
+    assert "gives boundary_ratio=0.875 but no transformer_2" in one_line_error(folder)
 
 
 def test_which_specs_are_wan_folders(wan_folders, tmp_path):
