@@ -2,6 +2,7 @@
 
     info, limits, recaptioner = describe_model("default")      # no weights loaded, no device
     gen = load_generator("default")                             # a VideoGenerator
+    gen = load_generator("/models/Wan2.1-T2V-1.3B-Diffusers")   # a diffusers Wan folder (models/wan/)
     [out] = gen.generate([RenderRequest(caption=..., width=64, height=64, frames=16, fps=8,
                                         seed=1, steps=20, guidance=4.5)])
 
@@ -17,6 +18,7 @@ called, so a driver can validate a manifest without them.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from models.config import (ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout,
@@ -24,30 +26,44 @@ from models.config import (ConfigError, ModelConfig, ParallelConfig, ParallelCon
 from models.errors import UserError
 from models.files import local_model_dir
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
+from models.wan.folder import WanFolder, folder_name, is_wan_folder, read_wan_folder, wan_grid_limits, wan_model_info
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
            "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout", "describe_model",
-           "join_render_group", "load_config", "load_generator", "local_model_dir", "model_recaptioner"]
+           "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
+           "model_recaptioner", "single_device_layout"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
                    num_threads: int | None = None, parallel: ParallelConfig | None = None,
                    group=None) -> VideoGenerator:
-    """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig).
+    """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig),
+    or for a folder / URI holding a diffusers Wan pipeline (model_index.json: `models/wan/`).
 
     `num_threads` sets torch's intra-op threads for this process (CPU rendering).
     `parallel`: this process is one rank of a group running that layout, over `group` (None: the
     default world, joined first with `join_render_group`); every rank gets the same frames back.
+    A Wan model runs on one device (`single_device_layout`); it is loaded with HF_HUB_OFFLINE=1.
     """
     import torch
 
-    from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
-
     if num_threads:
         torch.set_num_threads(int(num_threads))
+    if is_wan_folder(spec):
+        folder = _wan_folder(spec)
+        if parallel is not None:
+            single_device_layout(parallel.sp, parallel.tp, parallel.cfg, model=folder.name)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers and diffusers load: nothing is downloaded
+
+        from models.wan.generator import WanVideoGenerator
+
+        return WanVideoGenerator(folder, device=device)
+
+    from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
+
     config = spec if isinstance(spec, ModelConfig) else load_config(spec)
     if parallel is not None:
         return ParallelVideoGenerator(config, parallel, group=group, device=device)
@@ -56,13 +72,34 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
 
 def describe_model(spec: str | ModelConfig = "default") -> tuple[ModelInfo, GridLimits, str | None]:
     """(info, limits, recaptioner name or None) without loading the text encoder or moving anything
-    to a device: what a driver needs to validate a manifest and label outputs."""
+    to a device: what a driver needs to validate a manifest and label outputs. For a Wan folder:
+    its config files and the digest of its weights (read once per machine, then cached)."""
+    if is_wan_folder(spec):
+        folder = _wan_folder(spec)
+        return wan_model_info(folder), wan_grid_limits(folder), None
+
     from models.generator import grid_limits
     from models.weights import weights_sha256
 
     config = spec if isinstance(spec, ModelConfig) else load_config(spec)
     info = ModelInfo(name=config.name, version=config.version, weights_sha256=weights_sha256(config))
     return info, grid_limits(config), config.recaptioner
+
+
+def single_device_layout(sp: int | None = None, tp: int | None = None, cfg: int | None = None,
+                         model: str = "this model") -> ParallelConfig:
+    """The layout of a model that runs on one device per replica (a Wan folder, for now): one rank,
+    or ParallelConfigError (one line) for any degree over 1."""
+    degrees = {"sp": sp, "tp": tp, "cfg": cfg}
+    if any(v not in (None, 1) for v in degrees.values()):
+        given = ", ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
+        raise ParallelConfigError(f"{model} runs on one device per replica; sp, tp and cfg must be 1 (got {given})")
+    return ParallelConfig()
+
+
+def _wan_folder(spec: str) -> WanFolder:
+    """The checked Wan folder at a path or URI (a remote folder is copied once to the local cache)."""
+    return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)))
 
 
 def join_render_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,

@@ -27,7 +27,9 @@ class GridLimits:
     """The sizes, lengths and sampling settings a model accepts.
 
     Width and height must be multiples of `size_multiple` (the VAE's spatial factor times the
-    patch size); the frame count a multiple of `frame_multiple` (the VAE's temporal factor).
+    patch size); the frame count `frame_offset` plus a multiple of `frame_multiple` (the VAE's
+    temporal factor): multiples of it for the default model, 4k+1 for a causal VAE that keeps the
+    first frame on its own (Wan), from `min_frames` up to `max_frames`.
     A request longer than `window_frames` is sampled in windows of that length, each holding the
     last `context_frames` of the one before fixed (frame conditioning), up to `max_frames`.
     """
@@ -49,6 +51,31 @@ class GridLimits:
     default_seconds: float
     default_steps: int
     default_guidance: float
+    frame_offset: int = 0
+    has_guidance_2: bool = False  # requests may set `guidance_2` (a model with a low-noise expert)
+
+    @property
+    def min_frames(self) -> int:
+        """The shortest frame count allowed (one frame step for the default model; 1 for Wan)."""
+        m, o = self.frame_multiple, self.frame_offset
+        return o + m * -(-(1 - o) // m)
+
+    def frames_for(self, seconds: float, fps: int) -> int:
+        """The allowed frame count nearest to `seconds` at `fps`, at least `min_frames`; not capped at
+        `max_frames` (a caller says how far over the maximum a request is)."""
+        m, o = self.frame_multiple, self.frame_offset
+        return max(self.min_frames, o + int(round((seconds * max(fps, 0) - o) / m)) * m)
+
+    def nearest_frames(self, n: int) -> int:
+        """The allowed frame count nearest to `n`, in `min_frames`..`max_frames`."""
+        m, o = self.frame_multiple, self.frame_offset
+        return min(max(o + int(round((n - o) / m)) * m, self.min_frames), self.max_frames)
+
+    def frames_allowed(self) -> str:
+        """The allowed frame counts in words, as `check` names them."""
+        if not self.frame_offset:
+            return f"multiples of {self.frame_multiple} up to {self.max_frames}"
+        return f"{self.frame_offset} + a multiple of {self.frame_multiple}, from {self.min_frames} to {self.max_frames}"
 
     def nearest_size(self, v: int) -> int:
         """The allowed width/height nearest to `v`."""
@@ -76,17 +103,19 @@ class GridLimits:
                                  f"(multiples of {m} from {self.min_size} to {self.max_size})")
         if r.width * r.height > self.max_pixels:
             raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; the model's maximum is {self.max_pixels}")
-        fm = self.frame_multiple
-        if r.frames % fm or not fm <= r.frames <= self.max_frames:
-            nearest = min(max(int(round(r.frames / fm)) * fm, fm), self.max_frames)
-            raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is {nearest} "
-                             f"(multiples of {fm} up to {self.max_frames})")
+        if (r.frames - self.frame_offset) % self.frame_multiple or not self.min_frames <= r.frames <= self.max_frames:
+            raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is "
+                             f"{self.nearest_frames(r.frames)} ({self.frames_allowed()})")
         if not self.min_fps <= r.fps <= self.max_fps:
             raise ValueError(f"fps={r.fps} is outside {self.min_fps}..{self.max_fps}")
         if not 1 <= r.steps <= self.max_steps:
             raise ValueError(f"steps={r.steps} is outside 1..{self.max_steps}")
         if not (r.guidance >= 0 and np.isfinite(r.guidance)):
             raise ValueError(f"guidance={r.guidance} must be a finite number >= 0")
+        if r.guidance_2 is not None and not self.has_guidance_2:
+            raise ValueError("guidance_2 is for a model with a low-noise expert (Wan 2.2 A14B); this one has none")
+        if r.guidance_2 is not None and not (r.guidance_2 >= 0 and np.isfinite(r.guidance_2)):
+            raise ValueError(f"guidance_2={r.guidance_2} must be a finite number >= 0")
         if r.cond_frames is not None or r.cond_index:
             frames = r.cond_frames
             if frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3) or frames.dtype != np.uint8:
@@ -110,7 +139,7 @@ class GridLimits:
 
 @dataclass(frozen=True)
 class RenderRequest:
-    """One clip to sample. `frames` is the pixel-frame count (a multiple of `frame_multiple`).
+    """One clip to sample. `frames` is the pixel-frame count (on the model's grid: `GridLimits`).
 
     `cond_frames` (uint8 K×H×W×3) with `cond_index` (K pixel-frame positions) give frames that are
     known (image→video, extension, interpolation); they are encoded, held fixed through frame
@@ -119,6 +148,9 @@ class RenderRequest:
     `init_frames` (uint8 T×H×W×3) with `strength` < 1 remix a video (SDEdit): sampling starts from
     the video's latents noised to t = strength instead of from pure noise, so 0 returns the video
     and 1 ignores it.
+
+    `guidance_2`: the guidance of a two-expert model's low-noise expert (Wan 2.2 A14B); None:
+    `guidance`. Only models whose `GridLimits.has_guidance_2` take it.
     """
 
     caption: str
@@ -134,6 +166,7 @@ class RenderRequest:
     cond_index: tuple[int, ...] = ()
     init_frames: np.ndarray | None = field(default=None, compare=False)
     strength: float = 1.0
+    guidance_2: float | None = None
 
 
 @dataclass

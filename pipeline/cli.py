@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("manifest", metavar="MANIFEST", help="manifest URI (Parquet file or folder, or JSON Lines)")
     render.add_argument("--out", required=True, metavar="OUT", help="output URI (local folder, s3://bucket/prefix, …)")
     render.add_argument("--model", default="default", metavar="NAME|URI",
-                        help="a shipped model name (default: %(default)s) or a folder/URI holding config.json "
-                             "and its safetensors weights")
+                        help="a shipped model name (default: %(default)s), a folder/URI holding config.json "
+                             "and its safetensors weights, or a diffusers Wan text-to-video folder/URI "
+                             "(model_index.json)")
     _add_render_options(render)
 
     _add_campaign_parser(sub)

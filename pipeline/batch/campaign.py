@@ -318,7 +318,7 @@ def _placements(doc: _Map, limits: GridLimits, fps_default: int, fail) -> list[P
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0 or not math.isfinite(seconds):
             raise fail(kline("seconds"), f"{label}: seconds must be a positive number, got {seconds!r}")
         max_seconds = limits.max_frames / fps
-        frames = max(limits.frame_multiple, int(round(seconds * fps / limits.frame_multiple)) * limits.frame_multiple)
+        frames = limits.frames_for(seconds, fps)
         if frames > limits.max_frames:
             raise fail(kline("seconds"), f"{label}: {seconds:g} s exceeds the model's maximum of {max_seconds:g} s at "
                                          f"{fps} fps ({limits.max_frames} frames); shorten it or lower fps")

@@ -36,7 +36,7 @@ MAX_SHOTS = 32
 
 #: Columns the manifest contract defines; every other column passes through into the metadata.
 KNOWN_COLUMNS = (
-    "id", "prompt", "negative_prompt", "seconds", "fps", "width", "height", "seed", "steps",
+    "id", "prompt", "negative_prompt", "seconds", "frames", "fps", "width", "height", "seed", "steps",
     "guidance", "mode", "image", "image_end", "video", "video_end", "direction", "extension_only",
     "strength", "shots", "blur_faces",
 )
@@ -109,7 +109,7 @@ MODE_FIELDS = ("image", "image_end", "video", "video_end", "direction", "extensi
 
 
 COLUMN_TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seconds": pa.float64(),
-                "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(), "seed": pa.int64(),
+                "frames": pa.int64(), "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(), "seed": pa.int64(),
                 "steps": pa.int64(), "guidance": pa.float64(), "mode": pa.string(), "strength": pa.float64(),
                 "extension_only": pa.bool_(), "blur_faces": pa.bool_(),
                 "shots": pa.list_(pa.struct([("prompt", pa.string()), ("seconds", pa.float64())]))}
@@ -333,19 +333,30 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         raise bad(f"strength={strength:g} is outside 0..1 (0 keeps the video, 1 ignores it)")
 
     fps = _integer(raw.get("fps"), "fps", limits.default_fps, bad)
-    if shots:
+    given_frames = raw.get("frames")
+    if not _missing(given_frames):
+        if not _missing(raw.get("seconds")):
+            raise bad("give seconds or frames, not both")
+        if shots or mode == "image":
+            why = "each shot has its seconds" if shots else "a still is one frame"
+            raise bad(f"mode {mode} does not use frames ({why})")
+        frames = _integer(given_frames, "frames", 0, bad)
+        if frames <= 0:
+            raise bad(f"frames must be positive, got {frames}")
+        seconds = frames / fps if fps > 0 else 0.0
+    elif shots:
         if fps <= 0:
             raise bad(f"fps must be positive, got {fps}")
-        shots = tuple((p, _frames_for(sec, fps, limits)) for p, sec in shots)
+        shots = tuple((p, limits.frames_for(sec, fps)) for p, sec in shots)
         frames = sum(f for _, f in shots)
         seconds = frames / fps
     else:
         seconds = _number(raw.get("seconds"), "seconds", limits.default_seconds, bad)
         if seconds <= 0:
             raise bad(f"seconds must be positive, got {seconds:g}")
-        frames = limits.frame_multiple if mode == "image" else _frames_for(seconds, fps, limits)
+        frames = limits.min_frames if mode == "image" else limits.frames_for(seconds, fps)
     what = "the storyboard" if shots else "the new part" if mode == "extend" else "the gap" if "video_end" in media else None
-    if fps > 0 and frames > limits.max_frames:
+    if fps > 0 and frames > limits.max_frames and (what or _missing(given_frames)):  # else check names the maximum
         raise bad(f"{what or f'seconds={seconds:g}'} at {fps} fps is {frames} frames; the model's maximum is "
                   f"{limits.max_frames} frames ({limits.max_frames / fps:g} s at {fps} fps)")
     # Modes that start from a picture or a clip take its size when the row gives none (0 here;
@@ -470,12 +481,6 @@ def _flag(v: Any, name: str, bad) -> bool:
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
         return v.strip().lower() in ("true", "yes", "1")
     raise bad(f"{name} must be true or false, got {v!r}")
-
-
-def _frames_for(seconds: float, fps: int, limits: GridLimits) -> int:
-    """Frames for a duration: the nearest multiple of the model's frame step, at least one step."""
-    m = limits.frame_multiple
-    return max(m, int(round(seconds * max(fps, 0) / m)) * m)
 
 
 def _missing(v: Any) -> bool:

@@ -41,7 +41,7 @@ from ray.util.placement_group import (PlacementGroup, get_current_placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from models.interface import (ModelConfig, ParallelConfig, ParallelConfigError, RenderOutput, RenderRequest,
-                              check_layout, load_config)
+                              check_layout, is_wan_folder, load_config, single_device_layout)
 
 #: CPUs the actor that drives a group reserves (a Ray Data render actor, a Serve replica): it only
 #: passes requests and frames, the ranks hold the devices.
@@ -65,6 +65,8 @@ def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | No
                    cfg: int | None = None) -> ParallelConfig:
     """The layout of a render replica: the model config's `parallel` section, with each degree that
     is given overriding it; refused in one line (`ParallelConfigError`) if it cannot work."""
+    if is_wan_folder(model):  # a diffusers Wan folder: one device per replica, for now
+        return single_device_layout(sp, tp, cfg, model=str(model))
     config = model if isinstance(model, ModelConfig) else load_config(model)
     base = config.parallel
     layout = ParallelConfig(sp=base.sp if sp is None else sp, tp=base.tp if tp is None else tp,

@@ -109,6 +109,40 @@ def test_unusable_manifest(tmp_path, make, message):
         read_manifest(str(path))
 
 
+def test_frames_column_sets_the_count_on_the_models_grid(tmp_path):
+    import dataclasses
+
+    wan = dataclasses.replace(LIMITS, frame_multiple=4, frame_offset=1, max_frames=81, default_fps=16)
+    uri = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "direct", "prompt": "p", "frames": 33},
+        {"id": "still", "prompt": "p", "frames": 1},
+        {"id": "snapped", "prompt": "p", "seconds": 1.1},
+        {"id": "offgrid", "prompt": "p", "frames": 32},
+        {"id": "toolong", "prompt": "p", "frames": 97},
+        {"id": "both", "prompt": "p", "frames": 5, "seconds": 1},
+        {"id": "zero", "prompt": "p", "frames": 0},
+        {"id": "half", "prompt": "p", "frames": 4.5},
+        {"id": "image", "prompt": "p", "mode": "image", "frames": 5},
+    ])
+    specs, errors = validate(read_manifest(uri), wan)
+    assert [(s.id, s.frames, s.seconds) for s in specs] == [("direct", 33, 33 / 16), ("still", 1, 1 / 16),
+                                                            ("snapped", 17, 17 / 16)]
+    assert "frames" not in specs[0].passthrough
+    assert reasons(errors) == {
+        3: "frames=32 is not on the model's grid; nearest allowed is 33 (1 + a multiple of 4, from 1 to 81)",
+        4: "frames=97 is not on the model's grid; nearest allowed is 81 (1 + a multiple of 4, from 1 to 81)",
+        5: "give seconds or frames, not both",
+        6: "frames must be positive, got 0",
+        7: "frames must be a whole number, got 4.5",
+        8: "mode image does not use frames (a still is one frame)",
+    }
+    specs, errors = validate(read_manifest(write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "prompt": "p", "frames": 24}, {"id": "b", "prompt": "p", "frames": 25}])), LIMITS)
+    assert [s.frames for s in specs] == [24]
+    assert reasons(errors) == {
+        1: "frames=25 is not on the model's grid; nearest allowed is 24 (multiples of 2 up to 64)"}
+
+
 def test_request_hash_changes_with_parameters():
     from pipeline.batch.manifest import ClipSpec
 

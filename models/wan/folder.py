@@ -1,0 +1,262 @@
+"""A Wan text-to-video checkpoint in diffusers' layout, read and checked from its config files alone.
+
+    folder = read_wan_folder(local_model_dir(uri), name=folder_name(uri))   # loads no weights
+    folder.variant, wan_grid_limits(folder), wan_model_info(folder)   # the last reads the weights once
+
+The layout is what `WanPipeline.save_pretrained` writes and the released `Wan-AI/*-Diffusers`
+repositories hold:
+
+    model_index.json   {"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"], ...,
+                        "boundary_ratio": null | 0.875, "expand_timesteps": false | true}
+    transformer/       config.json + diffusion_pytorch_model.safetensors, or its shards + their index
+    transformer_2/     Wan 2.2 A14B: the low-noise expert, used below `boundary_ratio`
+    vae/               config.json + diffusion_pytorch_model[.safetensors | shards]
+    text_encoder/      config.json + model[.safetensors | shards] (UMT5EncoderModel)
+    tokenizer/         the tokenizer's files;  scheduler/  scheduler_config.json
+
+Everything a folder lacks or gets wrong (no model_index.json, another pipeline class, a missing
+component, a missing or truncated weight shard) is a `WanFolderError`, one line saying what is wrong
+and what to supply, raised before any weight is loaded. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+
+from models.errors import UserError
+from models.render_types import GridLimits, ModelInfo
+from models.wan.digest import weights_digest
+
+MODEL_INDEX = "model_index.json"
+PIPELINE_CLASS = "WanPipeline"
+#: component → the (library, class) names model_index.json may give it; the scheduler may be any
+#: diffusers scheduler (`scheduler_class`), the tokenizer any class AutoTokenizer reads.
+COMPONENT_CLASSES = {
+    "transformer": ("diffusers", ("WanTransformer3DModel",)),
+    "transformer_2": ("diffusers", ("WanTransformer3DModel",)),
+    "vae": ("diffusers", ("AutoencoderKLWan",)),
+    "text_encoder": ("transformers", ("UMT5EncoderModel",)),
+}
+REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
+#: the weights file of each component (or the stem of its shards' index, `<name>.index.json`)
+WEIGHTS_NAME = {"text_encoder": "model.safetensors"}
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request that names nothing renders: width, height, frames, fps, steps, guidance."""
+
+    width: int
+    height: int
+    frames: int
+    fps: int
+    steps: int
+    guidance: float
+
+
+#: Per variant: diffusers' `WanPipeline.__call__` defaults (832x480, 81 frames, 50 steps, guidance 5)
+#: at Wan 2.1's 16 fps; TI2V-5B at its own 1280x704, 121 frames, 24 fps. `frames` is also the longest
+#: clip the variant accepts (the length it was trained at).
+VARIANT_DEFAULTS = {
+    "wan2.1-t2v": Defaults(832, 480, 81, 16, 50, 5.0),
+    "wan2.2-a14b": Defaults(832, 480, 81, 16, 50, 5.0),
+    "wan2.2-ti2v": Defaults(1280, 704, 121, 24, 50, 5.0),
+}
+MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
+MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
+
+
+class WanFolderError(UserError):
+    """A Wan folder that cannot be used as it stands; the message says what to supply."""
+
+
+@dataclass(frozen=True)
+class WanFolder:
+    """What the config files of a checked Wan folder say; `path` is a local folder."""
+
+    path: str
+    name: str
+    transformers: tuple[str, ...]  # "transformer" and/or "transformer_2", those present
+    boundary_ratio: float | None
+    expand_timesteps: bool
+    scheduler_class: str
+    vae_config: dict
+    transformer_config: dict  # of the first transformer present (both share the shapes)
+    weight_files: tuple[str, ...]  # every safetensors file, relative to `path`, sorted
+
+    @property
+    def variant(self) -> str:
+        """wan2.2-a14b (two experts), wan2.2-ti2v (per-token timesteps) or wan2.1-t2v."""
+        if "transformer_2" in self.transformers:
+            return "wan2.2-a14b"
+        return "wan2.2-ti2v" if self.expand_timesteps else "wan2.1-t2v"
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.vae_config.get("scale_factor_spatial") or 8)  # AutoencoderKLWan's defaults
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.vae_config.get("scale_factor_temporal") or 4)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.transformer_config.get("patch_size", (1, 2, 2)))
+
+
+def is_wan_folder(spec) -> bool:
+    """Whether `spec` (a path or fsspec URI) is a folder holding model_index.json: a diffusers pipeline."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    try:
+        fs, path = fsspec.core.url_to_fs(str(spec))
+        return fs.isfile(posixpath.join(path.rstrip("/"), MODEL_INDEX))
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def folder_name(spec: str) -> str:
+    """The last part of a folder's path or URI: the model's name when model_index.json gives none."""
+    return posixpath.basename(str(spec).rstrip("/")) or str(spec)
+
+
+def read_wan_folder(path: str, name: str | None = None) -> WanFolder:
+    """Read and check a local Wan folder (config files and weight headers; no weights loaded)."""
+    where = f"Wan folder {path}"
+    index = _read_json(os.path.join(path, MODEL_INDEX), where)
+    if not isinstance(index, dict):
+        raise WanFolderError(f"{where}: {MODEL_INDEX} is not a JSON object; supply the pipeline's own {MODEL_INDEX}")
+    cls = index.get("_class_name")
+    if cls != PIPELINE_CLASS:
+        raise WanFolderError(f"{where}: {MODEL_INDEX} is for {cls!r}; only {PIPELINE_CLASS} (Wan text-to-video) "
+                             f"folders are supported (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    present = {}
+    for component in (*REQUIRED, "transformer", "transformer_2"):
+        entry = index.get(component)
+        if entry is None or entry == [None, None]:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+            raise WanFolderError(f"{where}: {MODEL_INDEX} gives {component} as {entry!r}, not [library, class]")
+        library, classes = COMPONENT_CLASSES.get(component, (None, ()))
+        if classes and (entry[0] != library or entry[1] not in classes):
+            raise WanFolderError(f"{where}: {component} is {entry[0]}.{entry[1]}; only {library}.{'/'.join(classes)} "
+                                 f"is supported")
+        if not os.path.isdir(os.path.join(path, component)):
+            raise WanFolderError(f"{where}: {MODEL_INDEX} names a {component} but there is no {component}/ folder; "
+                                 f"supply it (from the same release)")
+        present[component] = entry[1]
+    missing = [c for c in REQUIRED if c not in present]
+    if missing:
+        raise WanFolderError(f"{where}: no {', '.join(missing)} in {MODEL_INDEX}; supply the complete release "
+                             f"(vae, text_encoder, tokenizer, scheduler and a transformer)")
+    transformers = tuple(c for c in ("transformer", "transformer_2") if c in present)
+    boundary = index.get("boundary_ratio")
+    if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float))
+                                 or not 0 < boundary <= 1):
+        raise WanFolderError(f"{where}: boundary_ratio={boundary!r} in {MODEL_INDEX} must be a number in (0, 1]")
+    if not transformers:
+        raise WanFolderError(f"{where}: {MODEL_INDEX} names no transformer; supply transformer/ (and transformer_2/ "
+                             f"with boundary_ratio for Wan 2.2 A14B)")
+    if "transformer_2" in present and boundary is None:
+        raise WanFolderError(f"{where}: transformer_2 is there but {MODEL_INDEX} gives no boundary_ratio (where the "
+                             f"low-noise expert takes over); set it as the release does (0.875 for Wan 2.2 A14B)")
+    if "transformer_2" not in present and boundary is not None:
+        raise WanFolderError(f"{where}: {MODEL_INDEX} gives boundary_ratio={boundary} but no transformer_2 (the "
+                             f"low-noise expert below it); supply transformer_2/ or set boundary_ratio to null")
+    if "transformer" not in present and boundary is not None and boundary < 1:
+        raise WanFolderError(f"{where}: no transformer/ for the steps above boundary_ratio={boundary}; supply it")
+    if index["scheduler"][0] != "diffusers":
+        raise WanFolderError(f"{where}: the scheduler must be a diffusers scheduler, got {index['scheduler']!r}")
+
+    weights = []
+    for component in (*transformers, "vae", "text_encoder"):
+        weights += [posixpath.join(component, f) for f in component_weight_files(path, component)]
+    configs = {c: _read_json(os.path.join(path, c, "config.json"), where) for c in (*transformers, "vae")}
+    _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where)
+    return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
+                     transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
+                     expand_timesteps=bool(index.get("expand_timesteps", False)),
+                     scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
+                     transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)))
+
+
+def component_weight_files(path: str, component: str) -> list[str]:
+    """The safetensors files of one component (its shards, or its one file), each checked complete."""
+    folder = os.path.join(path, component)
+    name = WEIGHTS_NAME.get(component, DIFFUSERS_WEIGHTS_NAME)
+    index = os.path.join(folder, f"{name}.index.json")
+    where = f"Wan folder {path}: {component}"
+    if os.path.isfile(index):
+        weight_map = _read_json(index, where).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WanFolderError(f"{where}: {name}.index.json has no weight_map; supply the index from the release")
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(folder, name)):
+        files = [name]
+    else:
+        raise WanFolderError(f"{where}/ has no weights: supply {name} or its shards with {name}.index.json "
+                             f"(safetensors only)")
+    for f in files:
+        file = os.path.join(folder, f)
+        if not os.path.isfile(file):
+            raise WanFolderError(f"{where}: shard {f} is missing; supply every shard its index lists")
+        check_safetensors(file, f"{where}/{f}")
+    return files
+
+
+def check_safetensors(file: str, where: str) -> None:
+    """Raise WanFolderError unless the file is as long as its safetensors header says (a truncated or
+    half-copied download); reads the header only."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 <= n <= size - 8 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise WanFolderError(f"{where} is not a readable safetensors file ({size} bytes); copy it again")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise WanFolderError(f"{where} is {size} bytes but its header describes {expected}: truncated or damaged; "
+                             f"copy it again")
+
+
+def wan_grid_limits(folder: WanFolder) -> GridLimits:
+    """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
+    VAE keeps the first frame on its own), the variant's defaults."""
+    d = VARIANT_DEFAULTS[folder.variant]
+    size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
+    ft = folder.temporal_factor
+    return GridLimits(
+        size_multiple=size_multiple, min_size=size_multiple, max_size=MAX_SIZE // size_multiple * size_multiple,
+        max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1, max_frames=d.frames,
+        window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
+        default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
+        default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
+    )
+
+
+def wan_model_info(folder: WanFolder) -> ModelInfo:
+    """What a clip's metadata records: the folder's name, version "diffusers", the weights' digest."""
+    return ModelInfo(name=folder.name, version="diffusers", weights_sha256=weights_digest(folder.path,
+                                                                                         folder.weight_files))
+
+
+def _read_json(file: str, where: str):
+    if not os.path.isfile(file):
+        raise WanFolderError(f"{where}: {os.path.basename(file)} is missing ({file}); supply the release's copy")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise WanFolderError(f"{where}: {file} is not readable JSON ({type(e).__name__}); "
+                             f"supply the release's copy") from None

@@ -1,0 +1,49 @@
+"""`reel render --model <Wan folder>` end to end: a one-row manifest through the Ray pipeline (CLI in a
+subprocess, a local Ray for the run) to an MP4 whose metadata names the Wan model and its digest."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.dataset as pads
+
+from models.interface import describe_model
+from pipeline.media.encode import probe_mp4
+
+
+def test_reel_render_a_wan_folder(wan_folders, tmp_path):
+    folder = wan_folders["wan21"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "wan-clip", "prompt": "a red circle moves right", "width": 32,
+                                    "height": 32, "frames": 5, "steps": 2, "seed": 3}) + "\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_AUTH_MODE="disabled",
+               REELFORGE_CACHE=str(tmp_path / "cache"))
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", str(manifest), "--out", str(out),
+                          "--model", folder, "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+    [meta] = pads.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
+    info = describe_model(folder)[0]
+    assert meta["model"] == {"name": "Tiny-wan21-Diffusers", "version": "diffusers",
+                             "weights_sha256": info.weights_sha256}
+    assert (meta["id"], meta["width"], meta["height"], meta["frames"], meta["fps"], meta["steps"]) == (
+        "wan-clip", 32, 32, 5, 16, 2)
+    assert meta["seconds"] == 5 / 16 and meta["guidance"] == 5.0
+    video = probe_mp4((out / "videos" / "wan-clip.mp4").read_bytes())
+    assert (video["width"], video["height"], video["frames"]) == (32, 32, 5)
+    assert json.loads((out / "run.json").read_text())["counts"]["rendered"] == 1
+
+
+def test_a_parallel_layout_is_refused_for_a_wan_folder_before_ray_starts(wan_folders, tmp_path, capsys):
+    from pipeline.cli import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "prompt": "a red circle"}) + "\n")
+    folder = wan_folders["wan21"]
+    assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--model", folder, "--sp", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"reel render: {folder} runs on one device per replica; sp, tp and cfg must be 1 (got sp=2)")
+    assert not (tmp_path / "out").exists()
