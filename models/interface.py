@@ -21,8 +21,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from models.config import (ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout,
-                           load_config)
+from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
 from models.files import local_model_dir
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
@@ -32,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout", "describe_model",
+           "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
+           "describe_model",
            "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
            "model_recaptioner", "single_device_layout"]
 

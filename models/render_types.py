@@ -7,8 +7,9 @@ requests a model accepts and `ModelInfo` what it is. `pipeline/` imports these t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class GridLimits:
                 h -= self.size_multiple
         return w, h
 
-    def check(self, request: "RenderRequest") -> None:
+    def check(self, request: RenderRequest) -> None:
         """Raise ValueError (one line, naming the nearest allowed value) for a request off the grid."""
         r, m = request, self.size_multiple
         for name, v in (("width", r.width), ("height", r.height)):
@@ -102,7 +103,8 @@ class GridLimits:
                 raise ValueError(f"{name}={v} is not on the model's grid; nearest allowed is {self.nearest_size(v)} "
                                  f"(multiples of {m} from {self.min_size} to {self.max_size})")
         if r.width * r.height > self.max_pixels:
-            raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; the model's maximum is {self.max_pixels}")
+            raise ValueError(f"{r.width}x{r.height} is {r.width * r.height} pixels; "
+                             f"the model's maximum is {self.max_pixels}")
         if (r.frames - self.frame_offset) % self.frame_multiple or not self.min_frames <= r.frames <= self.max_frames:
             raise ValueError(f"frames={r.frames} is not on the model's grid; nearest allowed is "
                              f"{self.nearest_frames(r.frames)} ({self.frames_allowed()})")
@@ -118,14 +120,16 @@ class GridLimits:
             raise ValueError(f"guidance_2={r.guidance_2} must be a finite number >= 0")
         if r.cond_frames is not None or r.cond_index:
             frames = r.cond_frames
-            if frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3) or frames.dtype != np.uint8:
+            if (frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3)
+                    or frames.dtype != np.uint8):
                 shape = None if frames is None else (frames.shape, str(frames.dtype))
                 raise ValueError(f"cond_frames must be uint8 K x {r.height} x {r.width} x 3, got {shape}")
             if len(r.cond_index) != frames.shape[0]:
                 raise ValueError(f"cond_index has {len(r.cond_index)} positions for {frames.shape[0]} cond_frames")
             bad = [i for i in r.cond_index if not 0 <= i < r.frames]
             if bad or len(set(r.cond_index)) != len(r.cond_index):
-                raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in 0..{r.frames - 1}")
+                raise ValueError(f"cond_index {tuple(r.cond_index)} must be distinct frame positions in "
+                                 f"0..{r.frames - 1}")
         if not 0 <= r.strength <= 1:
             raise ValueError(f"strength={r.strength} must be in [0, 1]")
         if r.init_frames is not None:

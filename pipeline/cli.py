@@ -180,9 +180,11 @@ def _add_campaign_parser(sub) -> None:
                            help="manifest URI to write (.parquet, or .jsonl for JSON Lines)")
         else:
             p.add_argument("--out", required=True, metavar="OUT",
-                           help="output URI, as for `reel render`; the expanded manifest is kept as OUT/manifest.parquet")
+                           help="output URI, as for `reel render`; the expanded manifest is kept as "
+                                "OUT/manifest.parquet")
         p.add_argument("--sample", type=int, metavar="N", help="a seeded sample of N variants instead of all")
-        p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of the sample (default: %(default)s)")
+        p.add_argument("--sample-seed", type=int, default=0, metavar="S",
+                       help="seed of the sample (default: %(default)s)")
         p.add_argument("--model", default=None, metavar="NAME|URI",
                        help="the model whose grid sizes the placements (default: the spec's model, else 'default')")
         if name == "render":
@@ -190,14 +192,14 @@ def _add_campaign_parser(sub) -> None:
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from pipeline.batch import campaign
     from pipeline import storage
+    from pipeline.batch import campaign
     from pipeline.batch.manifest import write_manifest
 
     prog = f"reel campaign {args.campaign_command}"
     try:
-        spec = campaign.load_spec(args.spec, model=args.model, source=args.spec) if args.spec.endswith((".yaml", ".yml")) \
-            else campaign.load_spec(storage.read_bytes(args.spec).decode(), model=args.model, source=args.spec)
+        text = args.spec if args.spec.endswith((".yaml", ".yml")) else storage.read_bytes(args.spec).decode()
+        spec = campaign.load_spec(text, model=args.model, source=args.spec)
         rows = campaign.expand(spec, sample=args.sample, seed=args.sample_seed)
     except FileNotFoundError:
         print(f"{prog}: campaign spec not found: {args.spec}", file=sys.stderr)
@@ -243,7 +245,8 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
     p.add_argument("--scenes", type=int, metavar="N", help="judge the model alone on N held-in + N held-out scenes")
-    p.add_argument("--seed", type=int, default=12345, metavar="S", help="seed of the --scenes draw (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=12345, metavar="S",
+                   help="seed of the --scenes draw (default: %(default)s)")
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, metavar="N", help="render replicas (as for reel render)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per replica (as for reel render)")
@@ -266,7 +269,8 @@ def _eval(args: argparse.Namespace) -> int:
             summary = evaluate_prompts(PromptEval(
                 out=args.out, model=args.model, recaptioner=args.recaptioner, steps=args.steps,
                 guidance=args.guidance, limit=args.limit, address=args.address, replicas=args.replicas,
-                threads_per_replica=args.threads, progress=args.progress, **({"prompts": args.prompts} if args.prompts else {})))
+                threads_per_replica=args.threads, progress=args.progress,
+                **({"prompts": args.prompts} if args.prompts else {})))
             report = storage.join(args.out, "eval.json")
     except EvalError as e:
         print(f"reel eval: {e}", file=sys.stderr)
@@ -320,7 +324,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--out", metavar="OUT", help="output URI (default: REELFORGE_OUT, else renders/online)")
     p.add_argument("--store", metavar="PATH", help="job store, a SQLite file (default: OUT/.serve/jobs.sqlite "
                                                    "for a local OUT, else ~/.reelforge/jobs.sqlite)")
-    p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--api-key-file", metavar="PATH", help="file of API keys, one a line (adds to REEL_API_KEYS)")
     p.add_argument("--recaptioner", metavar="NAME", help="recaptioner (default: the model's own, else 'plain')")
     p.add_argument("--replicas", type=int, metavar="N", help="render replicas (default: 1)")

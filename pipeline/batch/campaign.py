@@ -213,7 +213,8 @@ def _check(doc: Any, source: str, model: str | None, limits: GridLimits | None) 
         out = []
         for i, v in enumerate(values):
             if v is None or isinstance(v, (dict, list)):
-                raise fail(values.item_lines[i], f"axis {axis!r} value {i + 1} must be a string or number, got {_kind(v)}")
+                raise fail(values.item_lines[i],
+                           f"axis {axis!r} value {i + 1} must be a string or number, got {_kind(v)}")
             s = _scalar_text(v)
             if s in out:
                 raise fail(values.item_lines[i], f"axis {axis!r} lists {s!r} twice")
@@ -283,8 +284,12 @@ def _placements(doc: _Map, limits: GridLimits, fps_default: int, fail) -> list[P
             raise fail(pline, f"placement {i + 1} must be a mapping with aspect (or width and height) and seconds")
         for key in p:
             if key not in PLACEMENT_KEYS:
-                raise fail(p.key_lines[key], f"placement {i + 1}: unknown key {key!r} (known: {', '.join(PLACEMENT_KEYS)})")
-        kline = lambda k: p.key_lines.get(k, pline)  # noqa: E731
+                raise fail(p.key_lines[key],
+                           f"placement {i + 1}: unknown key {key!r} (known: {', '.join(PLACEMENT_KEYS)})")
+
+        def kline(k, p=p, pline=pline):
+            return p.key_lines.get(k, pline)
+
         label = f"placement {p.get('name', i + 1)!s}"
         if "aspect" in p and ("width" in p or "height" in p):
             raise fail(kline("aspect"), f"{label}: give aspect or width and height, not both")
@@ -305,7 +310,8 @@ def _placements(doc: _Map, limits: GridLimits, fps_default: int, fail) -> list[P
                                          f"{limits.nearest_size(v)} (multiples of {limits.size_multiple} from "
                                          f"{limits.min_size} to {limits.max_size})")
             if width * height > limits.max_pixels:
-                raise fail(kline("width"), f"{label}: {width}x{height} is {width * height} pixels; the model's maximum is {limits.max_pixels}")
+                raise fail(kline("width"), f"{label}: {width}x{height} is {width * height} pixels; "
+                                           f"the model's maximum is {limits.max_pixels}")
             aspect = f"{width}x{height}"
         else:
             raise fail(pline, f"{label}: give an aspect (\"9:16\") or both width and height")
@@ -313,9 +319,11 @@ def _placements(doc: _Map, limits: GridLimits, fps_default: int, fail) -> list[P
         if "fps" in p:
             fps = p["fps"]
             if isinstance(fps, bool) or not isinstance(fps, int) or not limits.min_fps <= fps <= limits.max_fps:
-                raise fail(kline("fps"), f"{label}: fps must be an integer in {limits.min_fps}..{limits.max_fps}, got {fps!r}")
+                raise fail(kline("fps"),
+                           f"{label}: fps must be an integer in {limits.min_fps}..{limits.max_fps}, got {fps!r}")
         seconds = p.get("seconds", limits.default_seconds)
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0 or not math.isfinite(seconds):
+        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0
+                or not math.isfinite(seconds)):
             raise fail(kline("seconds"), f"{label}: seconds must be a positive number, got {seconds!r}")
         max_seconds = limits.max_frames / fps
         frames = limits.frames_for(seconds, fps)
@@ -490,7 +498,8 @@ def _int(doc: _Map, key: str, fail, *, lo: int, hi: int) -> int:
 
 
 def _kind(v: Any) -> str:
-    return {dict: "a mapping", _Map: "a mapping", list: "a list", _Seq: "a list", type(None): "nothing"}.get(type(v), type(v).__name__)
+    kinds = {dict: "a mapping", _Map: "a mapping", list: "a list", _Seq: "a list", type(None): "nothing"}
+    return kinds.get(type(v), type(v).__name__)
 
 
 __all__ = ["CampaignError", "CampaignSpec", "Placement", "expand", "grid_size", "load_spec",

@@ -162,7 +162,7 @@ def read_manifest(uri: str) -> pa.Table:
             try:
                 table = pa.concat_tables(tables, promote_options="permissive")
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise ManifestError(f"manifest files under {uri} have clashing schemas: {one_line(e, 300)}")
+                raise ManifestError(f"manifest files under {uri} have clashing schemas: {one_line(e, 300)}") from None
         else:
             table = _read_one(fs, path, uri)
     except ManifestError:
@@ -184,7 +184,7 @@ def _read_one(fs, path: str, uri: str) -> pa.Table:
         try:
             return pq.read_table(io.BytesIO(data))
         except Exception as e:
-            raise ManifestError(f"{uri}: not a readable Parquet file ({one_line(e, 300)})")
+            raise ManifestError(f"{uri}: not a readable Parquet file ({one_line(e, 300)})") from None
     if name.endswith((".jsonl", ".ndjson", ".json")) or data.lstrip()[:1] == b"{":
         return _read_jsonl(data, uri)
     raise ManifestError(
@@ -196,7 +196,7 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ManifestError(f"{uri}: JSON Lines manifest is not UTF-8 text")
+        raise ManifestError(f"{uri}: JSON Lines manifest is not UTF-8 text") from None
     records: list[dict[str, Any]] = []
     parsed = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -263,7 +263,8 @@ def validate(table: pa.Table, limits: GridLimits) -> tuple[list[ClipSpec], list[
             errors.append(RowError(i, e.clip_id, "validate", str(e)))
             continue
         if spec.id in first_row_of:
-            errors.append(RowError(i, spec.id, "validate", f"duplicate id {spec.id!r} (first used on row {first_row_of[spec.id]})"))
+            reason = f"duplicate id {spec.id!r} (first used on row {first_row_of[spec.id]})"
+            errors.append(RowError(i, spec.id, "validate", reason))
             continue
         first_row_of[spec.id] = i
         specs.append(spec)
@@ -355,7 +356,8 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         if seconds <= 0:
             raise bad(f"seconds must be positive, got {seconds:g}")
         frames = limits.min_frames if mode == "image" else limits.frames_for(seconds, fps)
-    what = "the storyboard" if shots else "the new part" if mode == "extend" else "the gap" if "video_end" in media else None
+    what = ("the storyboard" if shots else "the new part" if mode == "extend"
+            else "the gap" if "video_end" in media else None)
     if fps > 0 and frames > limits.max_frames and (what or _missing(given_frames)):  # else check names the maximum
         raise bad(f"{what or f'seconds={seconds:g}'} at {fps} fps is {frames} frames; the model's maximum is "
                   f"{limits.max_frames} frames ({limits.max_frames / fps:g} s at {fps} fps)")
@@ -448,7 +450,8 @@ def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
         try:
             v = json.loads(v)
         except json.JSONDecodeError:
-            raise bad("shots must be a list of {prompt, seconds} (JSON text or a list column), got unparsable text")
+            raise bad("shots must be a list of {prompt, seconds} (JSON text or a list column), "
+                      "got unparsable text") from None
     if not isinstance(v, (list, tuple)):
         raise bad(f"shots must be a list of {{prompt, seconds}}, got {type(v).__name__}")
     if not v:
@@ -496,7 +499,7 @@ def _number(v: Any, name: str, default: float, bad) -> float:
         try:
             v = float(v.strip())
         except ValueError:
-            raise bad(f"{name} must be a number, got {v!r}")
+            raise bad(f"{name} must be a number, got {v!r}") from None
     if not isinstance(v, (int, float)):
         raise bad(f"{name} must be a number, got {type(v).__name__}")
     if not math.isfinite(v):

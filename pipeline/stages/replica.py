@@ -32,16 +32,31 @@ prefix when the run ends (`remove_placement_groups`), a script's `shutdown` its 
 from __future__ import annotations
 
 import socket
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import (PlacementGroup, get_current_placement_group, placement_group,
-                                      placement_group_table, remove_placement_group)
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from models.interface import (ModelConfig, ParallelConfig, ParallelConfigError, RenderOutput, RenderRequest,
-                              check_layout, is_wan_folder, load_config, single_device_layout)
+from models.interface import (
+    ModelConfig,
+    ParallelConfig,
+    ParallelConfigError,
+    RenderOutput,
+    RenderRequest,
+    check_layout,
+    is_wan_folder,
+    load_config,
+    single_device_layout,
+)
 
 #: CPUs the actor that drives a group reserves (a Ray Data render actor, a Serve replica): it only
 #: passes requests and frames, the ranks hold the devices.

@@ -8,7 +8,8 @@ from models.interface import GridLimits
 from pipeline.batch.manifest import ManifestError, default_seed, read_manifest, validate
 
 LIMITS = GridLimits(
-    size_multiple=16, min_size=32, max_size=256, max_pixels=256 * 256, frame_multiple=2, max_frames=64, window_frames=64, context_frames=32,
+    size_multiple=16, min_size=32, max_size=256, max_pixels=256 * 256, frame_multiple=2, max_frames=64,
+    window_frames=64, context_frames=32,
     min_fps=4, max_fps=30, max_steps=100, default_width=64, default_height=64, default_fps=8,
     default_seconds=2.0, default_steps=20, default_guidance=4.0,
 )
@@ -24,7 +25,8 @@ def reasons(errors):
 
 
 def test_defaults_and_passthrough(tmp_path):
-    pq.write_table(pa.table({"id": ["a"], "prompt": ["  a red   ball "], "campaign": ["spring"]}), tmp_path / "m.parquet")
+    table = pa.table({"id": ["a"], "prompt": ["  a red   ball "], "campaign": ["spring"]})
+    pq.write_table(table, tmp_path / "m.parquet")
     specs, errors = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
     assert errors == []
     (s,) = specs
@@ -83,7 +85,8 @@ def test_wrong_column_types_in_parquet_fail_rows_not_the_run(tmp_path):
 
 
 def test_nan_means_missing(tmp_path):
-    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "seed": [float("nan"), 5.0]}), tmp_path / "m.parquet")
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "seed": [float("nan"), 5.0]})
+    pq.write_table(table, tmp_path / "m.parquet")
     specs, _ = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
     assert [s.seed for s in specs] == [default_seed("a"), 5]
 
@@ -149,7 +152,9 @@ def test_request_hash_changes_with_parameters():
     a = ClipSpec(0, "a", "p", "", 64, 64, 16, 8, 1, 20, 4.0, "t2v", {"campaign": "x"})
     same = ClipSpec(5, "a", "p", "", 64, 64, 16, 8, 1, 20, 4.0, "t2v", {"campaign": "y"})
     other = ClipSpec(0, "a", "p", "", 64, 64, 16, 8, 2, 20, 4.0, "t2v")
-    h = lambda s, m="m": s.request_sha256(model_sha256=m, recaptioner="plain-1")
+    def h(s, m="m"):
+        return s.request_sha256(model_sha256=m, recaptioner="plain-1")
+
     assert h(a) == h(same)
     assert h(a) != h(other)
     assert h(a) != h(a, "other-model")
