@@ -4,12 +4,19 @@ S3: a real S3 API server (moto's ThreadedMotoServer) on loopback for the whole s
 fixture exports the standard AWS settings a user would set in a shell (AWS_ENDPOINT_URL plus test
 credentials), so the code under test and any Ray workers started afterwards reach it with no
 special configuration.
+
+Wan: tiny random Wan folders in diffusers' layout (`wan_folders`, `wan_pipelines`), built once per
+session, for every test that renders a real open-checkpoint layout (models, batch, serve).
 """
 
+import importlib.util
 import logging
+import os
 import uuid
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests loads from a hub
 
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
                    "AWS_SECURITY_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
@@ -60,3 +67,101 @@ def bucket(s3_server):
 def s3_bucket(bucket):
     """Alias of `bucket`."""
     return bucket
+
+
+# --- tiny random Wan folders in diffusers' layout, built once per session (offline, CPU, ~1 s each) ---
+# The components are diffusers' and transformers' own, at toy sizes (after diffusers' tests/pipelines/wan):
+# a WordLevel tokenizer, a 2-layer UMT5 encoder, AutoencoderKLWan, WanTransformer3DModel and UniPC with
+# flow sigmas, saved by `WanPipeline.save_pretrained` with small shards (several files per component):
+#     wan21   Wan 2.1 T2V: z=16 VAE (8x spatial, 4x temporal), patch (1, 2, 2), flow_shift 3
+#     ti2v    Wan 2.2 TI2V-5B: z=48 residual VAE with patch 2 (16x spatial), expand_timesteps, flow_shift 5
+#     a14b    Wan 2.2 A14B: two transformers, boundary_ratio 0.875
+
+WORDS = ("<pad> </s> <unk> a an the red blue green white black circle square ball moves falls right left up on "
+         "slowly fast cat dog bakes cake blurry static ugly").split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _transformer(seed, channels):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32,
+                                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32)
+
+
+def build_wan_folder(path, variant: str):
+    """Save a tiny random Wan pipeline of `variant` ("wan21", "ti2v", "a14b") under `path`; returns the
+    pipeline (its modules in eval mode, as `from_pretrained` gives them)."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    torch.manual_seed(1)
+    if variant == "ti2v":
+        vae = AutoencoderKLWan(base_dim=4, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                               latents_mean=[0.05 * (i % 7) for i in range(48)],
+                               latents_std=[0.5 + 0.1 * (i % 5) for i in range(48)], dim_mult=[1, 1, 1, 1],
+                               num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                               temperal_downsample=[False, True, True])
+    else:
+        vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    channels = 48 if variant == "ti2v" else 16
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=5.0 if variant == "ti2v" else 3.0)
+    extra = {}
+    if variant == "a14b":
+        extra = {"transformer_2": _transformer(3, channels), "boundary_ratio": 0.875}
+    if variant == "ti2v":
+        extra = {"expand_timesteps": True}
+    pipe = WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=_transformer(2, channels), **extra)
+    pipe.save_pretrained(str(path), max_shard_size="60KB")
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+VARIANTS = ("wan21", "ti2v", "a14b")
+
+
+@pytest.fixture(scope="session")
+def wan_pipelines(tmp_path_factory):
+    """{variant: (folder, diffusers WanPipeline of the same weights)}, built on first use.
+
+    The pipeline is `WanPipeline.from_pretrained(folder)` where the `accelerate` package is installed;
+    diffusers 0.42 cannot load a Wan transformer without it, and then the pipeline is the one that
+    was saved (the same weights, in memory)."""
+    from diffusers import WanPipeline
+
+    accelerate = importlib.util.find_spec("accelerate") is not None
+    root = tmp_path_factory.mktemp("wan")
+    out = {}
+    for v in VARIANTS:
+        folder = str(root / f"Tiny-{v}-Diffusers")
+        saved = build_wan_folder(folder, v)
+        out[v] = (folder, WanPipeline.from_pretrained(folder) if accelerate else saved)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wan_folders(wan_pipelines):
+    """{"wan21": dir, "ti2v": dir, "a14b": dir}: the tiny folders."""
+    return {v: folder for v, (folder, _) in wan_pipelines.items()}
