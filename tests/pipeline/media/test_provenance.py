@@ -166,8 +166,8 @@ def test_tags_round_trip_mp4_and_png(renders):
     mp4 = encode_mp4(embed_watermark(renders[0]), 8, metadata={"title": "clip", "comment": caption, **tags})
     back = read_tags(mp4)
     assert back == {"title": "clip", "comment": caption, **tags}
-    tags = {"title": "t", "comment": "c"}
-    assert read_tags(encode_mp4(renders[0], 8, metadata=tags)) == tags
+    plain = {"title": "t", "comment": "c"}
+    assert read_tags(encode_mp4(renders[0], 8, metadata=plain)) == plain
     png = encode_png(embed_watermark(renders[0][0]), {"comment": caption, **tags})
     assert read_tags(png) == {"comment": caption, **tags}
     report = read_provenance(png)
