@@ -47,8 +47,8 @@ def bare_loop(manifest: str, out: str, model: str) -> float:
     specs, _ = validate(read_manifest(manifest), limits)
     generator = load_generator(model)
     recaptioner = load_recaptioner(recaptioner_name or "plain")
-    model = {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}
-    writer = ClipWriter(out, model, "bench")
+    labels = {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}
+    writer = ClipWriter(out, labels, "bench")
     for s in specs:
         caption = recaptioner.recaption(s.prompt, s.seed)
         request = RenderRequest(caption, s.width, s.height, s.frames, s.fps, s.seed, s.steps, s.guidance)
