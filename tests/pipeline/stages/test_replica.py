@@ -152,15 +152,16 @@ def test_a_group_the_cluster_cannot_hold_is_refused_in_one_line(ray_session, tmp
                    "the Ray cluster has 2 CPU")
 
 
-def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], timeout: float = 120) -> None:
+def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], done, timeout: float = 900) -> None:
     """SIGKILL the render actor (Ray titles its process "ray::MapWorker(MapBatches(RenderUDF))…") once
-    the first MP4 is in storage; records how many MP4s there were then."""
+    the first MP4 is in storage; records how many MP4s there were then. Gives up when `done` (an
+    Event) is set, i.e. the run ended, however slow the machine."""
     import signal
 
     import psutil
 
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and not done.is_set():
         videos = list((out / "videos").glob("*.mp4")) if (out / "videos").exists() else []
         if videos:
             for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -187,10 +188,14 @@ def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, 
 
     out = tmp_path / "out"
     killed: list[int] = []
-    killer = threading.Thread(target=kill_the_render_actor_after_the_first_clip, args=(out, killed))
+    done = threading.Event()
+    killer = threading.Thread(target=kill_the_render_actor_after_the_first_clip, args=(out, killed, done))
     killer.start()
     t0 = time.perf_counter()
-    code = render(write_manifest(tmp_path / "m.parquet", ROWS), "--out", out, "--sp", "2", model=windowed_model)
+    try:
+        code = render(write_manifest(tmp_path / "m.parquet", ROWS), "--out", out, "--sp", "2", model=windowed_model)
+    finally:
+        done.set()
     seconds = time.perf_counter() - t0
     killer.join()
     assert code == 0 and killed == [1]
