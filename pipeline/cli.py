@@ -25,7 +25,8 @@ Modes (the mode column; inferred from the columns a row fills when it names none
   storyboard   shots: a list of {prompt, seconds}; one video, each shot continuing the last
 Rows with inputs and no width/height take the input's size, snapped to the model's grid.
 
-Under OUT: videos/{id}.mp4 (images/{id}.png for stills), thumbnails/{id}.jpg, metadata/
+Under OUT: videos/{id}.mp4 (videos/{id}.mkv with --codec ffv1; images/{id}.png for stills),
+thumbnails/{id}.jpg, metadata/
 (Parquet, one row per clip), errors/ (Parquet: row, id, stage, reason for each row that failed
 in this run, e.g. stage safety: "blocked by policy: <category>") and run.json.
 
@@ -105,6 +106,9 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
                         "'none' turns the gate off)")
     p.add_argument("--blur-faces", action="store_true",
                    help="blur faces in every output (a row can also ask with blur_faces=true)")
+    p.add_argument("--codec", choices=("h264", "ffv1"), default="h264",
+                   help="videos as H.264 MP4s (videos/{id}.mp4, default) or lossless RGB masters for grading "
+                        "and editing, FFV1 in Matroska (videos/{id}.mkv); a changed codec renders again")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -121,6 +125,7 @@ def _render(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
         blur_faces=args.blur_faces, parallel=_parallel_overrides(args),
+        codec=args.codec,
     )
     try:
         summary = render_manifest(cfg)
@@ -379,7 +384,7 @@ VERIFY_HELP = """\
 Check the provenance of rendered outputs: the invisible watermark in the frames (score and
 verdict), the container tags (generator, model, weights sha256, caption hash) and the C2PA
 manifest (validity and signer; REEL_C2PA_TRUST_ANCHORS names CA certificates to trust).
-FILE is an MP4, PNG or JPEG at a local path or any fsspec URI.
+FILE is an MP4, Matroska (--codec ffv1), PNG or JPEG at a local path or any fsspec URI.
 
 Exit status: 0 every file carries the watermark; 1 some file does not; 2 a file cannot be read.
 """
@@ -388,7 +393,8 @@ Exit status: 0 every file carries the watermark; 1 some file does not; 2 a file 
 def _add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check the watermark, tags and C2PA manifest of rendered files",
                        description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", metavar="FILE", help="MP4, PNG or JPEG (local path or fsspec URI)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="MP4, Matroska, PNG or JPEG (local path or fsspec URI)")
     p.add_argument("--json", action="store_true", help="print one JSON report per file (JSON Lines)")
 
 

@@ -30,6 +30,7 @@ from pipeline.batch.processor import build_stages, clip_item, render_layout, ren
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, UsageError, one_line
 from pipeline.media.provenance import ProvenanceError, c2pa_config_from_env
 from pipeline.stages.metadata import passthrough_bytes
+from pipeline.stages.write import check_codec
 
 ERRORS_SCHEMA = pa.schema([
     ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
@@ -53,6 +54,7 @@ class RenderConfig:
     progress: bool = True
     policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
     blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
+    codec: str = "h264"  # the videos' codec: h264 (MP4) or ffv1 (a lossless RGB master in Matroska)
     # the layout of a render replica over several devices: "sp", "tp", "cfg" (1 or 2) given here
     # override the model config's `parallel` section; more than one rank makes each replica a
     # group of Ray actors, one per rank (pipeline/stages/replica.py)
@@ -99,7 +101,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     _check_policy(cfg.policy)
     try:
         c2pa = c2pa_config_from_env()  # the driver's REEL_C2PA_* settings, handed to the writers
-    except ProvenanceError as e:
+        check_codec(cfg.codec, c2pa)
+    except (ProvenanceError, ValueError) as e:
         raise UsageError(str(e)) from None
     model = {"name": model_info.name, "version": model_info.version, "weights_sha256": model_info.weights_sha256}
 
@@ -107,7 +110,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     if cfg.blur_faces:  # run-wide blurring changes the frames: it is part of each clip's request
         specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
     summary.rows, summary.errors = table.num_rows, list(errors)
-    hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner) for s in specs}
+    hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
+                                     codec=cfg.codec) for s in specs}
     done = _completed_requests(cfg.out) if cfg.resume else {}
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
@@ -123,7 +127,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
         stages = build_stages(
             model_spec=cfg.model, recaptioner=recaptioner, policy=cfg.policy, out=cfg.out, model=model,
-            run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, layout=layout, clips=len(items),
+            run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
             threads_per_replica=cfg.threads_per_replica)

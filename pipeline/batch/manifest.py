@@ -90,15 +90,20 @@ class ClipSpec:
     def seconds(self) -> float:
         return self.frames / self.fps
 
-    def request_sha256(self, *, model_sha256: str, recaptioner: str) -> str:
-        """Hash of everything that decides the frames: equal hash → the same clip (resume key).
+    def request_sha256(self, *, model_sha256: str, recaptioner: str, codec: str = "h264") -> str:
+        """Hash of everything that decides the frames and the file they land in: equal hash → the same
+        clip (resume key).
 
-        Media inputs enter by URI: an input replaced at the same URI does not re-render.
+        Media inputs enter by URI: an input replaced at the same URI does not re-render. The video
+        `codec` enters when it is not h264 (so an H.264 clip keeps the key it had before codecs were
+        chosen), and not for a still (a PNG whatever the codec).
         """
         defaults = {f.name: f.default for f in fields(ClipSpec) if f.name in MODE_FIELDS}
         render = {k: v for k, v in asdict(self).items()
                   if k not in ("row", "passthrough") and not (k in defaults and v == defaults[k])}
         render.update(model_sha256=model_sha256, recaptioner=recaptioner)
+        if codec != "h264" and self.mode != "image":
+            render["codec"] = codec
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 

@@ -48,17 +48,17 @@ def render_placement_prefix(run_id: str) -> str:
 
 
 def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: str, model: dict[str, str],
-                 run_id: str, blur_faces: bool = False, c2pa: C2paConfig | None = None,
+                 run_id: str, blur_faces: bool = False, c2pa: C2paConfig | None = None, codec: str = "h264",
                  layout: ParallelConfig | None = None, clips: int | None = None,
                  inputs_limits: GridLimits | None = None, replicas: int | None = None,
                  gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,
                  threads_per_replica: int | None = None) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
-    `model_spec` is the model to load, `model` its name/version/weights hash for the metadata; the
-    replica settings are `reel render`'s (None: the defaults below). The inputs stage (reading and
-    fitting the rows' pictures and clips) is there when `inputs_limits` is given: when some row has
-    media.
+    `model_spec` is the model to load, `model` its name/version/weights hash for the metadata, `codec`
+    the videos' (the writer's); the replica settings are `reel render`'s (None: the defaults below).
+    The inputs stage (reading and fitting the rows' pictures and clips) is there when `inputs_limits`
+    is given: when some row has media.
 
     With GPUs: one replica per `gpus_per_replica` GPUs, each reserving one CPU. On a CPU-only
     cluster: single-threaded replicas, one per core, each reserving half a CPU. Measured on a
@@ -119,7 +119,8 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                # clip (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools);
                # a group replica comes back into its placement group and starts its ranks again.
                **render_resources}),
-        Stage(WriteUDF, {"out": out, "model": model, "run_id": run_id, "blur_faces": blur_faces, "c2pa": c2pa},
+        Stage(WriteUDF, {"out": out, "model": model, "run_id": run_id, "blur_faces": blur_faces, "c2pa": c2pa,
+                         "codec": codec},
               {"compute": ActorPoolStrategy(size=1), **light}),
     ]
 

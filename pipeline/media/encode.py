@@ -1,4 +1,5 @@
-"""Frames → H.264 MP4 (+ a JPEG thumbnail), and a probe and a decoder that read an MP4 back.
+"""Frames → H.264 MP4 or a lossless FFV1 Matroska master (+ a JPEG thumbnail), and a probe and a
+decoder that read them back.
 
 `encode_mp4` pipes raw RGB frames into the ffmpeg binary bundled with imageio-ffmpeg and gets an MP4
 that browsers play: libx264, yuv420p, `+faststart` (the moov box before mdat, so playback starts
@@ -11,6 +12,13 @@ Output is deterministic: the same frames, fps, tags and options give the same by
 drops the version-stamped encoder tags, no creation time is written, and the x264 thread count is
 fixed, because x264's output depends on it). The bytes can differ between ffmpeg/x264 builds, so
 "bit-for-bit again" holds for one imageio-ffmpeg version.
+
+`encode_mkv` writes the master a studio grades and edits afterwards: FFV1 (level 3, every frame a
+key frame, CRCs on its slices) in Matroska, pixel format `bgr0`, the only 8-bit RGB format ffmpeg's
+FFV1 encoder takes (asked for rgb24 or gbrp, ffmpeg picks bgr0 too): the RGB bytes are only
+re-ordered, so decoding gives back the frames exactly (a test encodes random frames and compares
+bytes). A YUV format (even yuv444p) would round every pixel through the colour matrix. Any size
+works, odd ones too (nothing is subsampled). `encode_video` picks the encoder by codec name.
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_mp4", "decode_mp4", "encode_jpeg", "encode_png", "thumbnail_frame", "probe_mp4",
+__all__ = ["encode_video", "encode_mp4", "encode_mkv", "decode_mp4", "VIDEO_CODECS",
+           "encode_jpeg", "encode_png", "thumbnail_frame", "probe_mp4",
            "mp4_top_level_boxes", "ffmpeg_exe", "check_frames", "EncodeError"]
 
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "veryfast"
 DEFAULT_THREADS = 2
+
+#: `--codec` → the extension of the file it writes: H.264 in MP4 (browsers play it), or FFV1 in
+#: Matroska (lossless RGB, for grading and editing)
+VIDEO_CODECS = {"h264": "mp4", "ffv1": "mkv"}
 
 # Keys the MP4 muxer stores as classic iTunes atoms (©nam, ©cmt, ...). Any other key needs
 # `-movflags +use_metadata_tags`, which stores every tag as an mdta key/value pair instead.
@@ -79,6 +92,16 @@ def _metadata_args(metadata: dict[str, str] | None) -> tuple[list[str], bool]:
     return args, custom
 
 
+def encode_video(frames: np.ndarray, fps: int, codec: str = "h264", *,
+                 metadata: dict[str, str] | None = None) -> bytes:
+    """Frames → the bytes of a `codec` file (a key of VIDEO_CODECS): `encode_mp4` or `encode_mkv`."""
+    if codec == "h264":
+        return encode_mp4(frames, fps, metadata=metadata)
+    if codec == "ffv1":
+        return encode_mkv(frames, fps, metadata=metadata)
+    raise ValueError(f"codec must be one of {', '.join(VIDEO_CODECS)}, got {codec!r}")
+
+
 def encode_mp4(
     frames: np.ndarray,
     fps: int,
@@ -99,27 +122,48 @@ def encode_mp4(
     (not "auto") so the bytes do not depend on the machine's core count.
     """
     frames = check_frames(frames)
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"H.264 in yuv420p needs an even width and height, got {w}x{h}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps <= 0:
-        raise ValueError(f"fps must be a positive integer, got {fps!r}")
     tag_args, custom = _metadata_args(metadata)
     movflags = "+faststart" + ("+use_metadata_tags" if custom else "")
+    return _ffmpeg_encode(frames, fps, "mp4", [
+        "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+        "-threads", str(int(threads)),
+        # RGB -> BT.709 limited-range YUV, tagged so, so browsers and decoders convert back alike
+        "-vf", "scale=out_color_matrix=bt709:out_range=tv",
+        "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
+        "-movflags", movflags, *tag_args,
+    ])
+
+
+def encode_mkv(frames: np.ndarray, fps: int, *, metadata: dict[str, str] | None = None,
+               threads: int = DEFAULT_THREADS) -> bytes:
+    """(T, H, W, 3) uint8 RGB frames → Matroska bytes holding them losslessly (FFV1 level 3, bgr0,
+    intra-only, slice CRCs), `fps` frames/s. `metadata` becomes Matroska tags (keys as for
+    `encode_mp4`; ffmpeg stores `title` as the segment's title and the other names upper-cased).
+    `threads` is fixed: FFV1's slices, and so the bytes, follow it."""
+    frames = check_frames(frames, min_side=1)
+    tag_args, _ = _metadata_args(metadata)
+    return _ffmpeg_encode(frames, fps, "matroska", [
+        "-c:v", "ffv1", "-level", "3", "-g", "1", "-slicecrc", "1", "-pix_fmt", "bgr0",
+        "-threads", str(int(threads)), *tag_args,
+    ])
+
+
+def _ffmpeg_encode(frames: np.ndarray, fps: int, container: str, codec_args: list[str]) -> bytes:
+    """Checked uint8 RGB frames piped into the bundled ffmpeg with `codec_args`, written as `container`
+    (an ffmpeg muxer name) to a temp file with no input metadata and bit-exact flags; its bytes."""
+    t, h, w, _ = frames.shape
+    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps <= 0:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
     with tempfile.TemporaryDirectory(prefix="reelforge-encode-") as tmp:
-        out = os.path.join(tmp, "clip.mp4")
+        out = os.path.join(tmp, "clip")
         cmd = [
             ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", str(int(fps)), "-i", "pipe:0",
-            "-map", "0:v:0", "-map_metadata", "-1", "-an",
-            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-threads", str(int(threads)),
-            # RGB -> BT.709 limited-range YUV, tagged so, so browsers and decoders convert back alike
-            "-vf", "scale=out_color_matrix=bt709:out_range=tv",
-            "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
-            "-fflags", "+bitexact", "-flags:v", "+bitexact",
-            "-movflags", movflags, *tag_args,
-            "-f", "mp4", out,
+            "-map", "0:v:0", "-map_metadata", "-1", "-an", *codec_args,
+            "-fflags", "+bitexact", "-flags:v", "+bitexact", "-f", container, out,
         ]
         proc = subprocess.run(cmd, input=frames.reshape(-1).data, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, check=False)
@@ -131,10 +175,11 @@ def encode_mp4(
 
 
 def decode_mp4(data: bytes) -> np.ndarray:
-    """Every frame of an MP4 as uint8 RGB (T, H, W, 3), through the same bundled ffmpeg."""
+    """Every frame of an MP4 (or of any container ffmpeg reads from the bytes: Matroska too) as uint8
+    RGB (T, H, W, 3), through the same bundled ffmpeg."""
     import imageio_ffmpeg
 
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+    with tempfile.NamedTemporaryFile(suffix=".video") as f:
         f.write(data)
         f.flush()
         reader = imageio_ffmpeg.read_frames(f.name, pix_fmt="rgb24", bits_per_pixel=24)
@@ -142,7 +187,7 @@ def decode_mp4(data: bytes) -> np.ndarray:
         w, h = meta["size"]
         frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
     if not frames:
-        raise ValueError("the MP4 holds no video frames")
+        raise ValueError("the file holds no video frames")
     return np.stack(frames)
 
 

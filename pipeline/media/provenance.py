@@ -10,10 +10,12 @@ The clip writer calls, in this order (the online endpoint uses the same writer):
 and for one still (`image` mode): `data = sign_c2pa(pipeline.media.encode.encode_png(frame, record.tags()), record,
 mime_type="image/png")`.
 
-Tags (MP4 mdta keys, PNG tEXt chunks): generator ("reelforge 0.1.0"), model, model_version,
-model_sha256 (the weights' sha256), caption_sha256 (sha256 of the caption's UTF-8), seed when given,
-and watermark (the scheme's name). `read_tags` reads them back from the moov/udta/meta boxes (both
-the mdta key list ffmpeg writes with +use_metadata_tags and classic iTunes atoms) or PNG text chunks.
+Tags (MP4 mdta keys, Matroska tags, PNG tEXt chunks): generator ("reelforge 0.1.0"), model,
+model_version, model_sha256 (the weights' sha256), caption_sha256 (sha256 of the caption's UTF-8), seed
+when given, and watermark (the scheme's name). `read_tags` reads them back from the moov/udta/meta boxes
+(both the mdta key list ffmpeg writes with +use_metadata_tags and classic iTunes atoms), a Matroska
+segment's Info title and file-wide SimpleTags (ffmpeg upper-cases their names; read back lower-cased,
+the names they were written with), or PNG text chunks.
 
 C2PA (c2pa-python): configured by the environment, read when signing:
   REEL_C2PA_KEY    PEM private key (path or fsspec URI)
@@ -30,7 +32,8 @@ The manifest holds the claim generator (reelforge + version), a c2pa.actions ass
 c2pa.created and digitalSourceType trainedAlgorithmicMedia, and an org.reelforge.generation
 assertion with the model's name/version/weights sha256, the caption sha256, the seed and the
 watermark scheme. A signed file is *not* byte-reproducible (the manifest carries a fresh instance
-id, a signing time and an ECDSA signature); the frames and the unsigned MP4 are.
+id, a signing time and an ECDSA signature); the frames and the unsigned MP4 are. c2pa has no Matroska
+support (neither to sign nor to read), so an FFV1 master carries the watermark and tags only.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ __all__ = ["Provenance", "C2paConfig", "ProvenanceError", "UnreadableInput", "pr
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 ASSERTION_LABEL = "org.reelforge.generation"
 _ALGS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
-_MIME = {"mp4": "video/mp4", "png": "image/png", "jpeg": "image/jpeg"}
+_MIME = {"mp4": "video/mp4", "mkv": "video/x-matroska", "png": "image/png", "jpeg": "image/jpeg"}
+#: the formats c2pa embeds manifests in and reads them from (not Matroska)
+C2PA_FORMATS = ("mp4", "png", "jpeg")
 
 
 class ProvenanceError(UserError):
@@ -66,7 +71,7 @@ class ProvenanceError(UserError):
 
 
 class UnreadableInput(UserError):
-    """The file cannot be read, or is not an MP4, PNG or JPEG."""
+    """The file cannot be read, or is not an MP4, Matroska, PNG or JPEG file."""
 
     show_type = True
 
@@ -226,6 +231,67 @@ def _mp4_tags(data: bytes) -> dict[str, str]:
     return tags
 
 
+# Matroska (EBML) element ids: the segment, its Info and Title, its Tags and their parts
+_EBML, _SEGMENT, _INFO, _TITLE = 0x1A45DFA3, 0x18538067, 0x1549A966, 0x7BA9
+_TAGS, _TAG, _TARGETS, _SIMPLE_TAG, _TAG_NAME, _TAG_STRING = 0x1254C367, 0x7373, 0x63C0, 0x67C8, 0x45A3, 0x4487
+_TARGET_UIDS = frozenset({0x63C5, 0x63C9, 0x63C4, 0x63C6})  # a tag of a track, edition, chapter, attachment
+
+
+def _ebml_vint(data: bytes, pos: int, end: int, keep_marker: bool) -> tuple[int, int] | None:
+    """(value, next position) of the variable-length integer at `pos`; an element id keeps its length
+    marker, a size drops it (all ones: unknown, returned as -1). None when it runs past `end`."""
+    if pos >= end or data[pos] == 0:
+        return None
+    length = 9 - data[pos].bit_length()
+    if pos + length > end:
+        return None
+    value = int.from_bytes(data[pos:pos + length], "big")
+    if keep_marker:
+        return value, pos + length
+    value &= (1 << (7 * length)) - 1
+    return (-1 if value == (1 << (7 * length)) - 1 else value), pos + length
+
+
+def _ebml_elements(data: bytes, start: int, end: int):
+    """(id, start, end) of each EBML element in data[start:end]; an unknown size runs to `end`. Stops at
+    a truncated element."""
+    pos = start
+    while pos < end:
+        head = _ebml_vint(data, pos, end, keep_marker=True)
+        size = head and _ebml_vint(data, head[1], end, keep_marker=False)
+        if not size:
+            return
+        body = size[1]
+        stop = end if size[0] < 0 else body + size[0]
+        if stop > end:
+            return
+        yield head[0], body, stop
+        pos = stop
+
+
+def _mkv_tags(data: bytes) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    segment = next(((s, e) for k, s, e in _ebml_elements(data, 0, len(data)) if k == _SEGMENT), None)
+    for kind, start, end in _ebml_elements(data, *segment) if segment else ():
+        if kind == _INFO:
+            for k, s, e in _ebml_elements(data, start, end):
+                if k == _TITLE:
+                    tags["title"] = data[s:e].decode("utf-8", "replace")
+        elif kind == _TAGS:
+            for tag in (t for t in _ebml_elements(data, start, end) if t[0] == _TAG):
+                parts = list(_ebml_elements(data, tag[1], tag[2]))
+                targets = [(s, e) for k, s, e in parts if k == _TARGETS]
+                if any(k in _TARGET_UIDS for s, e in targets for k, _, _ in _ebml_elements(data, s, e)):
+                    continue  # a track's own tags (ffmpeg's ENCODER, DURATION), not the file's
+                for k, s, e in parts:
+                    if k != _SIMPLE_TAG:
+                        continue
+                    fields = {fk: data[fs:fe].decode("utf-8", "replace") for fk, fs, fe in _ebml_elements(data, s, e)}
+                    if _TAG_NAME in fields and _TAG_STRING in fields:
+                        tags[fields[_TAG_NAME].lower()] = fields[_TAG_STRING]
+    return tags
+
+
 def _png_tags(data: bytes) -> dict[str, str]:
     from PIL import Image
 
@@ -240,14 +306,19 @@ def _sniff(data: bytes) -> str:
         return "jpeg"
     if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"uuid"):
         return "mp4"
-    raise UnreadableInput("not an MP4, PNG or JPEG file")
+    if int.from_bytes(data[:4], "big") == _EBML:
+        return "mkv"
+    raise UnreadableInput("not an MP4, Matroska, PNG or JPEG file")
 
 
 def read_tags(data: bytes) -> dict[str, str]:
-    """Container tags of MP4 (moov/udta/meta) or PNG (text chunks) bytes; {} for JPEG."""
+    """Container tags of MP4 (moov/udta/meta), Matroska (segment title and tags) or PNG (text chunks)
+    bytes; {} for JPEG."""
     kind = _sniff(data)
     if kind == "mp4":
         return _mp4_tags(data)
+    if kind == "mkv":
+        return _mkv_tags(data)
     if kind == "png":
         return _png_tags(data)
     return {}
@@ -412,14 +483,15 @@ def _load(path_or_bytes: str | os.PathLike | bytes) -> tuple[str, bytes]:
 
 
 def _frames(kind: str, data: bytes) -> np.ndarray:
-    if kind == "mp4":
+    if kind in ("mp4", "mkv"):
         from pipeline.media.encode import decode_mp4
 
         try:
             return decode_mp4(data)
         except Exception as e:
             reason = one_line(e, limit=None, show_type=False)[-300:]
-            raise UnreadableInput(f"not a decodable MP4 video: {reason}") from None
+            what = "MP4" if kind == "mp4" else "Matroska"
+            raise UnreadableInput(f"not a decodable {what} video: {reason}") from None
     from PIL import Image
 
     try:
@@ -461,7 +533,7 @@ def read_provenance(path_or_bytes: str | os.PathLike | bytes, *, watermark: bool
     report["tags"] = tags
     cap, want = tags.get("comment"), tags.get("caption_sha256")
     report["caption_matches"] = None if cap is None or want is None else caption_sha256(cap) == want
-    report["c2pa"] = read_c2pa(data, _MIME[kind]) if c2pa else None
+    report["c2pa"] = read_c2pa(data, _MIME[kind]) if c2pa and kind in C2PA_FORMATS else None
     report["ok"] = bool(report["watermark"] and report["watermark"]["detected"])
     return report
 

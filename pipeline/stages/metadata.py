@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.media.encode import VIDEO_CODECS
 
 #: Timing fields recorded per clip (seconds); the generator reports text, sample and decode.
 TIMING_FIELDS = ("recaption", "inputs", "text", "sample", "decode", "encode", "write")
@@ -32,6 +33,7 @@ METADATA_SCHEMA = pa.schema([
     ("steps", pa.int64()),
     ("guidance", pa.float64()),
     ("timings", pa.struct([(name, pa.float64()) for name in TIMING_FIELDS])),
+    ("codec", pa.string()),  # of the file at video_uri (h264: MP4, ffv1: Matroska) or image_uri (png)
     ("video_uri", pa.string()),
     ("image_uri", pa.string()),
     ("thumbnail_uri", pa.string()),
@@ -52,10 +54,11 @@ METADATA_SCHEMA = pa.schema([
 ])
 
 
-def output_keys(out: str, clip_id: str) -> dict[str, str]:
-    """Where a clip's files live under the run's output URI (deterministic: the resume key)."""
+def output_keys(out: str, clip_id: str, codec: str = "h264") -> dict[str, str]:
+    """Where a clip's files live under the run's output URI (deterministic: the resume key); the video's
+    extension is its codec's (VIDEO_CODECS: videos/{id}.mp4 for h264, videos/{id}.mkv for ffv1)."""
     return {
-        "video": storage.join(out, "videos", f"{clip_id}.mp4"),
+        "video": storage.join(out, "videos", f"{clip_id}.{VIDEO_CODECS[codec]}"),
         "image": storage.join(out, "images", f"{clip_id}.png"),
         "thumbnail": storage.join(out, "thumbnails", f"{clip_id}.jpg"),
         "metadata": storage.join(out, "metadata", f"{clip_id}.parquet"),

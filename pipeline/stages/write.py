@@ -1,5 +1,5 @@
-"""The write stage: frames → MP4 (a still: PNG) + thumbnail + metadata row, on CPU actors
-(`WriteUDF`, around `ClipWriter`, which the online endpoint uses directly)."""
+"""The write stage: frames → MP4 or FFV1 Matroska (a still: PNG) + thumbnail + metadata row, on CPU
+actors (`WriteUDF`, around `ClipWriter`, which the online endpoint uses directly)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.media.encode import encode_jpeg, encode_mp4, encode_png, thumbnail_frame
-from pipeline.media.provenance import C2paConfig, Provenance, c2pa_config_from_env, sign_c2pa
+from pipeline.media.encode import VIDEO_CODECS, encode_jpeg, encode_png, encode_video, thumbnail_frame
+from pipeline.media.provenance import C2paConfig, Provenance, ProvenanceError, c2pa_config_from_env, sign_c2pa
 from pipeline.media.watermark import embed_watermark
 from pipeline.stages.base import each_row
 from pipeline.stages.metadata import METADATA_SCHEMA, TIMING_FIELDS, output_keys, passthrough_table
@@ -25,10 +25,14 @@ from pipeline.stages.render import row_frames
 
 @dataclass
 class ClipWriter:
-    """frames → MP4 (a still: PNG) + thumbnail + one metadata row, written atomically under `out`.
+    """frames → a video (a still: PNG) + thumbnail + one metadata row, written atomically under `out`.
 
-    On the way: faces blurred (when asked), the invisible watermark embedded (`reel verify` finds
-    it), provenance tags in the file and a signed C2PA manifest when REEL_C2PA_KEY/_CERT are set.
+    The video is `codec`'s (VIDEO_CODECS): h264 → videos/{id}.mp4, ffv1 → videos/{id}.mkv, a lossless
+    RGB master; a file of the other codec left at the same id by an earlier run is removed, so
+    videos/ holds what the metadata points at. On the way: faces blurred (when asked), the invisible
+    watermark embedded (`reel verify` finds it), provenance tags in the file and a signed C2PA
+    manifest when REEL_C2PA_KEY/_CERT are set (MP4 and PNG only: c2pa cannot sign Matroska, so
+    signing with ffv1 is refused).
 
     The metadata file is written last: its presence means the clip is complete, and its
     `request_sha256` is what a rerun compares to skip work already done.
@@ -39,9 +43,13 @@ class ClipWriter:
     run_id: str
     blur_faces: bool = False  # run-wide; a row's own `blur_faces` also turns it on
     c2pa: C2paConfig | None = field(default_factory=c2pa_config_from_env)  # REEL_C2PA_KEY / _CERT
+    codec: str = "h264"  # of the videos (VIDEO_CODECS); stills are PNG whatever it is
+
+    def __post_init__(self):
+        check_codec(self.codec, self.c2pa)
 
     def write(self, row: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
-        keys = output_keys(self.out, row["id"])
+        keys = output_keys(self.out, row["id"], self.codec)
         t0 = time.perf_counter()
         faces = None
         if self.blur_faces or row.get("blur_faces"):
@@ -57,12 +65,17 @@ class ClipWriter:
             media = sign_c2pa(encode_png(frames[0], tags), record, mime_type="image/png", config=self.c2pa)
             media_key = keys["image"]
         else:
-            media = sign_c2pa(encode_mp4(frames, int(row["fps"]), metadata=tags), record, config=self.c2pa)
+            media = encode_video(frames, int(row["fps"]), self.codec, metadata=tags)
+            if self.codec == "h264":
+                media = sign_c2pa(media, record, config=self.c2pa)
             media_key = keys["video"]
         thumbnail = encode_jpeg(thumbnail_frame(frames))
         t1 = time.perf_counter()
         storage.write_bytes_atomic(media_key, media)
         storage.write_bytes_atomic(keys["thumbnail"], thumbnail)
+        if not still:  # a rerun with another codec: the old file goes, the metadata points at the new one
+            for codec in VIDEO_CODECS.keys() - {self.codec}:
+                storage.delete(output_keys(self.out, row["id"], codec)["video"])
         timings = json.loads(row.get("timings") or "{}")
         timings.update(encode=t1 - t0, write=time.perf_counter() - t1)
         record = {
@@ -74,6 +87,7 @@ class ClipWriter:
             "seconds": frames.shape[0] / int(row["fps"]), "steps": int(row["steps"]),
             "guidance": float(row["guidance"]),
             "timings": {name: timings.get(name) for name in TIMING_FIELDS},
+            "codec": "png" if still else self.codec,
             "video_uri": "" if still else media_key, "image_uri": media_key if still else "",
             "thumbnail_uri": keys["thumbnail"],
             "video_sha256": hashlib.sha256(media).hexdigest(), "bytes": len(media),
@@ -97,12 +111,23 @@ class ClipWriter:
         return record
 
 
+def check_codec(codec: str, c2pa: C2paConfig | None) -> None:
+    """A codec the writer has (VIDEO_CODECS; else ValueError), and one c2pa can sign when signing is
+    configured (else ProvenanceError); one line each, saying what to do."""
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"codec must be one of {', '.join(VIDEO_CODECS)}, got {codec!r}")
+    if codec != "h264" and c2pa is not None:
+        raise ProvenanceError(f"C2PA signing (REEL_C2PA_KEY/REEL_C2PA_CERT) cannot embed a manifest in the "
+                              f"Matroska files --codec {codec} writes; use --codec h264, or unset both to write "
+                              f"unsigned masters (they keep the watermark and tags)")
+
+
 class WriteUDF:
     """Encode and write each rendered clip (CPU); the frames leave the dataset here."""
 
     def __init__(self, out: str, model: dict[str, str], run_id: str, blur_faces: bool = False,
-                 c2pa: C2paConfig | None = None):
-        self.writer = ClipWriter(out, model, run_id, blur_faces, c2pa)
+                 c2pa: C2paConfig | None = None, codec: str = "h264"):
+        self.writer = ClipWriter(out, model, run_id, blur_faces, c2pa, codec)
 
     def write_row(self, row: dict[str, Any]) -> None:
         record = self.writer.write(row, row_frames(row))
