@@ -76,7 +76,7 @@ def describe_model(spec: str | ModelConfig = "default") -> tuple[ModelInfo, Grid
     its config files and the digest of its weights (read once per machine, then cached)."""
     if is_wan_folder(spec):
         folder = _wan_folder(spec)
-        return wan_model_info(folder), wan_grid_limits(folder), None
+        return wan_model_info(folder), wan_grid_limits(folder), "verbatim"  # its pipeline's own prompt
 
     from models.generator import grid_limits
     from models.weights import weights_sha256

@@ -6,7 +6,8 @@ of the resume key, so changing it re-renders) and `recaption(prompt, seed, conte
 the seed lets a recaptioner fill in what the prompt leaves open, reproducibly, and `context` (the
 caption of a storyboard's previous shot) is what it fills in from first, so shots keep their subject.
 
-Registered: "plain" (`pipeline.prompt.plain.PlainRecaptioner`) and every caption style a model
+Registered: "plain" (`pipeline.prompt.plain.PlainRecaptioner`), "verbatim" (`VerbatimRecaptioner`:
+the prompt as written, the default of open checkpoints such as Wan) and every caption style a model
 registers in `models.interface.MODEL_RECAPTIONERS` ("shapes": the shapes world's canonical captions,
 which loads the MiniLM vocabulary index once per process).
 Spec strings starting with "llm:" or "openai:" load an LLM recaptioner (`pipeline.prompt.llm`):
@@ -21,10 +22,11 @@ import functools
 from collections.abc import Callable
 
 from models.interface import MODEL_RECAPTIONERS, model_recaptioner
-from pipeline.prompt.plain import PlainRecaptioner, Recaptioner
+from pipeline.prompt.plain import PlainRecaptioner, Recaptioner, VerbatimRecaptioner
 
 RECAPTIONERS: dict[str, Callable[[], Recaptioner]] = {
     "plain": PlainRecaptioner,
+    "verbatim": VerbatimRecaptioner,
     **{name: functools.partial(model_recaptioner, name) for name in MODEL_RECAPTIONERS},
 }
 

@@ -29,3 +29,11 @@ def test_the_fallback_is_loaded_by_name_and_named_in_the_llm_recaptioner(monkeyp
     assert nested.name != default.name                                  # the fallback's name is in the name
     with pytest.raises(ValueError, match="unknown recaptioner 'nope'"):
         load_recaptioner(f"openai:m@{URL};fallback=nope")
+
+
+def test_verbatim_keeps_the_prompt_as_written():
+    r = load_recaptioner("verbatim")
+    assert r.name == "verbatim-1"
+    assert r.recaption("  a red ball   moves right ", 7, context="A cat.") == "  a red ball   moves right "
+    with pytest.raises(ValueError, match="prompt is empty"):
+        r.recaption("   ", 1)
