@@ -156,8 +156,9 @@ def test_every_layout_renders_the_one_rank_frames(world, folders, reference, tmp
     for name, r in report.items():
         assert r["latents max abs diff"] <= LATENT_TOL, (name, r)
         assert r["frames max abs diff"] <= 1, (name, r)
-    assert report.get("cfg2", {"frames equal": True})["frames equal"]  # the same arithmetic on each rank
     if world == 2:
+        # each cfg rank runs the one-rank forward on the same inputs; the mix is the same arithmetic
+        assert report["cfg2"]["latents max abs diff"] == 0 and report["cfg2"]["frames equal"]
         assert report["sp2 (ulysses 2)"]["ulysses x ring"] == (2, 1) and report["sp2 (ring 2)"]["ulysses x ring"] == (
             1, 2)
     else:

@@ -50,9 +50,9 @@ def test_reel_render_sp2_gives_the_one_rank_frames(wan_folders, tmp_path):
     """`reel render --sp 2` on a Wan folder: each render replica a group of 2 Ray rank actors (Ulysses
     self-attention over the 2 heads, the tokens split at blocks.0 and gathered at proj_out). The clip's
     metadata records the sha256 of its frames (watermarked, before encoding): it is the one-rank
-    generator's, to the bit. (Ulysses moves whole heads: each head's attention and every per-token
-    layer compute what one rank computes; ring attention or tp would sum in another order, within a
-    level of the frames: tests/models/wan/test_wan_parallel.py.)"""
+    generator's, to the bit. (Ulysses moves whole heads: each head's attention and every per-token layer
+    compute what one rank computes, measured equal to the bit; ring attention or tp sum in another order
+    and come within a level of the frames: tests/models/wan/test_wan_parallel.py.)"""
     import torch
 
     from models.interface import RenderRequest, load_generator
