@@ -244,7 +244,22 @@ def ulysses_ring_degrees(config: ParallelConfig, num_heads: int) -> tuple[int, i
     return u, config.sp // u
 
 
-def check_layout(config: ParallelConfig, dit: DiTConfig, world_size: int | None = None,
+@dataclass(frozen=True)
+class LayerWidths:
+    """What a parallel layout splits in a transformer: its attention heads, the token stream's width
+    and the MLP's hidden width. `check_layout` takes these for a model that no `DiTConfig` describes
+    (a diffusers Wan transformer: `models/wan/folder.py`)."""
+
+    num_heads: int
+    hidden_size: int
+    mlp_width: int
+
+    @classmethod
+    def of(cls, dit: DiTConfig) -> LayerWidths:
+        return cls(dit.num_heads, dit.hidden_size, int(dit.hidden_size * dit.mlp_ratio))
+
+
+def check_layout(config: ParallelConfig, dit: DiTConfig | LayerWidths, world_size: int | None = None,
                  guidance: float | None = None) -> tuple[int, int]:
     """Raise `ParallelConfigError` (one line) for a layout that cannot work; else (ulysses, ring)."""
     sp, tp, cfg = config.sp, config.tp, config.cfg
@@ -253,8 +268,8 @@ def check_layout(config: ParallelConfig, dit: DiTConfig, world_size: int | None 
         raise ParallelConfigError(f"parallel layout {layout}: sp and tp must be >= 1 and cfg 1 or 2")
     if world_size is not None and sp * tp * cfg != world_size:
         raise ParallelConfigError(f"parallel layout {layout} needs {sp * tp * cfg} ranks, the group has {world_size}")
-    heads, hidden = dit.num_heads, dit.hidden_size
-    mlp = int(hidden * dit.mlp_ratio)
+    widths = dit if isinstance(dit, LayerWidths) else LayerWidths.of(dit)
+    heads, hidden, mlp = widths.num_heads, widths.hidden_size, widths.mlp_width
     if heads % tp or hidden % tp or mlp % tp:
         raise ParallelConfigError(f"parallel layout {layout}: tp={tp} must divide the heads ({heads}), the width "
                                   f"({hidden}) and the MLP width ({mlp})")

@@ -25,16 +25,23 @@ from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConf
 from models.errors import UserError
 from models.files import local_model_dir
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
-from models.wan.folder import WanFolder, folder_name, is_wan_folder, read_wan_folder, wan_grid_limits, wan_model_info
+from models.wan.folder import (
+    WanFolder,
+    check_wan_layout,
+    folder_name,
+    is_wan_folder,
+    read_wan_folder,
+    wan_grid_limits,
+    wan_model_info,
+)
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
            "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
-           "describe_model",
-           "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
-           "model_recaptioner", "single_device_layout"]
+           "check_model_layout", "describe_model", "is_wan_folder", "join_render_group", "load_config",
+           "load_generator", "local_model_dir", "model_layout", "model_recaptioner"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
@@ -46,7 +53,7 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
     `num_threads` sets torch's intra-op threads for this process (CPU rendering).
     `parallel`: this process is one rank of a group running that layout, over `group` (None: the
     default world, joined first with `join_render_group`); every rank gets the same frames back.
-    A Wan model runs on one device (`single_device_layout`); it is loaded with HF_HUB_OFFLINE=1.
+    A Wan folder takes the same layouts (`models/wan/parallel.py`); it is loaded with HF_HUB_OFFLINE=1.
     """
     import torch
 
@@ -54,13 +61,11 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
         torch.set_num_threads(int(num_threads))
     if is_wan_folder(spec):
         folder = _wan_folder(spec)
-        if parallel is not None:
-            single_device_layout(parallel.sp, parallel.tp, parallel.cfg, model=folder.name)
         os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers and diffusers load: nothing is downloaded
 
         from models.wan.generator import WanVideoGenerator
 
-        return WanVideoGenerator(folder, device=device)
+        return WanVideoGenerator(folder, device=device, parallel=parallel, group=group)
 
     from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
 
@@ -86,15 +91,29 @@ def describe_model(spec: str | ModelConfig = "default") -> tuple[ModelInfo, Grid
     return info, grid_limits(config), config.recaptioner
 
 
-def single_device_layout(sp: int | None = None, tp: int | None = None, cfg: int | None = None,
-                         model: str = "this model") -> ParallelConfig:
-    """The layout of a model that runs on one device per replica (a Wan folder, for now): one rank,
-    or ParallelConfigError (one line) for any degree over 1."""
-    degrees = {"sp": sp, "tp": tp, "cfg": cfg}
-    if any(v not in (None, 1) for v in degrees.values()):
-        given = ", ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
-        raise ParallelConfigError(f"{model} runs on one device per replica; sp, tp and cfg must be 1 (got {given})")
-    return ParallelConfig()
+def model_layout(spec: str | ModelConfig, sp: int | None = None, tp: int | None = None,
+                 cfg: int | None = None) -> ParallelConfig:
+    """The layout of a render replica: the model config's `parallel` section (a Wan folder: one rank),
+    with each degree that is given overriding it; ParallelConfigError (one line) if it cannot work."""
+    base = ParallelConfig() if is_wan_folder(spec) else _config(spec).parallel
+    layout = ParallelConfig(sp=base.sp if sp is None else sp, tp=base.tp if tp is None else tp,
+                            cfg=base.cfg if cfg is None else cfg, ulysses=base.ulysses)
+    check_model_layout(spec, layout)
+    return layout
+
+
+def check_model_layout(spec: str | ModelConfig, layout: ParallelConfig) -> None:
+    """Raise ParallelConfigError (one line) for a layout the model (a config or a Wan folder) cannot
+    take: degrees that do not divide its heads and widths, cfg=2 without guidance. Loads no weights."""
+    if is_wan_folder(spec):
+        check_wan_layout(layout, _wan_folder(spec))
+    else:
+        config = _config(spec)
+        check_layout(layout, config.dit, guidance=config.sampler.guidance)
+
+
+def _config(spec: str | ModelConfig) -> ModelConfig:
+    return spec if isinstance(spec, ModelConfig) else load_config(spec)
 
 
 def _wan_folder(spec: str) -> WanFolder:

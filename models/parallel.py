@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import DiTConfig, ParallelConfig, ParallelConfigError, check_layout
+from models.config import DiTConfig, LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.dit import (
     Attention,
     AttnProcessor,
@@ -56,7 +56,7 @@ from models.dit import (
 from models.sampler import FlowMatchSampler
 
 __all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler",
-           "USPAttnProcessor",
+           "USPAttnProcessor", "TokenShard",
            "ColumnParallelLinear", "RowParallelLinear", "TPRMSNorm"]
 
 
@@ -130,8 +130,10 @@ class ParallelMesh:
         return self.config.world_size
 
 
-def build_mesh(config: ParallelConfig, dit: DiTConfig, group=None, guidance: float | None = None) -> ParallelMesh:
-    """Check the layout against the model and the group, then create its process groups.
+def build_mesh(config: ParallelConfig, dit: DiTConfig | LayerWidths, group=None,
+               guidance: float | None = None) -> ParallelMesh:
+    """Check the layout against the model (its config or `LayerWidths`) and the group, then create its
+    process groups.
 
     Every rank of the default world must call this (in the same order), as `new_group` requires.
     `guidance`: the default guidance scale, to refuse cfg=2 with guidance 1 at start-up.
@@ -183,7 +185,8 @@ def build_mesh(config: ParallelConfig, dit: DiTConfig, group=None, guidance: flo
 # --- tensor-parallel layers (Megatron) ----------------------------------------------------------
 
 
-def _all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Every rank's `x` of the group, concatenated in rank order along `dim` (on every rank)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
@@ -203,7 +206,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return _all_gather_cat(y, self.group, -1) if self.gather_output else y
+        return all_gather_cat(y, self.group, -1) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
@@ -266,11 +269,20 @@ def _shard_block(block: TransformerBlock, group) -> None:
 
 
 @dataclass
-class _Shard:
-    """The token split of the current forward: n real tokens, `local` per rank (padded)."""
+class TokenShard:
+    """The token split of the current forward: n real tokens, `local` per rank (the last ranks'
+    shares padded at the end), this rank's real tokens [start, stop)."""
 
     n_tokens: int = 0
     local: int = 0
+    start: int = 0
+    stop: int = 0
+
+    def split(self, n_tokens: int, mesh: ParallelMesh) -> None:
+        """Set the split of `n_tokens` over the mesh's sp ranks, as seen by this rank."""
+        self.n_tokens, self.local = n_tokens, -(-n_tokens // mesh.sp)
+        self.start = min(mesh.sp_rank * self.local, n_tokens)
+        self.stop = min(self.start + self.local, n_tokens)
 
 
 def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -302,7 +314,7 @@ class USPAttnProcessor(AttnProcessor):
     `n_tokens` (the padding) are masked; a block of padding only is skipped.
     """
 
-    def __init__(self, mesh: ParallelMesh, shard: _Shard):
+    def __init__(self, mesh: ParallelMesh, shard: TokenShard):
         self.mesh, self.shard = mesh, shard
         self.dist_attn = None
         if mesh.ulysses > 1:
@@ -328,7 +340,11 @@ class USPAttnProcessor(AttnProcessor):
             out = self.dist_attn(query, key, value, batch_dim_idx=0)
         else:
             out = self._ring_attention(query, key, value)
-        return attn.to_out(out.flatten(2, 3).type_as(query))
+        return self.project_out(attn, out.flatten(2, 3).type_as(query))
+
+    def project_out(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The attention module's output projection (a model whose module differs overrides this)."""
+        return attn.to_out(hidden_states)
 
     def _ring_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """(B, S, h, d) → (B, S, h, d): queries of this ring block against the keys of all blocks."""
@@ -400,7 +416,7 @@ class ParallelVideoDiT(nn.Module):
                                 and isinstance(block_split, ContextParallelInput) and block_split.split_dim == 1
                                 and isinstance(gather, ContextParallelOutput) and gather.gather_dim == 1):
             raise ParallelConfigError("the model's _cp_plan does not split tokens on axis 1; sp > 1 is not supported")
-        self.shard = _Shard()
+        self.shard = TokenShard()
         if mesh.sp > 1:
             processor = USPAttnProcessor(mesh, self.shard)
             for block in dit.blocks:
@@ -414,10 +430,8 @@ class ParallelVideoDiT(nn.Module):
             return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask)
         grid = dit.token_grid(hidden_states.shape)
         n = grid[0] * grid[1] * grid[2]
-        local = -(-n // mesh.sp)
-        start = min(mesh.sp_rank * local, n)
-        stop = min(start + local, n)
-        self.shard.n_tokens, self.shard.local = n, local
+        self.shard.split(n, mesh)
+        local, start, stop = self.shard.local, self.shard.start, self.shard.stop
 
         x = self._embed(hidden_states, cond_latents, cond_mask, grid, start, stop)  # (B, stop-start, D)
         cos, sin = dit.rope(grid, x.device, tokens=slice(start, stop))
@@ -432,7 +446,7 @@ class ParallelVideoDiT(nn.Module):
             x = block(x, context, temb, (cos, sin), mask)
 
         x = dit.output_tokens(x, temb)  # (B, local, C·pt·ph·pw)
-        x = _all_gather_cat(x, mesh.sp_group, dim=1)[:, :n]
+        x = all_gather_cat(x, mesh.sp_group, dim=1)[:, :n]
         return dit.unpatchify(x, grid)
 
     def _embed(self, hidden_states, cond_latents, cond_mask, grid, start, stop) -> torch.Tensor:

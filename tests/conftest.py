@@ -91,20 +91,21 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def _transformer(seed, channels):
+def _transformer(seed, channels, heads=2):
     import torch
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12,
                                  in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32,
                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                  rope_max_seq_len=32)
 
 
-def build_wan_folder(path, variant: str):
+def build_wan_folder(path, variant: str, heads: int = 2):
     """Save a tiny random Wan pipeline of `variant` ("wan21", "ti2v", "a14b") under `path`; returns the
-    pipeline (its modules in eval mode, as `from_pretrained` gives them)."""
+    pipeline (its modules in eval mode, as `from_pretrained` gives them). `heads`: the transformers'
+    attention heads (of 12 channels each): 4 lets tp=2 and Ulysses sp=2 both divide them."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
@@ -127,11 +128,11 @@ def build_wan_folder(path, variant: str):
                                         flow_shift=5.0 if variant == "ti2v" else 3.0)
     extra = {}
     if variant == "a14b":
-        extra = {"transformer_2": _transformer(3, channels), "boundary_ratio": 0.875}
+        extra = {"transformer_2": _transformer(3, channels, heads), "boundary_ratio": 0.875}
     if variant == "ti2v":
         extra = {"expand_timesteps": True}
     pipe = WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                       transformer=_transformer(2, channels), **extra)
+                       transformer=_transformer(2, channels, heads), **extra)
     pipe.save_pretrained(str(path), max_shard_size="60KB")
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import fsspec
 
+from models.config import LayerWidths, ParallelConfig, check_layout
 from models.errors import UserError
 from models.render_types import GridLimits, ModelInfo
 from models.wan.digest import weights_digest
@@ -243,6 +244,20 @@ def wan_grid_limits(folder: WanFolder) -> GridLimits:
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
     )
+
+
+def wan_layer_widths(folder: WanFolder) -> LayerWidths:
+    """The heads, width and FFN width of the folder's transformers (both experts share them), with
+    `WanTransformer3DModel`'s defaults for what config.json leaves out."""
+    c = folder.transformer_config
+    heads = int(c.get("num_attention_heads", 40))
+    return LayerWidths(heads, heads * int(c.get("attention_head_dim", 128)), int(c.get("ffn_dim", 13824)))
+
+
+def check_wan_layout(layout: ParallelConfig, folder: WanFolder, world_size: int | None = None) -> tuple[int, int]:
+    """`check_layout` for a Wan folder (tp divides the heads and the FFN; ulysses the heads per tp rank;
+    cfg=2 needs the variant's default guidance above 1): (ulysses, ring), or ParallelConfigError."""
+    return check_layout(layout, wan_layer_widths(folder), world_size, VARIANT_DEFAULTS[folder.variant].guidance)
 
 
 def wan_model_info(folder: WanFolder) -> ModelInfo:

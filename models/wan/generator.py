@@ -24,6 +24,10 @@ frames, steps and guidance:
   `postprocess_video(output_type="np")` (float in [0, 1]) and `(x * 255).round()` as uint8, the
   rounding diffusers' own `numpy_to_pil` uses.
 
+One model spread over a process group (sp x tp x cfg ranks: USP self-attention, Megatron TP, CFG on two
+ranks, `models/wan/parallel.py`) is the same generator with `parallel` and `group` given: every rank
+calls `generate` with the same requests and gets the same frames back (each rank decodes them).
+
 On CPU everything runs in fp32; on CUDA the text encoder and transformers in bf16 (diffusers and
 transformers keep their `_keep_in_fp32_modules` in fp32) and the VAE in fp32, as diffusers'
 Wan examples load it; `dtype` sets the text encoder's and transformers' dtype instead. Every
@@ -41,19 +45,25 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from models.config import ParallelConfig
 from models.render_types import RenderOutput, RenderRequest
 from models.wan.components import load_components
-from models.wan.folder import WanFolder, wan_grid_limits, wan_model_info
+from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
+from models.wan.parallel import guided_prediction
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
 
 
 class WanVideoGenerator:
-    """A `VideoGenerator` over a checked `WanFolder` (see the module's docstring)."""
+    """A `VideoGenerator` over a checked `WanFolder` (see the module's docstring).
+
+    `parallel`: this process is one rank of a group running that layout over `group` (None: the
+    default world, joined first); a layout the folder cannot take is refused before any weight loads.
+    """
 
     def __init__(self, folder: WanFolder, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None):
+                 dtype: torch.dtype | str | None = None, parallel: ParallelConfig | None = None, group=None):
         self.folder = folder
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +72,8 @@ class WanVideoGenerator:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = wan_grid_limits(folder)
         self.info = wan_model_info(folder)
+        if parallel is not None:
+            check_wan_layout(parallel, folder)
         parts = load_components(folder, self.device, self.dtype)
         self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
         self.scheduler = parts.scheduler  # a fresh copy samples each request
@@ -69,6 +81,15 @@ class WanVideoGenerator:
         first = self.transformer if self.transformer is not None else self.transformer_2
         self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
         self.video_processor = VideoProcessor(vae_scale_factor=folder.spatial_factor)
+        self.mesh = None  # the process groups of a parallel layout
+        if parallel is not None and parallel.world_size > 1:
+            from models.parallel import build_mesh
+            from models.wan.parallel import parallelize_wan
+
+            guidance = self.limits.default_guidance
+            self.mesh = build_mesh(parallel, wan_layer_widths(folder), group=group, guidance=guidance)
+            for expert in parts.experts.values():
+                parallelize_wan(expert, self.mesh)
 
     def check(self, request: RenderRequest) -> None:
         """The grid's rules, and text→video only: no given frames, no video to remix (yet)."""
@@ -128,11 +149,7 @@ class WanVideoGenerator:
                 model, guidance = self.transformer_2, guidance_2
             x = latents.to(self.transformer_dtype)
             timestep = self._timestep(t, latents)
-            pred = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
-            if uncond is not None:
-                pred_uncond = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
-                                    return_dict=False)[0]
-                pred = pred_uncond + guidance * (pred - pred_uncond)
+            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         return latents
 

@@ -5,8 +5,8 @@
 
 How a group is placed and run:
 
-* The layout is checked against the model (`check_layout`) before anything starts: a layout that
-  cannot work is refused in one line (`ParallelConfigError`).
+* The layout is checked against the model (`check_model_layout`: a config or a diffusers Wan folder)
+  before anything starts: a layout that cannot work is refused in one line (`ParallelConfigError`).
 * Its resources are a placement group of `world` = sp·tp·cfg bundles, one per rank (`rank_bundle`:
   1 GPU + 1 CPU on GPUs; a fraction of a CPU on CPUs), strategy PACK: on as few nodes as hold it,
   spilling onto more when no node can (16 ranks on 8-GPU nodes: two nodes). The actor that drives
@@ -52,10 +52,8 @@ from models.interface import (
     ParallelConfigError,
     RenderOutput,
     RenderRequest,
-    check_layout,
-    is_wan_folder,
-    load_config,
-    single_device_layout,
+    check_model_layout,
+    model_layout,
 )
 
 #: CPUs the actor that drives a group reserves (a Ray Data render actor, a Serve replica): it only
@@ -67,7 +65,7 @@ FAILED_RANK_GRACE_S = 10.0
 
 
 def layout_name(layout: ParallelConfig) -> str:
-    """"sp=2 x tp=1 x cfg=1", as `check_layout`'s messages name a layout."""
+    """"sp=2 x tp=1 x cfg=1", as `check_model_layout`'s messages name a layout."""
     return f"sp={layout.sp} x tp={layout.tp} x cfg={layout.cfg}"
 
 
@@ -79,15 +77,9 @@ def cfg_degree(cfg_parallel: bool | None) -> int | None:
 def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | None = None,
                    cfg: int | None = None) -> ParallelConfig:
     """The layout of a render replica: the model config's `parallel` section, with each degree that
-    is given overriding it; refused in one line (`ParallelConfigError`) if it cannot work."""
-    if is_wan_folder(model):  # a diffusers Wan folder: one device per replica, for now
-        return single_device_layout(sp, tp, cfg, model=str(model))
-    config = model if isinstance(model, ModelConfig) else load_config(model)
-    base = config.parallel
-    layout = ParallelConfig(sp=base.sp if sp is None else sp, tp=base.tp if tp is None else tp,
-                            cfg=base.cfg if cfg is None else cfg, ulysses=base.ulysses)
-    check_layout(layout, config.dit, guidance=config.sampler.guidance)
-    return layout
+    is given overriding it (a diffusers Wan folder: one rank unless given); refused in one line
+    (`ParallelConfigError`) if it cannot work."""
+    return model_layout(model, sp, tp, cfg)
 
 
 def replica_resources(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
@@ -134,9 +126,8 @@ def replica_deployment_options(model: str | ModelConfig, parallel: ParallelConfi
     GPU, and its `RenderUDF(model, parallel=layout)` starts the ranks in bundles 1..world.
     `parallel`: None takes the model config's. Raises `ParallelConfigError` for a bad layout.
     """
-    config = model if isinstance(model, ModelConfig) else load_config(model)
-    layout = config.parallel if parallel is None else parallel
-    check_layout(layout, config.dit, guidance=config.sampler.guidance)
+    layout = model_layout(model) if parallel is None else parallel
+    check_model_layout(model, layout)
     world = layout.world_size
     if world == 1:
         cpus, gpus = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)
@@ -201,7 +192,7 @@ class RenderRank:
         self.generator = load_generator(model, num_threads=num_threads, parallel=layout)
         g = self.generator
         return {"node_id": ray.get_runtime_context().get_node_id(), "info": g.info, "limits": g.limits,
-                "config": g.config}
+                "config": getattr(g, "config", None)}  # a Wan folder's generator has no ModelConfig
 
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput] | None:
         """Sample the requests with the other ranks; rank 0 returns the outputs (the same on every rank)."""
@@ -223,8 +214,7 @@ class ModelParallelReplica:
     def __init__(self, model: str | ModelConfig, layout: ParallelConfig,
                  rank_bundle: dict[str, float] | None = None, num_threads: int | None = None,
                  strategy: str = "PACK", placement_name: str | None = None, start_timeout_s: float = 600.0):
-        config = model if isinstance(model, ModelConfig) else load_config(model)
-        check_layout(layout, config.dit, guidance=config.sampler.guidance)  # before any actor starts
+        check_model_layout(model, layout)  # before any actor starts
         self.model, self.layout, self.world = model, layout, layout.world_size
         self.num_threads, self.start_timeout_s = num_threads, start_timeout_s
         self.ranks: list = []

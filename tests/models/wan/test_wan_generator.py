@@ -85,9 +85,9 @@ def test_limits_info_and_refusals(generators, wan_folders):
     still = np.zeros((1, 32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match="renders text→video only"):
         gen.generate([dataclasses.replace(REQUEST, cond_frames=still, cond_index=(0,))])
-    with pytest.raises(ParallelConfigError, match="runs on one device per replica; sp, tp and cfg must be 1 "
-                                                  r"\(got sp=2, tp=1, cfg=1\)"):
-        load_generator(wan_folders["wan21"], device="cpu", parallel=ParallelConfig(sp=2))
+    with pytest.raises(ParallelConfigError, match=r"^parallel layout sp=1 x tp=4 x cfg=1: tp=4 must divide the heads "
+                                                  r"\(2\), the width \(24\) and the MLP width \(32\)$"):
+        load_generator(wan_folders["wan21"], device="cpu", parallel=ParallelConfig(tp=4))
 
 
 def test_bf16_transformers_keep_diffusers_fp32_modules(wan_folders, generators):
