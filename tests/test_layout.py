@@ -6,7 +6,8 @@
   `models/interface.py`, except training and evaluation, which may also use `models.training`
   and `models.shapes`;
 - no module over 600 lines, at most 8 modules in `pipeline/`'s root;
-- nothing tracked points at the workspace's shared folder beside the repository.
+- nothing tracked points at the workspace's shared folder beside the repository, and no file
+  holds a merge conflict's markers.
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ def test_pipeline_root_holds_few_modules():
 
 # built from parts so that this file does not name them itself
 OUTSIDE = ["../" + "shared", *("shared/" + doc for doc in ("SHAPES_WORLD", "STACK", "DESIGN"))]
+CONFLICT_MARKERS = tuple(c * 7 + " " for c in "<>")  # "<<<<<<< HEAD", ">>>>>>> branch"
 
 
-def test_nothing_tracked_points_outside_the_repository():
+def test_nothing_tracked_points_outside_the_repository_or_holds_a_conflict():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     hits = []
     for f in files:
@@ -160,4 +162,6 @@ def test_nothing_tracked_points_outside_the_repository():
             continue
         text = path.read_text(errors="ignore")
         hits += [f"{f}: {word}" for word in OUTSIDE if word in text]
+        hits += [f"{f}:{i}: merge conflict marker" for i, line in enumerate(text.splitlines(), 1)
+                 if line.startswith(CONFLICT_MARKERS)]
     assert hits == []
