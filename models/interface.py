@@ -8,9 +8,10 @@
 
 `pipeline/` builds `RenderRequest`s and calls `VideoGenerator.generate`; everything it knows about
 a model comes through this module: what the model is (`ModelInfo`), which requests it accepts
-(`GridLimits`), its config and parallel layout (checked before anything starts), a model's own
-caption style (`model_recaptioner`), and local copies of model folders. Training and evaluation
-(`pipeline/train.py`, `pipeline/evaluate.py`) may also import `models.training` and `models.shapes`.
+(`GridLimits`), its config and parallel layout (`model_layout`, `check_model_layout`: checked before
+anything starts, a Wan folder's too), a model's own caption style (`model_recaptioner`), and local
+copies of model folders. Training and evaluation (`pipeline/train.py`, `pipeline/evaluate.py`) may
+also import `models.training` and `models.shapes`.
 
 Importing this module loads neither torch nor Ray: the loaders import the heavy modules when
 called, so a driver can validate a manifest without them.
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
            "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
-           "describe_model",
+           "check_model_layout", "describe_model",
            "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
-           "model_recaptioner", "single_device_layout"]
+           "model_layout", "model_recaptioner", "single_device_layout"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
@@ -95,6 +96,32 @@ def single_device_layout(sp: int | None = None, tp: int | None = None, cfg: int 
         given = ", ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
         raise ParallelConfigError(f"{model} runs on one device per replica; sp, tp and cfg must be 1 (got {given})")
     return ParallelConfig()
+
+
+def model_layout(spec: str | ModelConfig, sp: int | None = None, tp: int | None = None,
+                 cfg: int | None = None) -> ParallelConfig:
+    """The parallel layout a render replica of `spec` runs: the model config's `parallel` section
+    with each degree given overriding it (a Wan folder: one device, `single_device_layout`);
+    `ParallelConfigError` (one line) when it cannot work. Reads config files only: a driver, a
+    Serve deployment or a replica's host checks a layout before any rank starts."""
+    if is_wan_folder(spec):
+        return single_device_layout(sp, tp, cfg, model=str(spec))
+    config = spec if isinstance(spec, ModelConfig) else load_config(spec)
+    base = config.parallel
+    layout = ParallelConfig(sp=base.sp if sp is None else sp, tp=base.tp if tp is None else tp,
+                            cfg=base.cfg if cfg is None else cfg, ulysses=base.ulysses)
+    check_layout(layout, config.dit, guidance=config.sampler.guidance)
+    return layout
+
+
+def check_model_layout(spec: str | ModelConfig, layout: ParallelConfig) -> None:
+    """Raise `ParallelConfigError` (one line) when `layout` cannot work for the model `spec`
+    (config files only, as `model_layout`)."""
+    if is_wan_folder(spec):
+        single_device_layout(*(None if v == 1 else v for v in (layout.sp, layout.tp, layout.cfg)), model=str(spec))
+        return
+    config = spec if isinstance(spec, ModelConfig) else load_config(spec)
+    check_layout(layout, config.dit, guidance=config.sampler.guidance)
 
 
 def _wan_folder(spec: str) -> WanFolder:

@@ -48,6 +48,7 @@ class Renderer:
     """One render replica: the batch stages' per-row methods, called in sequence for one clip."""
 
     def __init__(self, cfg: ServeConfig):
+        from models.interface import describe_model
         from pipeline.stages.inputs import InputsUDF
         from pipeline.stages.prompt import RecaptionUDF
         from pipeline.stages.render import RenderUDF
@@ -56,7 +57,8 @@ class Renderer:
         self.out = cfg.out
         self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
         generator = self.renderer.generator
-        self.recaptioner = RecaptionUDF(cfg.recaptioner_for(generator.config.recaptioner))
+        # The model's caption style as the ingress reads it (a Wan generator has no reelforge config).
+        self.recaptioner = RecaptionUDF(cfg.recaptioner_for(describe_model(cfg.model)[2]))
         self.inputs = InputsUDF(generator.limits)
         model = {"name": generator.info.name, "version": generator.info.version,
                  "weights_sha256": generator.info.weights_sha256}

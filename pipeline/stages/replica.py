@@ -5,8 +5,8 @@
 
 How a group is placed and run:
 
-* The layout is checked against the model (`check_layout`) before anything starts: a layout that
-  cannot work is refused in one line (`ParallelConfigError`).
+* The layout is checked against the model (`models.interface.check_model_layout`) before anything
+  starts: a layout that cannot work is refused in one line (`ParallelConfigError`).
 * Its resources are a placement group of `world` = sp·tp·cfg bundles, one per rank (`rank_bundle`:
   1 GPU + 1 CPU on GPUs; a fraction of a CPU on CPUs), strategy PACK: on as few nodes as hold it,
   spilling onto more when no node can (16 ranks on 8-GPU nodes: two nodes). The actor that drives
@@ -52,10 +52,8 @@ from models.interface import (
     ParallelConfigError,
     RenderOutput,
     RenderRequest,
-    check_layout,
-    is_wan_folder,
-    load_config,
-    single_device_layout,
+    check_model_layout,
+    model_layout,
 )
 
 #: CPUs the actor that drives a group reserves (a Ray Data render actor, a Serve replica): it only
@@ -74,20 +72,6 @@ def layout_name(layout: ParallelConfig) -> str:
 def cfg_degree(cfg_parallel: bool | None) -> int | None:
     """--cfg-parallel / --no-cfg-parallel as the cfg degree (2 / 1); None: the model config's."""
     return None if cfg_parallel is None else 2 if cfg_parallel else 1
-
-
-def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | None = None,
-                   cfg: int | None = None) -> ParallelConfig:
-    """The layout of a render replica: the model config's `parallel` section, with each degree that
-    is given overriding it; refused in one line (`ParallelConfigError`) if it cannot work."""
-    if is_wan_folder(model):  # a diffusers Wan folder: one device per replica, for now
-        return single_device_layout(sp, tp, cfg, model=str(model))
-    config = model if isinstance(model, ModelConfig) else load_config(model)
-    base = config.parallel
-    layout = ParallelConfig(sp=base.sp if sp is None else sp, tp=base.tp if tp is None else tp,
-                            cfg=base.cfg if cfg is None else cfg, ulysses=base.ulysses)
-    check_layout(layout, config.dit, guidance=config.sampler.guidance)
-    return layout
 
 
 def replica_resources(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
@@ -132,11 +116,14 @@ def replica_deployment_options(model: str | ModelConfig, parallel: ParallelConfi
     `[{"CPU": HOST_CPUS}]` for the replica itself (Serve puts it in bundle 0 and captures its
     children) followed by one `rank_bundle` per rank, PACK; the replica reserves `HOST_CPUS` and no
     GPU, and its `RenderUDF(model, parallel=layout)` starts the ranks in bundles 1..world.
-    `parallel`: None takes the model config's. Raises `ParallelConfigError` for a bad layout.
+    `parallel`: None takes the model's (`models.interface.model_layout`; a Wan folder: one rank).
+    Raises `ParallelConfigError` for a bad layout.
     """
-    config = model if isinstance(model, ModelConfig) else load_config(model)
-    layout = config.parallel if parallel is None else parallel
-    check_layout(layout, config.dit, guidance=config.sampler.guidance)
+    if parallel is None:
+        layout = model_layout(model)
+    else:
+        layout = parallel
+        check_model_layout(model, layout)
     world = layout.world_size
     if world == 1:
         cpus, gpus = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)
@@ -223,8 +210,7 @@ class ModelParallelReplica:
     def __init__(self, model: str | ModelConfig, layout: ParallelConfig,
                  rank_bundle: dict[str, float] | None = None, num_threads: int | None = None,
                  strategy: str = "PACK", placement_name: str | None = None, start_timeout_s: float = 600.0):
-        config = model if isinstance(model, ModelConfig) else load_config(model)
-        check_layout(layout, config.dit, guidance=config.sampler.guidance)  # before any actor starts
+        check_model_layout(model, layout)  # before any actor starts
         self.model, self.layout, self.world = model, layout, layout.world_size
         self.num_threads, self.start_timeout_s = num_threads, start_timeout_s
         self.ranks: list = []
