@@ -7,6 +7,7 @@ One app for the module (Serve start-up is slow on 2 cores); every render is 32x3
 
 import dataclasses
 import hashlib
+import re
 import socket
 import warnings
 
@@ -167,6 +168,22 @@ def test_the_openapi_document_lists_the_new_fields(wan_server):
 def test_each_schema_lists_exactly_its_endpoints_fields_and_their_aliases(schema, fields):
     aliases = {alias for alias, name in FIELD_ALIASES.items() if name in fields}
     assert set(schema["properties"]) == set(fields) | aliases
+
+
+def test_a_wan_folder_is_deployed_without_reading_it_as_a_reelforge_config(wan_folders):
+    from models.interface import ParallelConfig, ParallelConfigError
+    from pipeline.serve.config import ServeConfig
+    from pipeline.stages.replica import replica_deployment_options
+
+    folder = wan_folders["wan21"]
+    assert ServeConfig(model=folder).layout() == ParallelConfig()
+    assert replica_deployment_options(folder, use_gpus=True) == {"ray_actor_options": {"num_cpus": 1.0,
+                                                                                       "num_gpus": 1.0}}
+    one_device = f"^{re.escape(folder)} runs on one device per replica; sp, tp and cfg must be 1 \\(got tp=2\\)$"
+    with pytest.raises(ParallelConfigError, match=one_device):
+        ServeConfig(model=folder, tp=2).layout()
+    with pytest.raises(ParallelConfigError, match=one_device):
+        replica_deployment_options(folder, ParallelConfig(tp=2))
 
 
 WAN_LIKE = GridLimits(
