@@ -72,6 +72,13 @@ class GridLimits:
         m, o = self.frame_multiple, self.frame_offset
         return min(max(o + int(round((n - o) / m)) * m, self.min_frames), self.max_frames)
 
+    def frames_at_least(self, n: int) -> int:
+        """The shortest allowed frame count holding `n` frames (at least `min_frames`; not capped at
+        `max_frames`): the length a clip is padded to before it is encoded, or a context rounded to
+        whole latent frames."""
+        m, o = self.frame_multiple, self.frame_offset
+        return max(self.min_frames, o + m * -(-(n - o) // m))
+
     def frames_allowed(self) -> str:
         """The allowed frame counts in words, as `check` names them."""
         if not self.frame_offset:

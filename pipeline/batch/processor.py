@@ -31,13 +31,13 @@ from pipeline.stages.write import WriteUDF
 def render_layout(model: str, parallel: dict[str, int]) -> ParallelConfig:
     """The render replicas' layout (the model's, overridden by `parallel`'s degrees); a layout that
     cannot work is a UsageError (one line), raised before Ray starts."""
-    from pipeline.stages.replica import replica_layout
+    from models.interface import model_layout
 
     unknown = sorted(set(parallel) - {"sp", "tp", "cfg"})
     if unknown:
         raise UsageError(f"unknown parallel degree(s) {', '.join(unknown)} (allowed: sp, tp, cfg)")
     try:
-        return replica_layout(model, **parallel)
+        return model_layout(model, **parallel)
     except ParallelConfigError as e:
         raise UsageError(str(e)) from None
 

@@ -30,12 +30,14 @@ from pipeline.serve.requests import (
     EDIT_FIELDS,
     EXTEND_FIELDS,
     REMIX_FIELDS,
+    canonical_fields,
     check_unknown,
     clip_spec,
     extra_columns,
     image_type,
     new_video_id,
     reference_image,
+    requested_fps,
     requested_seconds,
     requested_size,
     required_prompt,
@@ -94,14 +96,24 @@ class VideoAPI:
     # -- jobs ----------------------------------------------------------------------------------
 
     async def create(self, owner: str, fields: dict[str, Any]) -> Job:
-        """POST /v1/videos: text→video; image→video with `input_reference`; a storyboard with `shots`."""
-        self._check_fields(fields, CREATE_FIELDS)
+        """POST /v1/videos: text→video; image→video with `input_reference`; a storyboard with `shots`.
+        The length is `seconds` on the model's grid, or `frames` (vLLM-Omni's `num_frames`) itself."""
+        fields = self._check_fields(fields, CREATE_FIELDS)
         video_id = new_video_id()
         size = requested_size(fields.get("size"), self.limits)
-        if fields.get("shots") is not None and fields.get("seconds") is not None:
-            raise APIError(400, "give seconds or shots, not both: a storyboard is as long as its shots", param="shots")
-        seconds = None if fields.get("shots") is not None else requested_seconds(fields.get("seconds"), self.limits)
-        row = {"prompt": fields["prompt"], "shots": fields.get("shots"), **extra_columns(fields), "seconds": seconds}
+        for other in ("seconds", "frames"):
+            if fields.get("shots") is not None and fields.get(other) is not None:
+                raise APIError(400, f"give {other} or shots, not both: a storyboard is as long as its shots",
+                               param="shots")
+        if fields.get("frames") is not None and fields.get("seconds") is not None:
+            raise APIError(400, "give seconds or frames, not both: frames is the clip's length itself",
+                           param="frames", code="invalid_value")
+        seconds = None
+        if fields.get("shots") is None and fields.get("frames") is None:
+            fps = requested_fps(fields.get("fps"), self.limits)
+            seconds = requested_seconds(fields.get("seconds"), self.limits, fps)
+        row = {"prompt": fields["prompt"], "shots": fields.get("shots"), **extra_columns(fields), "seconds": seconds,
+               "frames": fields.get("frames"), "fps": fields.get("fps")}
         uploads = {}
         if fields.get("input_reference") is not None:
             data, ext, (w, h) = await asyncio.to_thread(self._reference_image, fields["input_reference"])
@@ -116,18 +128,18 @@ class VideoAPI:
 
     async def remix(self, owner: str, source_id: str, fields: dict[str, Any]) -> Job:
         """POST /v1/videos/{id}/remix: the stored video re-sampled under a new prompt (SDEdit)."""
-        self._check_fields(fields, REMIX_FIELDS)
+        fields = self._check_fields(fields, REMIX_FIELDS)
         return await self._from_video(owner, fields, {"id": source_id}, "remix", param="video_id")
 
     async def edit(self, owner: str, fields: dict[str, Any]) -> Job:
         """POST /v1/videos/edits: a remix of an uploaded or stored video."""
-        self._check_fields(fields, EDIT_FIELDS)
+        fields = self._check_fields(fields, EDIT_FIELDS)
         return await self._from_video(owner, fields, fields.get("video"), "remix")
 
     async def extend(self, owner: str, fields: dict[str, Any]) -> Job:
         """POST /v1/videos/extensions: `seconds` more of an uploaded or stored video, after it (or
         before it, `direction` backward); the result is the whole clip unless `extension_only`."""
-        self._check_fields(fields, EXTEND_FIELDS)
+        fields = self._check_fields(fields, EXTEND_FIELDS)
         if fields.get("seconds") is None:
             raise APIError(400, "seconds is required: how many seconds to add", param="seconds")
         return await self._from_video(owner, fields, fields.get("video"), "extend")
@@ -154,7 +166,7 @@ class VideoAPI:
             if seconds > longest:
                 raise APIError(400, f"{param}: the video is {seconds:g} s; a remix takes up to {longest:g} s",
                                param=param, code="invalid_value")
-            row.update(seconds=max(seconds, self.limits.frame_multiple / self.limits.default_fps),
+            row.update(seconds=max(seconds, self.limits.min_frames / self.limits.default_fps),
                        strength=fields.get("strength"))
             total = seconds
         else:
@@ -167,13 +179,17 @@ class VideoAPI:
         return await self._admit(owner, spec, f"{total:g}", {uri: data} if data is not None else {},
                                  remixed_from=remixed_from)
 
-    def _check_fields(self, fields: dict[str, Any], known: tuple[str, ...]) -> None:
+    def _check_fields(self, fields: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+        """The request's fields under our names (vLLM-Omni's aliases resolved), checked: no unknown
+        field, a prompt, this server's model."""
+        fields = canonical_fields(fields, known)
         check_unknown(fields, known)
         required_prompt(fields)
         model = fields.get("model")
         if model is not None and model not in self.model_names:
             raise APIError(400, f"model {model!r} is not served here; this endpoint serves {self.model['name']!r}",
                            param="model", code="model_not_found")
+        return fields
 
     def _reference_image(self, value: Any) -> tuple[bytes, str, tuple[int, int]]:
         """(bytes, file extension, (width, height)) of an input_reference; blocking (fetches, decodes)."""

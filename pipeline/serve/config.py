@@ -57,9 +57,10 @@ class ServeConfig:
 
     def layout(self):
         """The render replica's parallel layout (`ParallelConfigError` when it cannot work)."""
-        from pipeline.stages.replica import cfg_degree, replica_layout
+        from models.interface import model_layout
+        from pipeline.stages.replica import cfg_degree
 
-        return replica_layout(self.model, sp=self.sp, tp=self.tp, cfg=cfg_degree(self.cfg_parallel))
+        return model_layout(self.model, sp=self.sp, tp=self.tp, cfg=cfg_degree(self.cfg_parallel))
 
     def recaptioner_for(self, model_recaptioner: str | None) -> str:
         """The recaptioner spec: the configured one, else the model's own, else "plain"."""

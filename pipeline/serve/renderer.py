@@ -57,6 +57,7 @@ class Renderer:
         self.out = cfg.out
         self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
         generator = self.renderer.generator
+        # The model's caption style as the ingress reads it (a Wan generator has no reelforge config).
         self.recaptioner = RecaptionUDF(cfg.recaptioner_for(describe_model(cfg.model)[2]))
         self.inputs = InputsUDF(generator.limits)
         model = {"name": generator.info.name, "version": generator.info.version,

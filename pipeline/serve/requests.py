@@ -27,8 +27,11 @@ from pipeline.serve.errors import APIError
 
 #: Our fields every render endpoint takes (sent by SDK users through `extra_body`).
 EXTRA_FIELDS = ("seed", "steps", "guidance", "negative_prompt", "blur_faces")
-#: The fields of each endpoint: OpenAI's, then ours.
-CREATE_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *EXTRA_FIELDS, "shots")
+#: vLLM-Omni's names for our fields, accepted wherever the field is (clients written for vLLM-Omni's
+#: video API are the ones that exist): alias → our name.
+FIELD_ALIASES = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance"}
+#: The fields of each endpoint: OpenAI's, then ours (`frames`: the count itself, instead of `seconds`).
+CREATE_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *EXTRA_FIELDS, "frames", "fps", "shots")
 REMIX_FIELDS = ("prompt", "model", *EXTRA_FIELDS, "strength")
 EDIT_FIELDS = ("prompt", "model", "video", *EXTRA_FIELDS, "strength")
 EXTEND_FIELDS = ("prompt", "model", "seconds", "video", *EXTRA_FIELDS, "direction", "extension_only")
@@ -36,13 +39,14 @@ IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")
 
 
-def _param_of(reason: str) -> str | None:
-    """Which request field a validation message is about (the messages start with the field name)."""
+def _param_of(reason: str, given: dict[str, Any]) -> str | None:
+    """Which request field a validation message is about (the messages start with the field name);
+    a frame count the request did not give itself came from `seconds`."""
     head = re.match(r"[a-z_]+", reason)
     name = head.group(0) if head else ""
     if name in ("width", "height") or re.match(r"\d+x\d+ is", reason):
         return "size"
-    if name in ("frames", "seconds", "fps"):
+    if name == "frames" and given.get("frames") is None:
         return "seconds"
     return name if name in CREATE_FIELDS + REMIX_FIELDS + EXTEND_FIELDS else None
 
@@ -69,14 +73,18 @@ def clip_spec(video_id: str, row: dict[str, Any], limits) -> ClipSpec:
     specs, errors = validate(table, limits)
     if errors:
         reason = errors[0].reason
-        raise APIError(400, reason, param=_param_of(reason), code="invalid_value")
+        raise APIError(400, reason, param=_param_of(reason, row), code="invalid_value")
     return specs[0]
 
 
-def requested_seconds(value: Any, limits) -> float:
-    """The clip length asked for, which must fall on the model's frame grid at its fps."""
-    fps, step = limits.default_fps, limits.frame_multiple
-    allowed = f"multiples of {step / fps:g} s up to {limits.max_frames / fps:g} s"
+def requested_seconds(value: Any, limits, fps: int | None = None) -> float:
+    """The clip length asked for, which must fall on the model's frame grid at `fps` (None: the
+    model's): seconds x fps a whole number of frame steps, rendered as `limits.frames_for` frames
+    (the same count for the default model; one more for Wan's 4k+1, whose first frame stands on its
+    own), or the length of an allowed count itself."""
+    fps = fps or limits.default_fps
+    step, offset = limits.frame_multiple, limits.frame_offset
+    allowed = f"multiples of {step / fps:g} s up to {(limits.max_frames - offset) / fps:g} s"
     if value is None:
         return float(limits.default_seconds)
     try:
@@ -87,10 +95,49 @@ def requested_seconds(value: Any, limits) -> float:
         raise APIError(400, f"seconds must be a string holding a number of seconds ({allowed}), got {value!r}",
                        param="seconds") from None
     frames = seconds * fps if math.isfinite(seconds) else -1
-    if frames <= 0 or frames != int(frames) or int(frames) % step or frames > limits.max_frames:
+    rendered = limits.frames_for(seconds, fps) if frames > 0 else 0
+    if frames <= 0 or frames != int(frames) or not 0 <= rendered - frames <= offset or rendered > limits.max_frames:
+        grid = (f"frames in multiples of {step}" if not offset
+                else f"{offset} + {step}k frames: N s renders N x {fps} + {offset}")
         raise APIError(400, f"seconds={value!r} is not a length this model renders: {allowed} "
-                            f"(at {fps} fps, frames in multiples of {step})", param="seconds", code="invalid_value")
+                            f"(at {fps} fps, {grid})", param="seconds", code="invalid_value")
     return seconds
+
+
+def requested_fps(value: Any, limits) -> int | None:
+    """The fps a request gives, when it is a whole number in the model's range (None otherwise:
+    `seconds` is then checked at the model's fps and the clip's validation names a bad fps)."""
+    try:
+        fps = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        return None
+    return fps if fps is not None and limits.min_fps <= fps <= limits.max_fps else None
+
+
+def canonical_fields(fields: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    """`fields` with vLLM-Omni's names (`FIELD_ALIASES`) under ours, where the endpoint takes ours;
+    APIError 400 naming both when a field and its alias are given with different values."""
+    out = dict(fields)
+    for alias, name in FIELD_ALIASES.items():
+        if alias not in out or name not in known:
+            continue
+        value = out.pop(alias)
+        if out.get(name) is not None and value is not None and not _same_value(out[name], value):
+            raise APIError(400, f"{name}={out[name]!r} and {alias}={value!r} disagree: {alias} is another name for "
+                                f"{name}; give one of them", param=alias, code="invalid_value")
+        if out.get(name) is None:
+            out[name] = value
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values of one field agree, a form's "7" and JSON's 7 alike."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def required_prompt(fields: dict[str, Any], name: str = "prompt") -> str:

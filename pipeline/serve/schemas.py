@@ -7,16 +7,24 @@ from typing import Any
 from pipeline.batch.manifest import MAX_PROMPT_CHARS
 
 _STR = {"type": "string"}
-_EXTRA_PROPERTIES = {  # ours, through the SDK's extra_body
-    "seed": {"type": "integer", "minimum": 0}, "steps": {"type": "integer", "minimum": 1},
-    "guidance": {"type": "number", "minimum": 0}, "negative_prompt": _STR, "blur_faces": {"type": "boolean"}}
+_STEPS, _GUIDANCE = {"type": "integer", "minimum": 1}, {"type": "number", "minimum": 0}
+_EXTRA_PROPERTIES = {  # ours, through the SDK's extra_body, and vLLM-Omni's names for two of them
+    "seed": {"type": "integer", "minimum": 0}, "steps": _STEPS, "guidance": _GUIDANCE, "negative_prompt": _STR,
+    "blur_faces": {"type": "boolean"},
+    "num_inference_steps": {**_STEPS, "description": "vLLM-Omni's name for steps"},
+    "guidance_scale": {**_GUIDANCE, "description": "vLLM-Omni's name for guidance"}}
+_LENGTH_PROPERTIES = {  # create only: the frame count itself (instead of seconds) and the frame rate
+    "frames": {"type": "integer", "minimum": 1, "description": "the clip's frame count, on the model's grid "
+                                                               "(4k+1 for Wan); instead of seconds"},
+    "num_frames": {"type": "integer", "minimum": 1, "description": "vLLM-Omni's name for frames"},
+    "fps": {"type": "integer", "minimum": 1}}
 _PROMPT = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
 CREATE_SCHEMA = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
     "prompt": _PROMPT, "model": _STR,
     "seconds": {"type": "string", "example": "2"}, "size": {"type": "string", "example": "64x64"},
     "input_reference": {"oneOf": [{"type": "string", "format": "binary"}, {
         "type": "object", "properties": {"image_url": _STR, "file_id": _STR}, "additionalProperties": False}]},
-    **_EXTRA_PROPERTIES,
+    **_EXTRA_PROPERTIES, **_LENGTH_PROPERTIES,
     "shots": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["prompt", "seconds"], "additionalProperties": False,
         "properties": {"prompt": _STR, "seconds": {"type": "number", "exclusiveMinimum": 0}}}}}}

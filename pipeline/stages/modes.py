@@ -95,7 +95,7 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
     if mode == "t2v":
         frames = run(base)
     elif mode == "image":
-        frames = run(replace(base, frames=limits.frame_multiple))[:1]
+        frames = run(replace(base, frames=limits.min_frames))[:1]
     elif mode == "i2v":
         frames = run(replace(base, cond_frames=inputs["image"], cond_index=(0,)))
     elif mode == "interpolate" and "image" in inputs:
@@ -125,13 +125,17 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
 def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | None,
              after: np.ndarray | None) -> np.ndarray:
     """`base.frames` new frames after the end of `before` and/or before the start of `after`,
-    conditioned on up to `context_frames` of each; returns the new frames only."""
+    conditioned on up to `context_frames` of each; returns the new frames only.
+
+    The context before is padded at its start to a clip of its own on the model's grid (whole
+    latent frames), the context after at its end to whole frame steps, and the request to an
+    allowed length (`GridLimits.frames_at_least`); frames past the given ones are sampled freely."""
     fm, ctx = limits.frame_multiple, limits.context_frames or limits.frame_multiple
     head = before[-ctx:] if before is not None else before
     tail = after[:ctx] if after is not None else after
-    pre = -(-len(head) // fm) * fm if head is not None else 0  # whole latent frames
+    pre = limits.frames_at_least(len(head)) if head is not None else 0
     post = -(-len(tail) // fm) * fm if tail is not None else 0
-    n = pre + base.frames + post
+    n = limits.frames_at_least(pre + base.frames + post)
     if n > limits.max_frames:
         raise ValueError(f"the new part with its {pre + post} context frames is {n} frames; the model's "
                          f"maximum is {limits.max_frames}: ask for fewer seconds")
@@ -149,8 +153,7 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
 def _remix(run, base: RenderRequest, limits: GridLimits, video: np.ndarray, strength: float) -> np.ndarray:
     """The video re-sampled from noise level `strength` under the row's caption (same length)."""
     n = len(video)
-    fm = limits.frame_multiple
-    padded = -(-n // fm) * fm
+    padded = limits.frames_at_least(n)  # the last frame repeated up to a length the model encodes
     init = np.concatenate([video, np.repeat(video[-1:], padded - n, axis=0)]) if padded > n else video
     return run(replace(base, frames=padded, init_frames=init, strength=strength))[:n]
 

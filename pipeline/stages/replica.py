@@ -5,8 +5,8 @@
 
 How a group is placed and run:
 
-* The layout is checked against the model (`check_model_layout`: a config or a diffusers Wan folder)
-  before anything starts: a layout that cannot work is refused in one line (`ParallelConfigError`).
+* The layout is checked against the model (`models.interface.check_model_layout`) before anything
+  starts: a layout that cannot work is refused in one line (`ParallelConfigError`).
 * Its resources are a placement group of `world` = sp·tp·cfg bundles, one per rank (`rank_bundle`:
   1 GPU + 1 CPU on GPUs; a fraction of a CPU on CPUs), strategy PACK: on as few nodes as hold it,
   spilling onto more when no node can (16 ranks on 8-GPU nodes: two nodes). The actor that drives
@@ -74,14 +74,6 @@ def cfg_degree(cfg_parallel: bool | None) -> int | None:
     return None if cfg_parallel is None else 2 if cfg_parallel else 1
 
 
-def replica_layout(model: str | ModelConfig, sp: int | None = None, tp: int | None = None,
-                   cfg: int | None = None) -> ParallelConfig:
-    """The layout of a render replica: the model config's `parallel` section, with each degree that
-    is given overriding it (a diffusers Wan folder: one rank unless given); refused in one line
-    (`ParallelConfigError`) if it cannot work."""
-    return model_layout(model, sp, tp, cfg)
-
-
 def replica_resources(world: int, use_gpus: bool, cpus_per_replica: float | None = None,
                       gpus_per_replica: float | None = None) -> tuple[float, float]:
     """(CPUs, GPUs) a render replica of `world` ranks reserves: the ones given, else the defaults.
@@ -124,10 +116,14 @@ def replica_deployment_options(model: str | ModelConfig, parallel: ParallelConfi
     `[{"CPU": HOST_CPUS}]` for the replica itself (Serve puts it in bundle 0 and captures its
     children) followed by one `rank_bundle` per rank, PACK; the replica reserves `HOST_CPUS` and no
     GPU, and its `RenderUDF(model, parallel=layout)` starts the ranks in bundles 1..world.
-    `parallel`: None takes the model config's. Raises `ParallelConfigError` for a bad layout.
+    `parallel`: None takes the model's (`models.interface.model_layout`; a Wan folder: one rank).
+    Raises `ParallelConfigError` for a bad layout.
     """
-    layout = model_layout(model) if parallel is None else parallel
-    check_model_layout(model, layout)
+    if parallel is None:
+        layout = model_layout(model)
+    else:
+        layout = parallel
+        check_model_layout(model, layout)
     world = layout.world_size
     if world == 1:
         cpus, gpus = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)

@@ -40,6 +40,11 @@ def test_four_k_plus_one_for_wan():
                                 f"(1 + a multiple of 4, from 1 to 81)")
 
 
+def test_the_shortest_allowed_count_holding_n_frames():
+    assert [DEFAULT_LIKE.frames_at_least(n) for n in (1, 4, 5, 8, 9, 300)] == [4, 4, 8, 8, 12, 300]
+    assert [WAN_LIKE.frames_at_least(n) for n in (0, 1, 2, 5, 6, 81, 82)] == [1, 1, 5, 5, 9, 81, 85]
+
+
 def test_guidance_2_only_where_the_model_takes_it():
     request = RenderRequest("p", 64, 64, 16, 8, 0, 20, 4.5, guidance_2=3.0)
     with pytest.raises(ValueError, match="^guidance_2 is for a model with a low-noise expert"):

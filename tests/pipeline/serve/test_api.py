@@ -164,7 +164,8 @@ def test_json_body_poll_header_and_validation_errors(server):
         ({"prompt": "x", "steps": 500}, "steps", "steps=500 is outside 1..50"),
         ({"prompt": "x", "seed": 1.5}, "seed", "whole number"),
         ({"prompt": "x", "model": "sora-2"}, "model", "serves 'reelforge-tiny'"),
-        ({"prompt": "x", "fps": 24}, "fps", "Unknown parameter"),
+        ({"prompt": "x", "fps": 99}, "fps", "fps=99 is outside 1..30"),
+        ({"prompt": "x", "duration": 2}, "duration", "Unknown parameter"),
         ({"size": "64x64"}, "prompt", "prompt is required"),
     ]:
         r = http.post("/v1/videos", json=body)

@@ -135,12 +135,12 @@ def test_replica_resources_defaults_are_one_place():
 
 
 def test_the_layout_is_the_model_configs_unless_a_flag_overrides_it():
-    from pipeline.stages.replica import replica_layout
+    from models.interface import model_layout
 
     config = load_config(MODEL, overrides={"parallel": {"sp": 2, "cfg": 2}})
-    assert replica_layout(config) == ParallelConfig(sp=2, cfg=2)
-    assert replica_layout(config, tp=2, cfg=1) == ParallelConfig(sp=2, tp=2, cfg=1)
-    assert replica_layout(MODEL) == ParallelConfig()
+    assert model_layout(config) == ParallelConfig(sp=2, cfg=2)
+    assert model_layout(config, tp=2, cfg=1) == ParallelConfig(sp=2, tp=2, cfg=1)
+    assert model_layout(MODEL) == ParallelConfig()
 
 
 def test_a_group_the_cluster_cannot_hold_is_refused_in_one_line(ray_session, tmp_path, capsys):
