@@ -77,7 +77,8 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
     from pipeline.batch.driver import RenderConfig, render_manifest
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = render_manifest(RenderConfig(manifest, out, model=model, progress=False, replicas=replicas,

@@ -212,8 +212,10 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # A local Ray for this run: no dashboard, an object store sized for clips not datasets.
+        # address="local": a new one even when `ray start` left a cluster on this machine (plain
+        # ray.init() would join that one, and refuse the object store size).
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        ray.init(include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
+        ray.init(address="local", include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
                  logging_level=logging.WARNING, log_to_driver=False)
 
 

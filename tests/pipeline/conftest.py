@@ -11,7 +11,7 @@ def ray_session(s3_server):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
              logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
