@@ -66,7 +66,7 @@ def test_the_same_request_gives_the_same_frames_whatever_the_batch(generators):
 def test_limits_info_and_refusals(generators, wan_folders):
     gen = generators["wan21"]
     info, limits, recaptioner = describe_model(wan_folders["wan21"])
-    assert info == gen.info and limits == gen.limits and recaptioner is None
+    assert info == gen.info and limits == gen.limits and recaptioner == "verbatim"
     assert (info.name, info.version, len(info.weights_sha256)) == ("Tiny-wan21-Diffusers", "diffusers", 64)
     assert (limits.default_width, limits.default_height, limits.default_fps, limits.default_steps,
             limits.default_guidance, limits.frame_multiple, limits.frame_offset, limits.size_multiple) == (

@@ -7,7 +7,6 @@ One app for the module (Serve start-up is slow on 2 cores); every render is 32x3
 
 import dataclasses
 import hashlib
-import re
 import socket
 import warnings
 
@@ -179,11 +178,15 @@ def test_a_wan_folder_is_deployed_without_reading_it_as_a_reelforge_config(wan_f
     assert ServeConfig(model=folder).layout() == ParallelConfig()
     assert replica_deployment_options(folder, use_gpus=True) == {"ray_actor_options": {"num_cpus": 1.0,
                                                                                        "num_gpus": 1.0}}
-    one_device = f"^{re.escape(folder)} runs on one device per replica; sp, tp and cfg must be 1 \\(got tp=2\\)$"
-    with pytest.raises(ParallelConfigError, match=one_device):
-        ServeConfig(model=folder, tp=2).layout()
-    with pytest.raises(ParallelConfigError, match=one_device):
-        replica_deployment_options(folder, ParallelConfig(tp=2))
+    # a group replica of the folder: the replica in bundle 0, its two ranks in the others
+    options = replica_deployment_options(folder, ParallelConfig(sp=2), use_gpus=True)
+    assert options["placement_group_bundles"][1:] == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert ServeConfig(model=folder, sp=2).layout() == ParallelConfig(sp=2)
+    too_wide = r"^parallel layout sp=1 x tp=8 x cfg=1: tp=8 must divide the "
+    with pytest.raises(ParallelConfigError, match=too_wide):
+        ServeConfig(model=folder, tp=8).layout()
+    with pytest.raises(ParallelConfigError, match=too_wide):
+        replica_deployment_options(folder, ParallelConfig(tp=8))
 
 
 WAN_LIKE = GridLimits(
