@@ -1,14 +1,14 @@
 """`reel render --model <Wan folder>` end to end: a one-row manifest through the Ray pipeline (CLI in a
-subprocess, a local Ray for the run) to an MP4 whose metadata names the Wan model and its digest; the
-same with each replica a group of 2 ranks (`--sp 2`), whose frames are the one-rank frames."""
+subprocess, a local Ray for the run) to an MP4 whose metadata names the Wan model and its digest; a layout
+the folder cannot take is refused before Ray starts. The same with each replica a group of ranks (`--sp 2`,
+`--tp 2`, `--cfg-parallel`, `--sp 2 --tp 2`) giving the one-rank frames: tests/pipeline/stages/
+test_replica_wan.py (in-process on the session's Ray)."""
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow.dataset as pads
 
 from models.interface import describe_model
@@ -44,43 +44,6 @@ def test_reel_render_a_wan_folder(wan_folders, tmp_path):
     video = probe_mp4((out / "videos" / "wan-clip.mp4").read_bytes())
     assert (video["width"], video["height"], video["frames"]) == (32, 32, 5)
     assert json.loads((out / "run.json").read_text())["counts"]["rendered"] == 1
-
-
-def test_reel_render_sp2_gives_the_one_rank_frames(wan_folders, tmp_path):
-    """`reel render --sp 2` on a Wan folder: each render replica a group of 2 Ray rank actors (Ulysses
-    self-attention over the 2 heads, the tokens split at blocks.0 and gathered at proj_out). The clip's
-    metadata records the sha256 of its frames (watermarked, before encoding): it is the one-rank
-    generator's, to the bit. (Ulysses moves whole heads: each head's attention and every per-token layer
-    compute what one rank computes, measured equal to the bit; ring attention or tp sum in another order
-    and come within a level of the frames: tests/models/wan/test_wan_parallel.py.)"""
-    import torch
-
-    from models.interface import RenderRequest, load_generator
-    from pipeline.media.watermark import embed_watermark
-
-    folder = wan_folders["wan21"]
-    row = {"id": "wan-sp2", "prompt": "a blue square falls", "negative_prompt": "blurry", "width": 32, "height": 32,
-           "frames": 5, "steps": 2, "seed": 4}
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps(row) + "\n")
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", str(manifest), "--out", str(out),
-                          "--model", folder, "--sp", "2", "--no-progress"], capture_output=True, text=True,
-                         env=_cli_env(tmp_path), timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert json.loads((out / "run.json").read_text())["parallel"] == {"sp": 2, "tp": 1, "cfg": 1, "ulysses": None}
-    [meta] = pads.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the CPU ranks run
-    try:
-        request = RenderRequest(caption=meta["caption"], negative_caption=meta["negative_prompt"], width=32, height=32,
-                                frames=5, fps=meta["fps"], seed=4, steps=2, guidance=meta["guidance"])
-        frames = load_generator(folder, device="cpu").generate([request])[0].frames
-    finally:
-        torch.set_num_threads(threads)
-    assert frames.std() > 1
-    assert meta["frames_sha256"] == hashlib.sha256(np.ascontiguousarray(embed_watermark(frames)).tobytes()).hexdigest()
 
 
 def test_a_layout_a_wan_folder_cannot_take_is_refused_before_ray_starts(wan_folders, tmp_path, capsys):
