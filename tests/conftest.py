@@ -12,11 +12,15 @@ session, for every test that renders a real open-checkpoint layout (models, batc
 import importlib.util
 import logging
 import os
+import tempfile
 import uuid
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests loads from a hub
+# Model caches (copies of remote folders, weight digests) in the session's own folder, not ~/.cache:
+# set before any models module reads it, and inherited by Ray workers and subprocesses.
+os.environ.setdefault("REELFORGE_CACHE", tempfile.mkdtemp(prefix="reelforge-test-cache-"))
 
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
                    "AWS_SECURITY_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
