@@ -99,7 +99,7 @@ def single_device_layout(sp: int | None = None, tp: int | None = None, cfg: int 
 
 def _wan_folder(spec: str) -> WanFolder:
     """The checked Wan folder at a path or URI (a remote folder is copied once to the local cache)."""
-    return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)))
+    return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)), source=str(spec))
 
 
 def join_render_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,

@@ -60,6 +60,7 @@ class WanVideoGenerator:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.precision = str(self.dtype).removeprefix("torch.")  # what a clip's metadata records
         self.limits = wan_grid_limits(folder)
         self.info = wan_model_info(folder)
         parts = load_components(folder, self.device, self.dtype)
