@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING
 from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
 from models.files import local_model_dir
-from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
+from models.render_types import MODES, GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
 from models.wan.folder import WanFolder, folder_name, is_wan_folder, read_wan_folder, wan_grid_limits, wan_model_info
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
-           "describe_model",
+           "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator",
+           "check_layout", "describe_model",
            "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
            "model_recaptioner", "single_device_layout"]
 

@@ -41,16 +41,20 @@ class WanComponents:
     scheduler: SchedulerMixin
 
 
-def load_components(folder: WanFolder, device: torch.device, dtype: torch.dtype) -> WanComponents:
-    """Every part of the folder on `device`, in eval mode, gradients off; text encoder and transformers
-    in `dtype` (the transformers' fp32 modules kept), the VAE in fp32."""
+def load_components(folder: WanFolder, device: torch.device, dtype: torch.dtype,
+                    offload: bool = False) -> WanComponents:
+    """Every part of the folder, in eval mode, gradients off; text encoder and transformers in `dtype`
+    (the transformers' fp32 modules kept), the VAE in fp32. All on `device`; with `offload` the text
+    encoder and transformers stay on the CPU (the generator moves each to the device while it runs)."""
     path = folder.path
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     text_encoder = _load(folder, "text_encoder", UMT5EncoderModel, dtype=dtype)
     vae = _load(folder, "vae", AutoencoderKLWan, torch_dtype=torch.float32)
     experts = {name: _load(folder, name, WanTransformer3DModel, torch_dtype=dtype) for name in folder.transformers}
     for module in (text_encoder, vae, *experts.values()):
-        module.to(device).eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
+    for module in (vae,) if offload else (text_encoder, vae, *experts.values()):
+        module.to(device)
     return WanComponents(tokenizer, text_encoder, vae, experts, load_scheduler(folder))
 
 

@@ -69,6 +69,9 @@ VARIANT_DEFAULTS = {
     "wan2.2-ti2v": Defaults(1280, 704, 121, 24, 50, 5.0),
 }
 MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
+#: what a text-to-video checkpoint renders: text→video, stills (one frame) and remixes (SDEdit); it
+#: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
+WAN_T2V_MODES = ("t2v", "image", "remix")
 MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
 
 
@@ -243,7 +246,7 @@ def check_safetensors(file: str, where: str) -> None:
 
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
-    VAE keeps the first frame on its own), the variant's defaults."""
+    VAE keeps the first frame on its own), the variant's defaults, the text-to-video modes."""
     d = VARIANT_DEFAULTS[folder.variant]
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
@@ -253,6 +256,7 @@ def wan_grid_limits(folder: WanFolder) -> GridLimits:
         window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
+        modes=WAN_T2V_MODES,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.interface import GridLimits, RenderRequest
+from models.interface import MODES, GridLimits, RenderRequest
 from pipeline import storage
 from pipeline.errors import UserError, one_line
 
@@ -27,8 +27,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PROMPT_CHARS = 2000
 SEED_RANGE = (0, 2**32 - 1)
 
-#: Generation modes (a row's `mode`; inferred from its columns when missing, see `infer_mode`).
-MODES = ("t2v", "i2v", "extend", "interpolate", "remix", "storyboard", "image")
+# Generation modes: `MODES` (a row's `mode`; inferred from its columns when missing, see `infer_mode`),
+# of which a model renders `GridLimits.modes`.
 DIRECTIONS = ("forward", "backward")
 #: The strength of a remix whose row gives none.
 DEFAULT_STRENGTH = 0.75
@@ -322,6 +322,10 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     if mode not in MODES:
         raise bad(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     _check_mode_columns(mode, media, shots, not _missing(strength), bad)
+    try:  # a mode the model cannot render (i2v on a text-to-video checkpoint): this row only
+        limits.check_mode(mode)
+    except ValueError as e:
+        raise bad(str(e)) from None
 
     direction = raw.get("direction")
     direction = "forward" if _missing(direction) else str(direction).strip().lower()

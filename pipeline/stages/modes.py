@@ -95,7 +95,7 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
     if mode == "t2v":
         frames = run(base)
     elif mode == "image":
-        frames = run(replace(base, frames=limits.frame_multiple))[:1]
+        frames = run(replace(base, frames=limits.min_frames))[:1]
     elif mode == "i2v":
         frames = run(replace(base, cond_frames=inputs["image"], cond_index=(0,)))
     elif mode == "interpolate" and "image" in inputs:
@@ -149,8 +149,8 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
 def _remix(run, base: RenderRequest, limits: GridLimits, video: np.ndarray, strength: float) -> np.ndarray:
     """The video re-sampled from noise level `strength` under the row's caption (same length)."""
     n = len(video)
-    fm = limits.frame_multiple
-    padded = -(-n // fm) * fm
+    fm, fo = limits.frame_multiple, limits.frame_offset
+    padded = max(fo + -(-(n - fo) // fm) * fm, limits.min_frames)  # the first allowed count >= n
     init = np.concatenate([video, np.repeat(video[-1:], padded - n, axis=0)]) if padded > n else video
     return run(replace(base, frames=padded, init_frames=init, strength=strength))[:n]
 

@@ -26,11 +26,6 @@ def pipeline_frames(pipe, r: RenderRequest) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def generators(wan_folders):
-    return {v: load_generator(folder, device="cpu") for v, folder in wan_folders.items()}
-
-
 @pytest.mark.parametrize("variant", ["wan21", "ti2v", "a14b"])
 @pytest.mark.parametrize("frames", [9, 1], ids=["video", "still"])
 def test_frames_equal_diffusers_wan_pipeline(variant, frames, generators, wan_pipelines):
@@ -83,8 +78,10 @@ def test_limits_info_and_refusals(generators, wan_folders):
     with pytest.raises(ValueError, match="^guidance_2 is for a model with a low-noise expert"):
         gen.generate([dataclasses.replace(REQUEST, guidance_2=2.0)])
     still = np.zeros((1, 32, 32, 3), np.uint8)
-    with pytest.raises(ValueError, match="renders text→video only"):
+    with pytest.raises(ValueError, match=r"^Tiny-wan21-Diffusers takes no given frames \(image→video, extension, "
+                                         r"interpolation, storyboards\): it renders t2v, image, remix$"):
         gen.generate([dataclasses.replace(REQUEST, cond_frames=still, cond_index=(0,))])
+    assert limits.modes == ("t2v", "image", "remix") and describe_model("default")[1].modes[0] == "t2v"
     with pytest.raises(ParallelConfigError, match="runs on one device per replica; sp, tp and cfg must be 1 "
                                                   r"\(got sp=2, tp=1, cfg=1\)"):
         load_generator(wan_folders["wan21"], device="cpu", parallel=ParallelConfig(sp=2))
