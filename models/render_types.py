@@ -16,6 +16,8 @@ import numpy as np
 #: The generation modes a request can stand for (a manifest row's `mode`): text→video, a still,
 #: image→video, extension, interpolation, remix, storyboard. `GridLimits.modes` says which a model renders.
 MODES = ("t2v", "i2v", "extend", "interpolate", "remix", "storyboard", "image")
+#: The precisions a model may be loaded in (`load_generator(dtype=...)`, `reel render --dtype`), by torch's names.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ class RenderOutput:
 class VideoGenerator(Protocol):
     info: ModelInfo
     limits: GridLimits
+    precision: str  # the dtype it computes in ("float32", "bfloat16", …): what a clip's metadata records
 
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
         """Sample each request. The same request gives the same frames on the same machine,

@@ -54,14 +54,12 @@ from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from models.render_types import RenderOutput, RenderRequest
+from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, wan_grid_limits, wan_model_info
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
-#: the precisions `dtype` may name (the text encoder's and transformers'; the VAE stays fp32)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class WanVideoGenerator:

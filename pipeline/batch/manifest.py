@@ -90,15 +90,18 @@ class ClipSpec:
     def seconds(self) -> float:
         return self.frames / self.fps
 
-    def request_sha256(self, *, model_sha256: str, recaptioner: str) -> str:
+    def request_sha256(self, *, model_sha256: str, recaptioner: str, dtype: str | None = None) -> str:
         """Hash of everything that decides the frames: equal hash → the same clip (resume key).
 
-        Media inputs enter by URI: an input replaced at the same URI does not re-render.
+        Media inputs enter by URI: an input replaced at the same URI does not re-render. `dtype`, the
+        precision asked for (`--dtype`), enters when given (None: the device's default, as before).
         """
         defaults = {f.name: f.default for f in fields(ClipSpec) if f.name in MODE_FIELDS}
         render = {k: v for k, v in asdict(self).items()
                   if k not in ("row", "passthrough") and not (k in defaults and v == defaults[k])}
         render.update(model_sha256=model_sha256, recaptioner=recaptioner)
+        if dtype is not None:
+            render["dtype"] = dtype
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 

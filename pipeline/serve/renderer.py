@@ -54,7 +54,8 @@ class Renderer:
         from pipeline.stages.write import ClipWriter
 
         self.out = cfg.out
-        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
+        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout(),
+                                  dtype=cfg.dtype, offload=cfg.offload)
         generator = self.renderer.generator
         self.recaptioner = RecaptionUDF(cfg.recaptioner_for(generator.config.recaptioner))
         self.inputs = InputsUDF(generator.limits)

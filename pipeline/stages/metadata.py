@@ -31,6 +31,7 @@ METADATA_SCHEMA = pa.schema([
     ("seconds", pa.float64()),
     ("steps", pa.int64()),
     ("guidance", pa.float64()),
+    ("dtype", pa.string()),  # the precision the model ran in (float32, bfloat16, float16)
     ("timings", pa.struct([(name, pa.float64()) for name in TIMING_FIELDS])),
     ("video_uri", pa.string()),
     ("image_uri", pa.string()),
