@@ -72,3 +72,14 @@ def test_the_precision_asked_for_is_part_of_the_request():
               for d in (None, "float32", "bfloat16")}
     assert len(set(hashes.values())) == 3
     assert hashes[None] == spec.request_sha256(model_sha256="m", recaptioner="plain")  # unchanged without --dtype
+
+
+def test_reel_serve_refuses_a_precision_the_model_cannot_take_before_ray(tmp_path, capsys):
+    from pipeline.cli import main
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-test\n")
+    assert main(["serve", "--model", "tiny", "--out", str(tmp_path / "out"), "--api-key-file", str(keys),
+                 "--dtype", "float16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "reel serve: dtype float16 is not one this model renders in (float32, bfloat16)")
