@@ -1,16 +1,44 @@
 """Local copies of model folders: a local path is used where it is; a folder at any other fsspec
 URI (s3://, gs://, …) is copied once per machine into the cache (`REELFORGE_CACHE`, default
-~/.cache/reelforge) and reused by every process there. A copy is used only once it is complete."""
+~/.cache/reelforge) and reused by every process there.
+
+    local_model_dir("s3://bucket/Wan2.1-T2V-1.3B-Diffusers")   # → ~/.cache/reelforge/models/<uri>/<content>
+
+The cache is keyed by the URI and by the folder's content as its listing gives it (each file's
+path, size and ETag / generation / modification time), so a folder replaced at the same URI is
+fetched again, and a process that finds the listing it knows uses its copy without a download.
+Processes on one machine (the actors of a node) share a copy: the first takes a lock file and
+copies, the others wait for the lock and find the copy made. A copy is made in a temporary folder,
+checked against the listing's sizes, marked complete, then renamed into place: a half-copied folder
+(a process killed mid-copy, a dropped connection) is never used. Older copies of the same URI are
+removed once a newer one is in place (a folder replaced mid-run costs the processes still loading
+the old copy their load; the cache keeps one copy per URI).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import logging
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
 
 CACHE_DIR = Path(os.environ.get("REELFORGE_CACHE", Path.home() / ".cache" / "reelforge"))
+#: the file inside a copy that says it is complete: the listing it was copied from
+COMPLETE = ".complete"
+#: the fields of a listing entry that change when an object is replaced, by filesystem: S3's ETag,
+#: GCS's generation and md5, a modification time, a creation time (fsspec's memory filesystem)
+VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated",
+                  "created")
+
+log = logging.getLogger(__name__)
 
 
 def local_model_dir(uri: str, what: str = "model") -> str:
@@ -21,12 +49,73 @@ def local_model_dir(uri: str, what: str = "model") -> str:
         if not fs.isdir(path):
             raise FileNotFoundError(f"{what} folder not found: {uri}")
         return path
-    target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".complete"
-    if not done.exists():
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"{what} folder not found: {uri}")
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-        done.touch()
+    listing = folder_listing(fs, path)
+    if not listing:
+        raise FileNotFoundError(f"{what} folder not found: {uri}")
+    home = CACHE_DIR / "models" / _sha256(uri.rstrip("/"))[:16]
+    target = home / _sha256(json.dumps(listing, sort_keys=True))[:16]
+    if (target / COMPLETE).is_file():
+        return str(target)
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / ".lock"):
+        if not (target / COMPLETE).is_file():  # not made while this process waited for the lock
+            _copy(fs, path, listing, target, uri)
+        for old in home.iterdir():  # the copies of earlier versions at this URI
+            if old.is_dir() and old != target:
+                shutil.rmtree(old, ignore_errors=True)
     return str(target)
+
+
+def folder_listing(fs, path: str) -> dict[str, list]:
+    """{relative path: [size, version]} of every file under `path` (empty: no such folder)."""
+    root = path.rstrip("/")
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    listing = {}
+    for name, entry in found.items():
+        if entry.get("type", "file") != "file" or not name.startswith(root + "/"):
+            continue
+        version = next((entry[k] for k in VERSION_FIELDS if entry.get(k) is not None), None)
+        listing[name[len(root) + 1:]] = [int(entry.get("size") or 0), None if version is None else str(version)]
+    return listing
+
+
+def _copy(fs, path: str, listing: dict[str, list], target: Path, uri: str) -> None:
+    """Copy the listed files into a fresh temporary folder beside `target`, check their sizes, mark
+    the copy complete, then rename it to `target` (whatever was at `target` without a marker goes)."""
+    log.info("copying %s (%d files, %d bytes) to %s", uri, len(listing), sum(s for s, _ in listing.values()), target)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        names = sorted(listing)
+        for rel in names:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        root = path.rstrip("/")
+        fs.get([f"{root}/{rel}" for rel in names], [str(tmp / rel) for rel in names])
+        for rel in names:
+            size = os.path.getsize(tmp / rel)
+            if size != listing[rel][0]:
+                raise OSError(f"{uri}/{rel}: copied {size} bytes of {listing[rel][0]}; the copy was cut short, "
+                              f"try again")
+        (tmp / COMPLETE).write_text(json.dumps(listing, sort_keys=True))
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """An exclusive lock on `lock_file` among this machine's processes (released when the holder
+    exits, however it exits)."""
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

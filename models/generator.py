@@ -87,7 +87,7 @@ def default_device() -> torch.device:
 class DiffusionVideoGenerator:
     """A `VideoGenerator`: text encoder + `VideoDiT` + rectified-flow sampler + `VideoAutoencoder`."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: str | None = None):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.limits = grid_limits(config)
@@ -97,7 +97,11 @@ class DiffusionVideoGenerator:
         self.text_encoder = TextEncoder(config.text, self.device)
         self.sampler = FlowMatchSampler(config.sampler.steps, config.sampler.guidance, config.sampler.shift)
         self.info = ModelInfo(name=config.name, version=config.version, weights_sha256=sha)
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        # the weights stay fp32; `dtype` is the autocast precision (None: bfloat16 on GPUs, none on CPUs)
+        if dtype is None:
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+        self.precision = dtype
 
     def check(self, request: RenderRequest) -> None:
         self.limits.check(request)
@@ -225,13 +229,13 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
     DECODE_TILE = (4, 64, 64)
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, group=None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dtype: str | None = None):
         from models.config import check_layout
         from models.parallel import ParallelSampler, build_mesh, parallelize
         from models.vae import decoder_receptive_field
 
         check_layout(parallel, config.dit, guidance=config.sampler.guidance)  # before loading weights
-        super().__init__(config, device)
+        super().__init__(config, device, dtype)
         self.mesh = build_mesh(parallel, config.dit, group=group, guidance=config.sampler.guidance)
         self.dit = parallelize(self.dit, self.mesh)
         s = config.sampler

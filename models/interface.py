@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
 from models.files import local_model_dir
-from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
+from models.render_types import DTYPES, MODES, GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
 from models.wan.folder import (
     WanFolder,
     check_wan_layout,
@@ -39,14 +39,15 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "MODEL_RECAPTIONERS", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
-           "check_model_layout", "describe_model", "is_wan_folder", "join_render_group", "load_config",
-           "load_generator", "local_model_dir", "model_layout", "model_recaptioner"]
+           "DTYPES", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator",
+           "check_layout", "check_load_options", "check_model_layout", "describe_model", "is_wan_folder",
+           "join_render_group", "load_config", "load_generator", "local_model_dir", "model_layout",
+           "model_recaptioner"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
                    num_threads: int | None = None, parallel: ParallelConfig | None = None,
-                   group=None) -> VideoGenerator:
+                   group=None, dtype: str | None = None, offload: bool = False) -> VideoGenerator:
     """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig),
     or for a folder / URI holding a diffusers Wan pipeline (model_index.json: `models/wan/`).
 
@@ -54,9 +55,12 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
     `parallel`: this process is one rank of a group running that layout, over `group` (None: the
     default world, joined first with `join_render_group`); every rank gets the same frames back.
     A Wan folder takes the same layouts (`models/wan/parallel.py`); it is loaded with HF_HUB_OFFLINE=1.
+    `dtype` and `offload`: the precision and CPU offload (`check_load_options` says what each model
+    takes; None: bf16 on GPUs, fp32 on CPUs). The generator's `precision` names the one it runs in.
     """
     import torch
 
+    check_load_options(spec, dtype, offload)
     if num_threads:
         torch.set_num_threads(int(num_threads))
     if is_wan_folder(spec):
@@ -65,14 +69,32 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
 
         from models.wan.generator import WanVideoGenerator
 
-        return WanVideoGenerator(folder, device=device, parallel=parallel, group=group)
+        return WanVideoGenerator(folder, device=device, parallel=parallel, group=group, dtype=dtype, offload=offload)
 
     from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
 
     config = spec if isinstance(spec, ModelConfig) else load_config(spec)
     if parallel is not None:
-        return ParallelVideoGenerator(config, parallel, group=group, device=device)
-    return DiffusionVideoGenerator(config, device=device)
+        return ParallelVideoGenerator(config, parallel, group=group, device=device, dtype=dtype)
+    return DiffusionVideoGenerator(config, device=device, dtype=dtype)
+
+
+def check_load_options(spec: str | ModelConfig, dtype: str | None = None, offload: bool = False) -> None:
+    """Raise ConfigError (one line) for a precision or offload the model cannot take, before anything loads.
+
+    A Wan folder takes float32, bfloat16 and float16 (its text encoder and transformers; the VAE stays
+    fp32) and `offload` (the text encoder and experts on the CPU between uses). The default model's
+    weights are fp32 and it autocasts to bfloat16 on GPUs: it takes float32 (no autocast) and
+    bfloat16 (autocast, also on CPUs), and no offload (it fits any device whole).
+    """
+    wan = is_wan_folder(spec)
+    allowed = DTYPES if wan else ("float32", "bfloat16")
+    if dtype is not None and dtype not in allowed:
+        kind = "a Wan folder" if wan else "this model"
+        raise ConfigError(f"dtype {dtype} is not one {kind} renders in ({', '.join(allowed)})")
+    if offload and not wan:
+        raise ConfigError("offload is for diffusers Wan folders (their text encoder and experts); this model "
+                          "fits its device whole")
 
 
 def describe_model(spec: str | ModelConfig = "default") -> tuple[ModelInfo, GridLimits, str | None]:
@@ -118,7 +140,7 @@ def _config(spec: str | ModelConfig) -> ModelConfig:
 
 def _wan_folder(spec: str) -> WanFolder:
     """The checked Wan folder at a path or URI (a remote folder is copied once to the local cache)."""
-    return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)))
+    return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)), source=str(spec))
 
 
 def join_render_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,

@@ -13,6 +13,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+#: The generation modes a request can stand for (a manifest row's `mode`): text→video, a still,
+#: image→video, extension, interpolation, remix, storyboard. `GridLimits.modes` says which a model renders.
+MODES = ("t2v", "i2v", "extend", "interpolate", "remix", "storyboard", "image")
+#: The precisions a model may be loaded in (`load_generator(dtype=...)`, `reel render --dtype`), by torch's names.
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -33,6 +39,8 @@ class GridLimits:
     first frame on its own (Wan), from `min_frames` up to `max_frames`.
     A request longer than `window_frames` is sampled in windows of that length, each holding the
     last `context_frames` of the one before fixed (frame conditioning), up to `max_frames`.
+    `modes`: the generation modes the model renders (`MODES`; a text-to-video checkpoint takes no
+    given frames, so no i2v, extension, interpolation or storyboard), checked before a row renders.
     """
 
     size_multiple: int
@@ -54,6 +62,12 @@ class GridLimits:
     default_guidance: float
     frame_offset: int = 0
     has_guidance_2: bool = False  # requests may set `guidance_2` (a model with a low-noise expert)
+    modes: tuple[str, ...] = MODES
+
+    def check_mode(self, mode: str) -> None:
+        """Raise ValueError (one line, naming the modes the model renders) for a mode it cannot render."""
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode} is not one this model renders; it renders {', '.join(self.modes)}")
 
     @property
     def min_frames(self) -> int:
@@ -192,6 +206,7 @@ class RenderOutput:
 class VideoGenerator(Protocol):
     info: ModelInfo
     limits: GridLimits
+    precision: str  # the dtype it computes in ("float32", "bfloat16", …): what a clip's metadata records
 
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
         """Sample each request. The same request gives the same frames on the same machine,

@@ -109,6 +109,7 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=("h264", "ffv1"), default="h264",
                    help="videos as H.264 MP4s (videos/{id}.mp4, default) or lossless RGB masters for grading "
                         "and editing, FFV1 in Matroska (videos/{id}.mkv); a changed codec renders again")
+    _add_precision_options(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -124,8 +125,8 @@ def _render(args: argparse.Namespace) -> int:
         address=args.address, limit=args.limit, resume=args.resume, replicas=args.replicas,
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
-        blur_faces=args.blur_faces, parallel=_parallel_overrides(args),
-        codec=args.codec,
+        blur_faces=args.blur_faces, parallel=_parallel_overrides(args), codec=args.codec,
+        dtype=args.dtype, offload=args.offload,
     )
     try:
         summary = render_manifest(cfg)
@@ -153,6 +154,19 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="run the conditional and unconditional passes of guidance on two ranks (needs "
                         "guidance != 1) (default: the model config's parallel.cfg)")
+
+
+def _add_precision_options(p: argparse.ArgumentParser, offload_default: bool | None = False) -> None:
+    """--dtype / --offload: the precision the model renders in, and a Wan folder's CPU offload."""
+    from models.interface import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="precision of the model (default: bfloat16 on GPUs, float32 on CPUs; a Wan folder keeps "
+                        "its VAE and diffusers' fp32 modules in float32; the default model takes float32 and "
+                        "bfloat16, as autocast); part of each clip's request (a change re-renders)")
+    p.add_argument("--offload", action="store_true", default=offload_default,
+                   help="a Wan folder's text encoder and idle expert (A14B) live on the CPU between uses: less "
+                        "GPU memory, the same frames, slower")
 
 
 def _parallel_overrides(args: argparse.Namespace) -> dict[str, int]:
@@ -345,6 +359,7 @@ def _add_serve_parser(sub) -> None:
                    help="queued + rendering videos per API key before 429 (default: 8)")
     p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest request body / upload (default: 10)")
     _add_parallel_options(p)
+    _add_precision_options(p, offload_default=None)
     p.add_argument("--allow-private-urls", action="store_true", default=None,
                    help="fetch input_reference image_urls that resolve to private, loopback or link-local "
                         "addresses (default: refused; set it only where clients are trusted)")
@@ -358,7 +373,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
         "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls",
-        "sp", "tp", "cfg_parallel")}
+        "sp", "tp", "cfg_parallel", "dtype", "offload")}
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:

@@ -9,7 +9,6 @@ Wan: tiny random Wan folders in diffusers' layout (`wan_folders`, `wan_pipelines
 session, for every test that renders a real open-checkpoint layout (models, batch, serve).
 """
 
-import importlib.util
 import logging
 import os
 import tempfile
@@ -149,20 +148,16 @@ VARIANTS = ("wan21", "ti2v", "a14b")
 
 @pytest.fixture(scope="session")
 def wan_pipelines(tmp_path_factory):
-    """{variant: (folder, diffusers WanPipeline of the same weights)}, built on first use.
-
-    The pipeline is `WanPipeline.from_pretrained(folder)` where the `accelerate` package is installed;
-    diffusers 0.42 cannot load a Wan transformer without it, and then the pipeline is the one that
-    was saved (the same weights, in memory)."""
+    """{variant: (folder, `WanPipeline.from_pretrained(folder)`)}, built on first use: diffusers'
+    own loading of the folder, the reference every Wan test compares against."""
     from diffusers import WanPipeline
 
-    accelerate = importlib.util.find_spec("accelerate") is not None
     root = tmp_path_factory.mktemp("wan")
     out = {}
     for v in VARIANTS:
         folder = str(root / f"Tiny-{v}-Diffusers")
-        saved = build_wan_folder(folder, v)
-        out[v] = (folder, WanPipeline.from_pretrained(folder) if accelerate else saved)
+        build_wan_folder(folder, v)
+        out[v] = (folder, WanPipeline.from_pretrained(folder))
     return out
 
 

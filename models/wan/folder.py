@@ -70,6 +70,9 @@ VARIANT_DEFAULTS = {
     "wan2.2-ti2v": Defaults(1280, 704, 121, 24, 50, 5.0),
 }
 MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
+#: what a text-to-video checkpoint renders: text→video, stills (one frame) and remixes (SDEdit); it
+#: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
+WAN_T2V_MODES = ("t2v", "image", "remix")
 MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
 
 
@@ -79,7 +82,8 @@ class WanFolderError(UserError):
 
 @dataclass(frozen=True)
 class WanFolder:
-    """What the config files of a checked Wan folder say; `path` is a local folder."""
+    """What the config files of a checked Wan folder say; `path` is a local folder (a URI's cached
+    copy), `source` what the user named (the URI), as messages name it."""
 
     path: str
     name: str
@@ -90,6 +94,11 @@ class WanFolder:
     vae_config: dict
     transformer_config: dict  # of the first transformer present (both share the shapes)
     weight_files: tuple[str, ...]  # every safetensors file, relative to `path`, sorted
+    source: str = ""  # the path or URI given; "" for `path`
+
+    def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", self.path)
 
     @property
     def variant(self) -> str:
@@ -127,10 +136,12 @@ def folder_name(spec: str) -> str:
     return posixpath.basename(str(spec).rstrip("/")) or str(spec)
 
 
-def read_wan_folder(path: str, name: str | None = None) -> WanFolder:
-    """Read and check a local Wan folder (config files and weight headers; no weights loaded)."""
-    where = f"Wan folder {path}"
-    index = _read_json(os.path.join(path, MODEL_INDEX), where)
+def read_wan_folder(path: str, name: str | None = None, source: str | None = None) -> WanFolder:
+    """Read and check a local Wan folder (config files and weight headers; no weights loaded).
+    `source`: the path or URI the folder came from, as the messages name it (default `path`)."""
+    source = source or path
+    where = f"Wan folder {source}"
+    index = _read_json(os.path.join(path, MODEL_INDEX), where, path, source)
     if not isinstance(index, dict):
         raise WanFolderError(f"{where}: {MODEL_INDEX} is not a JSON object; supply the pipeline's own {MODEL_INDEX}")
     cls = index.get("_class_name")
@@ -177,24 +188,27 @@ def read_wan_folder(path: str, name: str | None = None) -> WanFolder:
 
     weights = []
     for component in (*transformers, "vae", "text_encoder"):
-        weights += [posixpath.join(component, f) for f in component_weight_files(path, component)]
-    configs = {c: _read_json(os.path.join(path, c, "config.json"), where) for c in (*transformers, "vae")}
-    _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where)
+        weights += [posixpath.join(component, f) for f in component_weight_files(path, component, source)]
+    configs = {c: _read_json(os.path.join(path, c, "config.json"), where, path, source)
+               for c in (*transformers, "vae")}
+    _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where, path, source)
     return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
                      transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
                      scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
-                     transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)))
+                     transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)),
+                     source=source)
 
 
-def component_weight_files(path: str, component: str) -> list[str]:
-    """The safetensors files of one component (its shards, or its one file), each checked complete."""
+def component_weight_files(path: str, component: str, source: str | None = None) -> list[str]:
+    """The safetensors files of one component (its shards, or its one file), each checked complete;
+    `source` names the folder in messages (default `path`)."""
     folder = os.path.join(path, component)
     name = WEIGHTS_NAME.get(component, DIFFUSERS_WEIGHTS_NAME)
     index = os.path.join(folder, f"{name}.index.json")
-    where = f"Wan folder {path}: {component}"
+    where = f"Wan folder {source or path}: {component}"
     if os.path.isfile(index):
-        weight_map = _read_json(index, where).get("weight_map")
+        weight_map = _read_json(index, where, path, source).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WanFolderError(f"{where}: {name}.index.json has no weight_map; supply the index from the release")
         files = sorted(set(weight_map.values()))
@@ -233,7 +247,7 @@ def check_safetensors(file: str, where: str) -> None:
 
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
-    VAE keeps the first frame on its own), the variant's defaults."""
+    VAE keeps the first frame on its own), the variant's defaults, the text-to-video modes."""
     d = VARIANT_DEFAULTS[folder.variant]
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
@@ -243,6 +257,7 @@ def wan_grid_limits(folder: WanFolder) -> GridLimits:
         window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
+        modes=WAN_T2V_MODES,
     )
 
 
@@ -266,12 +281,14 @@ def wan_model_info(folder: WanFolder) -> ModelInfo:
                                                                                          folder.weight_files))
 
 
-def _read_json(file: str, where: str):
+def _read_json(file: str, where: str, root: str = "", source: str = ""):
+    """The JSON in `file`; messages name it under `source` (the URI) when it lies under `root` (its copy)."""
+    shown = posixpath.join(source, os.path.relpath(file, root)) if root and source and source != root else file
     if not os.path.isfile(file):
-        raise WanFolderError(f"{where}: {os.path.basename(file)} is missing ({file}); supply the release's copy")
+        raise WanFolderError(f"{where}: {os.path.basename(file)} is missing ({shown}); supply the release's copy")
     try:
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except (ValueError, OSError) as e:
-        raise WanFolderError(f"{where}: {file} is not readable JSON ({type(e).__name__}); "
+        raise WanFolderError(f"{where}: {shown} is not readable JSON ({type(e).__name__}); "
                              f"supply the release's copy") from None

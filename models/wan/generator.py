@@ -28,10 +28,22 @@ One model spread over a process group (sp x tp x cfg ranks: USP self-attention, 
 ranks, `models/wan/parallel.py`) is the same generator with `parallel` and `group` given: every rank
 calls `generate` with the same requests and gets the same frames back (each rank decodes them).
 
-On CPU everything runs in fp32; on CUDA the text encoder and transformers in bf16 (diffusers and
-transformers keep their `_keep_in_fp32_modules` in fp32) and the VAE in fp32, as diffusers'
-Wan examples load it; `dtype` sets the text encoder's and transformers' dtype instead. Every
-component is read from the local folder (`models/wan/components.py`); nothing is downloaded.
+Modes: text→video; a still is a one-frame request (`frames=1`, what `WanPipeline(num_frames=1)`
+gives); a remix (`init_frames` with `strength`) is `WanVideoToVideoPipeline.__call__`'s SDEdit: the
+video preprocessed as diffusers does, encoded (the latent distribution's mode), normalised, noised
+by the scheduler's `add_noise` to the first of the last `int(steps x strength)` timesteps with the
+seed's `randn_tensor` noise, then sampled over those timesteps (a strength that leaves no step
+returns the video itself). The same loop serves Wan 2.2's two experts and per-token timesteps,
+which diffusers' video-to-video pipeline does not take. A checkpoint of this kind takes no given
+frames (image→video, extension, interpolation, storyboards): `GridLimits.modes` says what it renders.
+
+Precision: on CPU everything runs in fp32; on CUDA the text encoder and transformers in bf16
+(diffusers and transformers keep their `_keep_in_fp32_modules` in fp32) and the VAE in fp32, as
+diffusers' Wan examples load it; `dtype` sets the text encoder's and transformers' dtype instead.
+`offload`: the text encoder and the experts live on the CPU and each goes to the device only while
+it runs (the idle expert of Wan 2.2 A14B back on the CPU), for a device that cannot hold them all;
+the frames are the same. Every component is read from the local folder (`models/wan/components.py`);
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -42,11 +54,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from models.config import ParallelConfig
-from models.render_types import RenderOutput, RenderRequest
+from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
 from models.wan.parallel import guided_prediction
@@ -63,18 +76,23 @@ class WanVideoGenerator:
     """
 
     def __init__(self, folder: WanFolder, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None, parallel: ParallelConfig | None = None, group=None):
+                 dtype: torch.dtype | str | None = None, offload: bool = False,
+                 parallel: ParallelConfig | None = None, group=None):
         self.folder = folder
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
             dtype = getattr(torch, dtype)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.precision = str(self.dtype).removeprefix("torch.")  # what a clip's metadata records
+        self.offload = offload
         self.limits = wan_grid_limits(folder)
         self.info = wan_model_info(folder)
         if parallel is not None:
             check_wan_layout(parallel, folder)
-        parts = load_components(folder, self.device, self.dtype)
+        parts = load_components(folder, self.device, self.dtype, offload=offload)
         self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
         self.scheduler = parts.scheduler  # a fresh copy samples each request
         self.transformer, self.transformer_2 = parts.experts.get("transformer"), parts.experts.get("transformer_2")
@@ -92,11 +110,11 @@ class WanVideoGenerator:
                 parallelize_wan(expert, self.mesh)
 
     def check(self, request: RenderRequest) -> None:
-        """The grid's rules, and text→video only: no given frames, no video to remix (yet)."""
+        """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`)."""
         self.limits.check(request)
-        if request.cond_frames is not None or request.init_frames is not None:
-            raise ValueError(f"{self.info.name} renders text→video only: it takes no given frames (image→video, "
-                             f"extension, interpolation) and no video to remix")
+        if request.cond_frames is not None:
+            raise ValueError(f"{self.info.name} takes no given frames (image→video, extension, interpolation, "
+                             f"storyboards): it renders {', '.join(self.limits.modes)}")
 
     @torch.no_grad()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
@@ -105,6 +123,9 @@ class WanVideoGenerator:
         return [self._generate_one(request) for request in requests]
 
     def _generate_one(self, r: RenderRequest) -> RenderOutput:
+        if r.init_frames is not None and int(r.steps * r.strength) == 0:  # a remix that takes no step: the video
+            return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8),
+                                timings={"text": 0.0, "sample": 0.0, "decode": 0.0})
         t0 = self._now()
         cfg = r.guidance > 1.0
         cond = self.encode_text(r.caption).to(self.transformer_dtype)
@@ -121,7 +142,7 @@ class WanVideoGenerator:
                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        states = self.text_encoder(ids, mask).last_hidden_state.to(self.text_encoder.dtype)
+        states = self._on_device(self.text_encoder)(ids, mask).last_hidden_state.to(self.text_encoder.dtype)
         length = int(mask.gt(0).sum())
         out = torch.zeros_like(states)
         out[:, :length] = states[:, :length]
@@ -133,25 +154,45 @@ class WanVideoGenerator:
         return (1, channels, (r.frames - 1) // f.temporal_factor + 1, r.height // fs, r.width // fs)
 
     def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
-        """The denoised latents (fp32) of one request."""
+        """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`), or from the
+        request's video noised to its strength (`WanVideoToVideoPipeline`)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
+        timesteps = scheduler.timesteps
         generator = torch.Generator(device="cpu").manual_seed(r.seed)
-        latents = randn_tensor(self.latent_shape(r), generator=generator, device=self.device, dtype=torch.float32)
-        scheduler.set_begin_index(0)
+        if r.init_frames is None:
+            latents = randn_tensor(self.latent_shape(r), generator=generator, device=self.device, dtype=torch.float32)
+            scheduler.set_begin_index(0)
+        else:
+            timesteps = remix_timesteps(timesteps, r.steps, r.strength, scheduler.order)
+            latents = self.noised_video_latents(r, scheduler, timesteps[:1], generator)
         ratio = self.folder.boundary_ratio
         boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
         guidance_2 = r.guidance if r.guidance_2 is None else r.guidance_2
-        for t in scheduler.timesteps:
+        for t in timesteps:
             if boundary is None or t >= boundary:  # Wan 2.1, or the high-noise expert of Wan 2.2 A14B
                 model, guidance = self.transformer, r.guidance
             else:
                 model, guidance = self.transformer_2, guidance_2
+            model = self._on_device(model)
             x = latents.to(self.transformer_dtype)
             timestep = self._timestep(t, latents)
             pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         return latents
+
+    def noised_video_latents(self, r: RenderRequest, scheduler, timestep: torch.Tensor,
+                             generator: torch.Generator) -> torch.Tensor:
+        """`WanVideoToVideoPipeline.prepare_latents`: the request's video encoded (the mode of its latent
+        distribution), normalised, and noised to `timestep` with the seed's noise."""
+        frames = r.init_frames.astype(np.float32) / 255.0  # what diffusers makes of PIL frames
+        video = self.video_processor.preprocess_video(frames, height=r.height, width=r.width)
+        video = video.to(self.device, dtype=torch.float32).to(dtype=self.vae.dtype)
+        latents = retrieve_latents(self.vae.encode(video), sample_mode="argmax").to(torch.float32)
+        mean, inv_std = self._latent_stats(torch.float32)
+        latents = (latents - mean) * inv_std
+        noise = randn_tensor(self.latent_shape(r), generator=generator, device=self.device, dtype=torch.float32)
+        return scheduler.add_noise(latents, noise, timestep)
 
     def _timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input: t per clip, or (TI2V-5B) t per latent token."""
@@ -163,13 +204,28 @@ class WanVideoGenerator:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 frames (T, H, W, 3) of one request's latents."""
-        cfg = self.vae.config
         latents = latents.to(self.device, dtype=self.vae.dtype)
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        mean, inv_std = self._latent_stats(latents.dtype)
         video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         frames = self.video_processor.postprocess_video(video, output_type="np")[0]  # (T, H, W, 3) in [0, 1]
         return frames_to_uint8(frames)
+
+    def _latent_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latent mean and 1 / std, shaped (1, C, 1, 1, 1), as diffusers builds them."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
+        return mean, inv_std
+
+    def _on_device(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module`, on the device; with `offload`, every other offloaded module (text encoder, experts)
+        back on the CPU first."""
+        if self.offload:
+            for other in (self.text_encoder, self.transformer, self.transformer_2):
+                if other is not None and other is not module:
+                    other.to("cpu")
+            module.to(self.device)
+        return module
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -180,3 +236,10 @@ class WanVideoGenerator:
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """diffusers' float frames in [0, 1] (output_type="np") as uint8: x * 255, rounded half to even."""
     return (frames * 255).round().astype(np.uint8)
+
+
+def remix_timesteps(timesteps: torch.Tensor, steps: int, strength: float, order: int = 1) -> torch.Tensor:
+    """The last `int(steps x strength)` of a schedule's timesteps (`WanVideoToVideoPipeline.get_timesteps`):
+    where a remix at `strength` starts sampling; none at a strength below 1 / steps."""
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    return timesteps[t_start * order:]

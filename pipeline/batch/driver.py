@@ -27,7 +27,7 @@ from models.interface import ParallelConfig
 from pipeline import storage
 from pipeline.batch.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
 from pipeline.batch.processor import build_stages, clip_item, render_layout, render_placement_prefix, stream
-from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, UsageError, one_line
+from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, UsageError, UserError, one_line
 from pipeline.media.provenance import ProvenanceError, c2pa_config_from_env
 from pipeline.stages.metadata import passthrough_bytes
 from pipeline.stages.write import check_codec
@@ -59,6 +59,8 @@ class RenderConfig:
     # override the model config's `parallel` section; more than one rank makes each replica a
     # group of Ray actors, one per rank (pipeline/stages/replica.py)
     parallel: dict[str, int] = field(default_factory=dict)
+    dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
+    offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
 
     def __post_init__(self):
         self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
@@ -89,12 +91,16 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         raise UsageError(str(e)) from None
     if cfg.limit is not None:
         table = table.slice(0, cfg.limit)
-    from models.interface import describe_model
+    from models.interface import check_load_options, describe_model
 
     try:
         model_info, limits, model_recaptioner = describe_model(cfg.model)
     except Exception as e:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
+    try:
+        check_load_options(cfg.model, cfg.dtype, cfg.offload)
+    except UserError as e:
+        raise UsageError(str(e)) from None
     recaptioner = cfg.recaptioner or model_recaptioner or "plain"
     _check_recaptioner(recaptioner)
     layout = render_layout(cfg.model, cfg.parallel)
@@ -111,7 +117,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
-                                     codec=cfg.codec) for s in specs}
+                                     codec=cfg.codec, dtype=cfg.dtype) for s in specs}
     done = _completed_requests(cfg.out) if cfg.resume else {}
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
@@ -130,7 +136,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
-            threads_per_replica=cfg.threads_per_replica)
+            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload)
         try:
             for row in stream(items, stages, cfg.progress):
                 if row.get("error"):

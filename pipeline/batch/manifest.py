@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.interface import GridLimits, RenderRequest
+from models.interface import MODES, GridLimits, RenderRequest
 from pipeline import storage
 from pipeline.errors import UserError, one_line
 
@@ -27,8 +27,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PROMPT_CHARS = 2000
 SEED_RANGE = (0, 2**32 - 1)
 
-#: Generation modes (a row's `mode`; inferred from its columns when missing, see `infer_mode`).
-MODES = ("t2v", "i2v", "extend", "interpolate", "remix", "storyboard", "image")
+# Generation modes: `MODES` (a row's `mode`; inferred from its columns when missing, see `infer_mode`),
+# of which a model renders `GridLimits.modes`.
 DIRECTIONS = ("forward", "backward")
 #: The strength of a remix whose row gives none.
 DEFAULT_STRENGTH = 0.75
@@ -90,13 +90,15 @@ class ClipSpec:
     def seconds(self) -> float:
         return self.frames / self.fps
 
-    def request_sha256(self, *, model_sha256: str, recaptioner: str, codec: str = "h264") -> str:
+    def request_sha256(self, *, model_sha256: str, recaptioner: str, codec: str = "h264",
+                       dtype: str | None = None) -> str:
         """Hash of everything that decides the frames and the file they land in: equal hash → the same
         clip (resume key).
 
         Media inputs enter by URI: an input replaced at the same URI does not re-render. The video
         `codec` enters when it is not h264 (so an H.264 clip keeps the key it had before codecs were
-        chosen), and not for a still (a PNG whatever the codec).
+        chosen), and not for a still (a PNG whatever the codec). `dtype`, the precision asked for
+        (`--dtype`), enters when given (None: the device's default, as before).
         """
         defaults = {f.name: f.default for f in fields(ClipSpec) if f.name in MODE_FIELDS}
         render = {k: v for k, v in asdict(self).items()
@@ -104,6 +106,8 @@ class ClipSpec:
         render.update(model_sha256=model_sha256, recaptioner=recaptioner)
         if codec != "h264" and self.mode != "image":
             render["codec"] = codec
+        if dtype is not None:
+            render["dtype"] = dtype
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
@@ -327,6 +331,10 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     if mode not in MODES:
         raise bad(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     _check_mode_columns(mode, media, shots, not _missing(strength), bad)
+    try:  # a mode the model cannot render (i2v on a text-to-video checkpoint): this row only
+        limits.check_mode(mode)
+    except ValueError as e:
+        raise bad(str(e)) from None
 
     direction = raw.get("direction")
     direction = "forward" if _missing(direction) else str(direction).strip().lower()

@@ -52,13 +52,14 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                  layout: ParallelConfig | None = None, clips: int | None = None,
                  inputs_limits: GridLimits | None = None, replicas: int | None = None,
                  gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,
-                 threads_per_replica: int | None = None) -> list[Stage]:
+                 threads_per_replica: int | None = None, dtype: str | None = None,
+                 offload: bool = False) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
-    `model_spec` is the model to load, `model` its name/version/weights hash for the metadata, `codec`
-    the videos' (the writer's); the replica settings are `reel render`'s (None: the defaults below).
-    The inputs stage (reading and fitting the rows' pictures and clips) is there when `inputs_limits`
-    is given: when some row has media.
+    `model_spec` is the model to load (with `dtype` and `offload`: `load_generator`'s), `model` its
+    name/version/weights hash for the metadata, `codec` the videos' (the writer's); the replica
+    settings are `reel render`'s (None: the defaults below). The inputs stage (reading and fitting
+    the rows' pictures and clips) is there when `inputs_limits` is given: when some row has media.
 
     With GPUs: one replica per `gpus_per_replica` GPUs, each reserving one CPU. On a CPU-only
     cluster: single-threaded replicas, one per core, each reserving half a CPU. Measured on a
@@ -90,7 +91,7 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
             replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
     if clips:
         replicas = min(replicas, clips)
-    render = {"model": model_spec, "num_threads": threads}
+    render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload}
     render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if world > 1:  # the ranks reserve the devices; the render actor only drives them
         try:
@@ -131,7 +132,7 @@ def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[s
     item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
                 timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
                 shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
-                inputs=b"")
+                inputs=b"", dtype="")
     return item
 
 

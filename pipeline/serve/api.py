@@ -209,7 +209,7 @@ class VideoAPI:
         job = Job(id=spec.id, owner=owner, model=self.model["name"], prompt=spec.prompt, seconds=seconds,
                   size=f"{spec.width}x{spec.height}", spec=values, remixed_from_video_id=remixed_from,
                   request_sha256=spec.request_sha256(model_sha256=self.model["weights_sha256"],
-                                                     recaptioner=self.model["recaptioner"]))
+                                                     recaptioner=self.model["recaptioner"], dtype=self.cfg.dtype))
         for uri, data in uploads.items():
             await asyncio.to_thread(storage.write_bytes_atomic, uri, data)
         try:

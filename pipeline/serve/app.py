@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from pipeline.errors import UsageError, one_line
+from pipeline.errors import UsageError, UserError, one_line
 from pipeline.serve.api import VideoAPI
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.renderer import Renderer
@@ -43,7 +43,7 @@ def build_app(cfg: ServeConfig) -> Application:
 
 def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
     """`reel serve`: start (or join) Ray, deploy the app on host:port and serve until interrupted."""
-    from models.interface import describe_model
+    from models.interface import check_load_options, describe_model
     from pipeline.batch.driver import check_output_reachable, init_ray
     from pipeline.prompt.recaption import check_recaptioner_spec
 
@@ -52,6 +52,10 @@ def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
         cfg.layout()
     except Exception as e:
         raise UsageError(f"cannot serve model {cfg.model!r}: {one_line(e)}") from None
+    try:
+        check_load_options(cfg.model, cfg.dtype, cfg.offload)
+    except UserError as e:
+        raise UsageError(str(e)) from None
     init_ray(address)
     check_output_reachable(cfg.out)
 

@@ -32,6 +32,8 @@ class ServeConfig:
     sp: int | None = None  # sequence-parallel ranks
     tp: int | None = None  # tensor-parallel ranks
     cfg_parallel: bool | None = None  # guidance's two passes on two ranks
+    dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
+    offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
     ingress_cpus: float = 0.1
     max_queued: int = 64  # jobs waiting for a render slot; beyond: 429
     max_inflight_per_key: int = 8  # queued + in-progress jobs per API key; beyond: 429

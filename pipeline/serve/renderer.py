@@ -55,7 +55,8 @@ class Renderer:
         from pipeline.stages.write import ClipWriter
 
         self.out = cfg.out
-        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout())
+        self.renderer = RenderUDF(cfg.model, num_threads=cfg.threads_per_replica, parallel=cfg.layout(),
+                                  dtype=cfg.dtype, offload=cfg.offload)
         generator = self.renderer.generator
         # The model's caption style as the ingress reads it (a Wan generator has no reelforge config).
         self.recaptioner = RecaptionUDF(cfg.recaptioner_for(describe_model(cfg.model)[2]))

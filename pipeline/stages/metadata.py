@@ -32,6 +32,7 @@ METADATA_SCHEMA = pa.schema([
     ("seconds", pa.float64()),
     ("steps", pa.int64()),
     ("guidance", pa.float64()),
+    ("dtype", pa.string()),  # the precision the model ran in (float32, bfloat16, float16)
     ("timings", pa.struct([(name, pa.float64()) for name in TIMING_FIELDS])),
     ("codec", pa.string()),  # of the file at video_uri (h264: MP4, ffv1: Matroska) or image_uri (png)
     ("video_uri", pa.string()),

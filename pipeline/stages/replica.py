@@ -180,15 +180,17 @@ class RenderRank:
         return ray.util.get_node_ip_address(), port
 
     def start(self, model: str | ModelConfig, layout: ParallelConfig, master_addr: str, master_port: int,
-              num_threads: int | None) -> dict[str, Any]:
-        """Join the group (blocks until every rank has) and load the model's share for this rank."""
+              num_threads: int | None, load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Join the group (blocks until every rank has) and load the model's share for this rank
+        (`load_options`: `load_generator`'s dtype / offload)."""
         from models.interface import join_render_group, load_generator
 
         join_render_group(self.rank, self.world, master_addr, master_port)
-        self.generator = load_generator(model, num_threads=num_threads, parallel=layout)
+        self.generator = load_generator(model, num_threads=num_threads, parallel=layout, **(load_options or {}))
         g = self.generator
         return {"node_id": ray.get_runtime_context().get_node_id(), "info": g.info, "limits": g.limits,
-                "config": getattr(g, "config", None)}  # a Wan folder's generator has no ModelConfig
+                "config": getattr(g, "config", None),  # a Wan folder's generator has no ModelConfig
+                "precision": g.precision}
 
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput] | None:
         """Sample the requests with the other ranks; rank 0 returns the outputs (the same on every rank)."""
@@ -205,14 +207,17 @@ class ModelParallelReplica:
     threads per rank (CPU ranks). `strategy`: of the placement group this replica makes;
     `placement_name`: its name, and a live group of that name is taken up again (this actor,
     restarted). `start_timeout_s`: how long the group may wait for its resources and its ranks.
+    `load_options`: `load_generator`'s dtype / offload for every rank.
     """
 
     def __init__(self, model: str | ModelConfig, layout: ParallelConfig,
                  rank_bundle: dict[str, float] | None = None, num_threads: int | None = None,
-                 strategy: str = "PACK", placement_name: str | None = None, start_timeout_s: float = 600.0):
+                 strategy: str = "PACK", placement_name: str | None = None, start_timeout_s: float = 600.0,
+                 load_options: dict[str, Any] | None = None):
         check_model_layout(model, layout)  # before any actor starts
         self.model, self.layout, self.world = model, layout, layout.world_size
         self.num_threads, self.start_timeout_s = num_threads, start_timeout_s
+        self.load_options = dict(load_options or {})
         self.ranks: list = []
         self.rank_nodes: list[str] = []  # each rank's node id, once started
         self._owns_group = False
@@ -264,10 +269,11 @@ class ModelParallelReplica:
             for r in range(self.world)
         ]
         addr, port = ray.get(self.ranks[0].master_address.remote(), timeout=self.start_timeout_s)
-        started = ray.get([rank.start.remote(self.model, self.layout, addr, port, self.num_threads)
+        started = ray.get([rank.start.remote(self.model, self.layout, addr, port, self.num_threads, self.load_options)
                            for rank in self.ranks], timeout=self.start_timeout_s)
         self.rank_nodes = [s["node_id"] for s in started]
         self.info, self.limits, self.config = started[0]["info"], started[0]["limits"], started[0]["config"]
+        self.precision = started[0]["precision"]
 
     # --- the generator interface ----------------------------------------------------------------
 

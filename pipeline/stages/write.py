@@ -85,7 +85,7 @@ class ClipWriter:
             "model": dict(self.model), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
             "frames": int(frames.shape[0]), "fps": int(row["fps"]),
             "seconds": frames.shape[0] / int(row["fps"]), "steps": int(row["steps"]),
-            "guidance": float(row["guidance"]),
+            "guidance": float(row["guidance"]), "dtype": row.get("dtype") or None,
             "timings": {name: timings.get(name) for name in TIMING_FIELDS},
             "codec": "png" if still else self.codec,
             "video_uri": "" if still else media_key, "image_uri": media_key if still else "",

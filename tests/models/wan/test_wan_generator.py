@@ -26,11 +26,6 @@ def pipeline_frames(pipe, r: RenderRequest) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def generators(wan_folders):
-    return {v: load_generator(folder, device="cpu") for v, folder in wan_folders.items()}
-
-
 @pytest.mark.parametrize("variant", ["wan21", "ti2v", "a14b"])
 @pytest.mark.parametrize("frames", [9, 1], ids=["video", "still"])
 def test_frames_equal_diffusers_wan_pipeline(variant, frames, generators, wan_pipelines):
@@ -83,44 +78,55 @@ def test_limits_info_and_refusals(generators, wan_folders):
     with pytest.raises(ValueError, match="^guidance_2 is for a model with a low-noise expert"):
         gen.generate([dataclasses.replace(REQUEST, guidance_2=2.0)])
     still = np.zeros((1, 32, 32, 3), np.uint8)
-    with pytest.raises(ValueError, match="renders text→video only"):
+    with pytest.raises(ValueError, match=r"^Tiny-wan21-Diffusers takes no given frames \(image→video, extension, "
+                                         r"interpolation, storyboards\): it renders t2v, image, remix$"):
         gen.generate([dataclasses.replace(REQUEST, cond_frames=still, cond_index=(0,))])
+    assert limits.modes == ("t2v", "image", "remix") and describe_model("default")[1].modes[0] == "t2v"
     with pytest.raises(ParallelConfigError, match=r"^parallel layout sp=1 x tp=4 x cfg=1: tp=4 must divide the heads "
                                                   r"\(2\), the width \(24\) and the MLP width \(32\)$"):
         load_generator(wan_folders["wan21"], device="cpu", parallel=ParallelConfig(tp=4))
 
 
 def test_bf16_transformers_keep_diffusers_fp32_modules(wan_folders, generators):
-    """bf16 as `from_pretrained(torch_dtype=torch.bfloat16)` loads it: weights in `_keep_in_fp32_modules`
-    stay fp32, the rest is the checkpoint cast to bf16; a bf16 render is close to the fp32 one."""
-    import importlib.util
-
+    """bf16 is `from_pretrained(torch_dtype=torch.bfloat16)`: weights in `_keep_in_fp32_modules` stay fp32,
+    the rest is the checkpoint cast to bf16; the VAE stays fp32; a bf16 render is close to the fp32 one."""
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
-    from models.wan.components import load_transformer
     from models.wan.folder import component_weight_files, read_wan_folder
     from models.wan.generator import WanVideoGenerator
 
     folder = read_wan_folder(wan_folders["ti2v"])
-    model = load_transformer(folder, "transformer", torch.bfloat16)
+    bf16 = WanVideoGenerator(folder, device="cpu", dtype="bfloat16")
     saved = {}
     for shard in component_weight_files(folder.path, "transformer"):
         saved.update(load_file(f"{folder.path}/transformer/{shard}"))
     keep = WanTransformer3DModel._keep_in_fp32_modules
-    state = model.state_dict()
-    assert set(state) == set(saved)
+    state = bf16.transformer.state_dict()
+    assert set(state) == set(saved) and keep
     for key, value in state.items():
         assert value.dtype == (torch.float32 if any(m in key.split(".") for m in keep) else torch.bfloat16), key
         assert torch.equal(value, saved[key].to(value.dtype)), key
-    if importlib.util.find_spec("accelerate"):  # diffusers' own loader needs it
-        ref = WanTransformer3DModel.from_pretrained(f"{folder.path}/transformer", torch_dtype=torch.bfloat16)
-        assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in ref.state_dict().items())
-
-    bf16 = WanVideoGenerator(folder, device="cpu", dtype="bfloat16")
-    assert (bf16.transformer_dtype, bf16.text_encoder.dtype, bf16.vae.dtype) == (
-        torch.bfloat16, torch.bfloat16, torch.float32)
+    assert (bf16.transformer_dtype, bf16.text_encoder.dtype, bf16.vae.dtype, bf16.precision) == (
+        torch.bfloat16, torch.bfloat16, torch.float32, "bfloat16")
     r = dataclasses.replace(REQUEST, frames=5)
     [low] = bf16.generate([r])
     [full] = generators["ti2v"].generate([r])
     assert np.abs(low.frames.astype(int) - full.frames).mean() < 2
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(wan_folders, tmp_path):
+    """A transformer config.json of another release (wider) over these weights: refused in one line."""
+    import json
+    import shutil
+
+    from models.wan.folder import WanFolderError
+
+    folder = shutil.copytree(wan_folders["wan21"], tmp_path / "Wan-mixed")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "ffn_dim": 64}))
+    with pytest.raises(WanFolderError) as e:
+        load_generator(str(folder), device="cpu")
+    message = str(e.value)
+    assert message.startswith(f"Wan folder {folder}: transformer/ does not load (") and "\n" not in message
+    assert message.endswith("supply its config.json and weights from the same release")

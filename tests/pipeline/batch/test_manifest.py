@@ -158,3 +158,27 @@ def test_request_hash_changes_with_parameters():
     assert h(a) == h(same)
     assert h(a) != h(other)
     assert h(a) != h(a, "other-model")
+
+
+def test_a_mode_the_model_cannot_render_fails_its_row_only(tmp_path):
+    """A text-to-video checkpoint (`GridLimits.modes`): i2v, extend, interpolate and storyboard rows get a
+    one-line reason naming what the model renders; t2v, still and remix rows go on."""
+    import dataclasses
+
+    t2v_only = dataclasses.replace(LIMITS, frame_multiple=4, frame_offset=1, max_frames=81, modes=("t2v", "image",
+                                                                                                 "remix"))
+    uri = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "text", "prompt": "p"},
+        {"id": "still", "prompt": "p", "mode": "image"},
+        {"id": "remix", "prompt": "p", "video": "s3://b/in.mp4", "strength": 0.5},
+        {"id": "i2v", "prompt": "p", "image": "s3://b/in.png"},
+        {"id": "extend", "prompt": "p", "video": "s3://b/in.mp4", "mode": "extend"},
+        {"id": "interpolate", "prompt": "p", "image": "s3://b/a.png", "image_end": "s3://b/b.png"},
+        {"id": "storyboard", "shots": [{"prompt": "p", "seconds": 1}]},
+    ])
+    specs, errors = validate(read_manifest(uri), t2v_only)
+    assert [(s.id, s.mode, s.frames) for s in specs] == [("text", "t2v", 17), ("still", "image", 1),
+                                                         ("remix", "remix", 17)]
+    assert reasons(errors) == {i: f"mode {m} is not one this model renders; it renders t2v, image, remix"
+                               for i, m in enumerate(("i2v", "extend", "interpolate", "storyboard"), start=3)}
+    assert len(validate(read_manifest(uri), LIMITS)[0]) == 7  # the default: every mode
