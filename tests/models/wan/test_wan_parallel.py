@@ -170,7 +170,8 @@ def test_a_layout_the_folder_or_process_cannot_take_is_refused_in_one_line(folde
     with pytest.raises(ParallelConfigError, match=r"^parallel layout sp=1 x tp=8 x cfg=1: tp=8 must divide the "
                                                   r"heads \(4\), the width \(48\) and the MLP width \(32\)$"):
         load_generator(folders["wan21"], device="cpu", parallel=ParallelConfig(tp=8))
-    with pytest.raises(ParallelConfigError, match="needs an initialised process group"):
+    # a process with no group, or (when an earlier test in this process made one) a group of one rank
+    with pytest.raises(ParallelConfigError, match="needs an initialised process group|needs 2 ranks, the group has 1"):
         load_generator(folders["wan21"], device="cpu", parallel=ParallelConfig(sp=2))
 
 

@@ -35,7 +35,7 @@ def test_stages_and_their_resources_on_a_cpu_cluster(ray_session):
     assert (render.map_batches_kwargs["num_cpus"], render.map_batches_kwargs["num_gpus"]) == (0.5, 0)
     pool = render.map_batches_kwargs["compute"]
     assert (pool.min_size, pool.max_size, pool.initial_size, render.map_batches_kwargs["batch_size"]) == (1, 2, 2, 1)
-    assert write.constructor_kwargs == {**WRITER, "blur_faces": False, "c2pa": None}
+    assert write.constructor_kwargs == {**WRITER, "blur_faces": False, "c2pa": None, "codec": "h264"}
     assert recaption.map_batches_kwargs["num_cpus"] == write.map_batches_kwargs["num_cpus"] == 0.25
 
     # media rows add the inputs stage; fewer clips or more threads make fewer replicas

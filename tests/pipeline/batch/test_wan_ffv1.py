@@ -2,10 +2,8 @@
 watermark: for a Wan 2.1 T2V, a TI2V-5B-style and an A14B-style folder (the tiny session fixtures),
 the decoded Matroska master equals `embed_watermark` of the pipeline's frames for the same prompt,
 negative prompt, seed, size, frames, steps and guidance, so it is within the mark's ±3 levels of them.
+A still (`mode=image`) in the same runs is `WanPipeline(num_frames=1)`'s frame, marked, as a PNG.
 A folder that cannot be used stops `reel render` in one line, exit 2, before anything is written.
-
-Stills (`mode=image`) are not compared here: on this branch the image mode asks the generator for
-`frame_multiple` (4) frames, which Wan's 4k+1 grid refuses.
 """
 
 import hashlib
@@ -26,10 +24,10 @@ from pipeline.media.encode import decode_mp4
 from pipeline.media.watermark import AMPLITUDE, embed_watermark
 
 VARIANTS = ("wan21", "ti2v", "a14b")
-# The prompt is written the way the plain recaptioner (Wan's default) leaves it, so the caption the
-# model gets is the prompt diffusers gets.
-ROW = {"id": "clip", "prompt": "A red circle moves right.", "negative_prompt": "blurry static", "width": 32,
+# Wan's recaptioner is verbatim: the caption the model gets is the prompt diffusers gets, as written.
+ROW = {"id": "clip", "prompt": "a red circle moves right", "negative_prompt": "blurry static", "width": 32,
        "height": 32, "frames": 5, "steps": 2, "guidance": 4.0, "seed": 11}
+STILL = {**{k: v for k, v in ROW.items() if k != "frames"}, "id": "still", "mode": "image"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,7 @@ def renders(wan_folders, tmp_path_factory):
     one subprocess: the runs share its local Ray."""
     root = tmp_path_factory.mktemp("wan-ffv1")
     manifest = root / "m.jsonl"
-    manifest.write_text(json.dumps(ROW) + "\n")
+    manifest.write_text(json.dumps(ROW) + "\n" + json.dumps(STILL) + "\n")
     runs = [["render", str(manifest), "--out", str(root / v), "--model", wan_folders[v], "--codec", "ffv1",
              "--no-progress"] for v in VARIANTS]
     script = f"import sys\nfrom pipeline.cli import main\nsys.exit(max([main(argv) for argv in {runs!r}]))\n"
@@ -50,9 +48,9 @@ def renders(wan_folders, tmp_path_factory):
     return {v: root / v for v in VARIANTS}
 
 
-def diffusers_frames(pipe) -> np.ndarray:
+def diffusers_frames(pipe, frames: int = ROW["frames"]) -> np.ndarray:
     out = pipe(prompt=ROW["prompt"], negative_prompt=ROW["negative_prompt"], height=ROW["height"], width=ROW["width"],
-               num_frames=ROW["frames"], num_inference_steps=ROW["steps"], guidance_scale=ROW["guidance"],
+               num_frames=frames, num_inference_steps=ROW["steps"], guidance_scale=ROW["guidance"],
                generator=torch.Generator("cpu").manual_seed(ROW["seed"]), output_type="np").frames[0]
     return (out * 255).round().astype(np.uint8)
 
@@ -107,10 +105,25 @@ def test_an_unusable_wan_folder_exits_2_in_one_line_and_writes_nothing(how, wan_
     folder = shutil.copytree(wan_folders["wan21"], tmp_path / "Wan-broken")
     said = _break(folder, how)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps(ROW) + "\n")
+    manifest.write_text(json.dumps(ROW) + "\n" + json.dumps(STILL) + "\n")
     out = tmp_path / "out"
     assert main(["render", str(manifest), "--out", str(out), "--model", str(folder), "--codec", "ffv1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"reel render: cannot load model '{folder}': Wan folder {folder}") and said in err
     assert err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_wan_still_is_wan_pipelines_one_frame_to_the_watermark(variant, renders, wan_pipelines):
+    from PIL import Image
+
+    out = renders[variant]
+    meta = pq.read_table(out / "metadata" / "still.parquet").to_pylist()[0]
+    assert (meta["mode"], meta["frames"], meta["codec"], meta["image_uri"]) == (
+        "image", 1, "png", str(out / "images" / "still.png"))
+    with Image.open(out / "images" / "still.png") as im:
+        still = np.asarray(im.convert("RGB"))
+    expected = diffusers_frames(wan_pipelines[variant][1], frames=1)
+    assert expected.shape == (1, 32, 32, 3) and expected.std() > 1
+    assert np.array_equal(still, embed_watermark(expected)[0])

@@ -104,8 +104,8 @@ def test_create_poll_and_download_a_wan_clip_with_the_openai_client(wan_server, 
     assert (meta["frames"], meta["fps"], meta["steps"], meta["guidance"], meta["seed"]) == (5, 16, 2, 4.0, 11)
     assert (meta["negative_prompt"], meta["model"]["name"]) == ("blurry", "Tiny-wan21-Diffusers")
     # every extra field reached the sampler: the frames are the Wan generator's for the same caption (the
-    # plain recaptioner's sentence of the prompt) and settings, to the bit
-    assert meta["caption"] == "A red circle moves right."
+    # prompt as written: Wan's recaptioner is verbatim) and settings, to the bit
+    assert meta["caption"] == PROMPT
     expected = generator_frames(wan_folders["wan21"], RenderRequest(
         caption=meta["caption"], negative_caption="blurry", width=32, height=32, frames=5, fps=16, seed=11, steps=2,
         guidance=4.0))
