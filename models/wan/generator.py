@@ -116,7 +116,7 @@ class WanVideoGenerator:
             raise ValueError(f"{self.info.name} takes no given frames (image→video, extension, interpolation, "
                              f"storyboards): it renders {', '.join(self.limits.modes)}")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
         for request in requests:  # all or nothing: reject before spending time on any
             self.check(request)
