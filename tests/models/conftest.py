@@ -35,3 +35,42 @@ def tiny_generator():
     from models.interface import load_generator
 
     return load_generator("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    """`run(script, world, out_dir, *args, env={}, timeout=s)`: `world` processes of `script` (a test
+    file that is also a rank's main: `script RANK WORLD PORT OUT_DIR *args`) on one free port, each
+    given OMP_NUM_THREADS=1, DeepSpeed's CPU accelerator and the repository on PYTHONPATH; waits for
+    all, fails with the ranks' output if any failed, and returns OUT_DIR/results.json (rank 0's)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def run(script, world: int, out_dir: Path, *args: str, env: dict | None = None, timeout: float = 300):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        environ = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root),
+                   **(env or {})}
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port), str(out_dir), *args],
+                                  cwd=root, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in range(world)]
+        logs = []
+        try:
+            for proc in procs:
+                out, _ = proc.communicate(timeout=timeout)
+                logs.append(out)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        if any(proc.returncode for proc in procs):
+            raise AssertionError("a rank failed:\n" + "\n".join(log[-3000:] for log in logs))
+        return json.loads((Path(out_dir) / "results.json").read_text())
+
+    return run

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -195,32 +193,9 @@ def rank_1080p(rank: int, world: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_group(world: int, out_dir: Path, timeout: float = 300) -> dict:
-    port = _free_port()
+def run_group(run_ranks, world: int, out_dir: Path, timeout: float = 300) -> dict:
     # a fixed mmap threshold: freed large buffers go back to the OS, so RSS follows live memory
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out_dir)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode for p in procs):
-        raise AssertionError("a rank failed:\n" + "\n".join(log[-3000:] for log in logs))
-    results = json.loads((out_dir / "results.json").read_text())
+    results = run_ranks(__file__, world, out_dir, env={"MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=timeout)
     if world == 2:
         results["1080p"] = {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
     return results
@@ -231,23 +206,23 @@ def reference():
     return reference_latents()
 
 
-def _group(world, tmp_path_factory):
+def _group(world, tmp_path_factory, run_ranks):
     out = tmp_path_factory.mktemp(f"group{world}")
     t0 = time.perf_counter()
-    results = run_group(world, out)
+    results = run_group(run_ranks, world, out)
     return world, out, results, time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
-def group2(tmp_path_factory):
+def group2(tmp_path_factory, run_ranks):
     """2 ranks: sp2 (Ulysses), sp2 (ring), tp2, cfg2, the spread decode, then the 1080p latent."""
-    return _group(2, tmp_path_factory)
+    return _group(2, tmp_path_factory, run_ranks)
 
 
 @pytest.fixture(scope="module")
-def group4(tmp_path_factory):
+def group4(tmp_path_factory, run_ranks):
     """4 ranks: sp2 x tp2, sp4 (Ulysses 2 x ring 2), cfg2 x sp2, a shard of padding only."""
-    return _group(4, tmp_path_factory)
+    return _group(4, tmp_path_factory, run_ranks)
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["2 ranks", "4 ranks"])

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,34 +85,6 @@ def rank_main(rank: int, world: int, port: int, out_dir: str, folders: dict[str,
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_group(world: int, folders: dict[str, str], out_dir: Path, timeout: float = 600) -> dict:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-           "HF_HUB_OFFLINE": "1", "REELFORGE_CACHE": str(out_dir / "cache")}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out_dir),
-                               json.dumps(folders)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode for p in procs):
-        raise AssertionError("a rank failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return json.loads((out_dir / "results.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def folders(wan_folders, tmp_path_factory):
     """{"wan21": a 4-head Wan 2.1 folder, "ti2v": the session's TI2V-5B folder}."""
@@ -137,9 +107,10 @@ def reference(folders):
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["2 ranks", "4 ranks"])
-def test_every_layout_renders_the_one_rank_frames(world, folders, reference, tmp_path):
+def test_every_layout_renders_the_one_rank_frames(world, folders, reference, tmp_path, run_ranks):
     t0 = time.perf_counter()
-    results = run_group(world, folders, tmp_path)
+    results = run_ranks(__file__, world, tmp_path, json.dumps(folders), timeout=600,
+                        env={"HF_HUB_OFFLINE": "1", "REELFORGE_CACHE": str(tmp_path / "cache")})
     seconds = time.perf_counter() - t0
     report = {}
     for name, (variant, *_) in LAYOUTS[world].items():
