@@ -1,7 +1,7 @@
 """A render replica spread over several devices: a group of Ray actors, one per rank.
 
     replica = ModelParallelReplica("default", ParallelConfig(sp=2, tp=2))   # 4 ranks
-    [out] = replica.generate([request])   # the `VideoGenerator` interface (info, limits, config)
+    [out] = replica.generate([request])   # the `VideoGenerator` interface (info, limits, precision)
 
 How a group is placed and run:
 
@@ -189,7 +189,6 @@ class RenderRank:
         self.generator = load_generator(model, num_threads=num_threads, parallel=layout, **(load_options or {}))
         g = self.generator
         return {"node_id": ray.get_runtime_context().get_node_id(), "info": g.info, "limits": g.limits,
-                "config": getattr(g, "config", None),  # a Wan folder's generator has no ModelConfig
                 "precision": g.precision}
 
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput] | None:
@@ -272,7 +271,7 @@ class ModelParallelReplica:
         started = ray.get([rank.start.remote(self.model, self.layout, addr, port, self.num_threads, self.load_options)
                            for rank in self.ranks], timeout=self.start_timeout_s)
         self.rank_nodes = [s["node_id"] for s in started]
-        self.info, self.limits, self.config = started[0]["info"], started[0]["limits"], started[0]["config"]
+        self.info, self.limits = started[0]["info"], started[0]["limits"]
         self.precision = started[0]["precision"]
 
     # --- the generator interface ----------------------------------------------------------------
