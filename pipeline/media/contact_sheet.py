@@ -38,6 +38,21 @@ def sheet(clips: list[np.ndarray], frames: int = 6, scale: int = 2, background: 
     return out
 
 
+def spritesheet_grid(frame_count: int, tiles: int = 16, columns: int = 4) -> tuple[int, int]:
+    """(columns, rows) of the spritesheet of a clip of `frame_count` frames: at most `tiles` tiles,
+    whole rows only. Each tile is a frame's size plus GAP pixels between tiles."""
+    columns = max(1, min(columns, frame_count))
+    return columns, max(columns, min(tiles, frame_count) // columns * columns) // columns
+
+
+def spritesheet(frames: np.ndarray, tiles: int = 16, columns: int = 4) -> np.ndarray:
+    """A grid of evenly spaced frames of a clip (T, H, W, 3), left to right, top to bottom: the
+    Videos API's `spritesheet` variant and the gallery's hover-scrub strip (`spritesheet_grid`)."""
+    columns, rows = spritesheet_grid(len(frames), tiles, columns)
+    picks = np.linspace(0, len(frames) - 1, columns * rows).round().astype(int)
+    return sheet([frames[picks[i:i + columns]] for i in range(0, columns * rows, columns)], frames=columns, scale=1)
+
+
 def sheet_of_run(out: str, clips: int = 8, frames: int = 6) -> tuple[np.ndarray, list[str]]:
     """(the sheet, its rows' "id: prompt" lines) of the first `clips` clips of a render output, by id."""
     meta = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "prompt", "video_uri"])

@@ -10,23 +10,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from pipeline import storage
 from pipeline.errors import UserError, one_line
+from pipeline.media.contact_sheet import spritesheet
 from pipeline.serve.config import ServeConfig
-
-
-def spritesheet(frames: np.ndarray, tiles: int = 16, columns: int = 4) -> np.ndarray:
-    """A grid of evenly spaced frames of a clip (T, H, W, 3), left to right, top to bottom."""
-    from pipeline.media.contact_sheet import sheet
-
-    columns = max(1, min(columns, len(frames)))
-    count = max(columns, min(tiles, len(frames)) // columns * columns)
-    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
-    rows = [frames[picks[i:i + columns]] for i in range(0, count, columns)]
-    return sheet(rows, frames=columns, scale=1)
 
 
 def output_uris(out: str, video_id: str) -> dict[str, str]:
