@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_parser(sub)
     _add_serve_parser(sub)
     _add_verify_parser(sub)
+    _add_gallery_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "render":
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "gallery":
+        return _gallery(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -208,6 +211,14 @@ def _add_campaign_parser(sub) -> None:
                        help="the model whose grid sizes the placements (default: the spec's model, else 'default')")
         if name == "render":
             _add_render_options(p)
+    export = csub.add_parser("export", help="write the approved clips of a render OUT as a manifest",
+                             description="Write a manifest of the clips whose latest verdict in the gallery "
+                                         "(OUT/reviews/) is approved: their rows as rendered, seeds and the "
+                                         "campaign's columns included, to render them again.")
+    export.add_argument("out", metavar="OUT", help="a reel render / reel campaign render output (any fsspec URI)")
+    export.add_argument("--approved", action="store_true", required=True, help="export the approved clips")
+    export.add_argument("--out", dest="picks", metavar="PICKS", help="manifest URI to write (.parquet, or .jsonl "
+                                                                     "for JSON Lines; default: OUT/picks.parquet)")
 
 
 def _campaign(args: argparse.Namespace) -> int:
@@ -216,6 +227,18 @@ def _campaign(args: argparse.Namespace) -> int:
     from pipeline.batch.manifest import write_manifest
 
     prog = f"reel campaign {args.campaign_command}"
+    if args.campaign_command == "export":
+        from pipeline.errors import UserError
+        from pipeline.gallery.export import export_approved
+
+        picks = args.picks or storage.join(args.out, "picks.parquet")
+        try:
+            count = export_approved(args.out, picks)
+        except UserError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+        print(f"{count} approved clips → {picks}", file=sys.stderr)
+        return 0
     try:
         text = args.spec if args.spec.endswith((".yaml", ".yml")) else storage.read_bytes(args.spec).decode()
         spec = campaign.load_spec(text, model=args.model, source=args.spec)
@@ -429,6 +452,50 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(report) if args.json else format_report(report), flush=True)
         unmarked |= not report["ok"]
     return 2 if unreadable else 1 if unmarked else 0
+
+
+GALLERY_HELP = """\
+Review a render OUT (any fsspec URI: a folder, s3://bucket/renders/spring) in a browser: every clip's
+thumbnail (hover scrubs its spritesheet; click plays it), filters and grouping by the manifest's columns,
+mode, model and review state, the clip's prompt, caption, seed, model, timings and provenance, and the
+failed rows. Keys: j/k move, a approve, r reject, n note. Verdicts go to OUT/reviews/ (one Parquet file
+each; the latest per clip wins); `reel campaign export OUT --approved` writes the approved clips'
+manifest. Off loopback (--host 0.0.0.0) a key is required: the keys of `reel serve` (REEL_API_KEYS,
+REELFORGE_API_KEY_FILE, --api-key-file), entered once in a login form that sets an HttpOnly cookie.
+--static writes a read-only copy to OUT/gallery/index.html with relative links (static hosting, file://).
+"""
+
+
+def _add_gallery_parser(sub) -> None:
+    p = sub.add_parser("gallery", help="review a render output in a browser: approve, reject, note",
+                       description=GALLERY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="a reel render output (local folder or any fsspec URI)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8090, help="port (default: %(default)s)")
+    p.add_argument("--api-key-file", metavar="PATH", help="file of API keys, one a line (adds to REEL_API_KEYS)")
+    p.add_argument("--static", action="store_true", help="write OUT/gallery/index.html (read-only) and exit")
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from pipeline.errors import UserError
+
+    try:
+        if args.static:
+            from pipeline.gallery.page import write_static
+
+            print(f"reel gallery: wrote {write_static(args.out)}", file=sys.stderr)
+            return 0
+        from pipeline.gallery.app import serve_gallery
+        from pipeline.serve.config import ServeConfig, key_hash, read_key_file
+
+        keys = set(ServeConfig.from_env().api_key_sha256)
+        if args.api_key_file:
+            keys |= {key_hash(k) for k in read_key_file(args.api_key_file)}
+        serve_gallery(args.out, host=args.host, port=args.port, api_key_sha256=tuple(sorted(keys)))
+    except (UserError, OSError, ValueError) as e:
+        print(f"reel gallery: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
