@@ -119,9 +119,9 @@ function showPanel(clip) {
   panel.innerHTML = `
     <div class="player">${player(clip)}</div>${master}
     <h2>${esc(clip.id)}</h2>
-    <div class="actions"><button class="approve${clip.review === "approved" ? " on" : ""}" data-verdict="approved">Approve <kbd>a</kbd></button>
-      <button class="reject${clip.review === "rejected" ? " on" : ""}" data-verdict="rejected">Reject <kbd>r</kbd></button></div>
-    <div class="verdict-meta">${clip.review === "none" ? "not reviewed" : esc(clip.review)}${clip.reviewer ? " by " + esc(clip.reviewer) : ""}${clip.reviewed_at ? " · " + esc(clip.reviewed_at) : ""}${STATIC && clip.note ? "<br>note: " + esc(clip.note) : ""}</div>
+    <div class="actions"><button class="approve" data-verdict="approved">Approve <kbd>a</kbd></button>
+      <button class="reject" data-verdict="rejected">Reject <kbd>r</kbd></button></div>
+    <div class="verdict-meta"></div>
     <textarea id="note" placeholder="note (n, then Enter to save)">${esc(clip.note)}</textarea>
     <p class="prompt-text">${esc(clip.prompt)}</p>
     <p class="caption-text">${esc(clip.caption)}</p>
@@ -137,10 +137,11 @@ function showPanel(clip) {
       <dt>rendered</dt><dd>${esc(clip.created_at)}</dd>
       ${columns}
     </dl>`;
+  showVerdict(clip);
   panel.querySelectorAll(".actions button").forEach(b => b.addEventListener("click", () => review(clip, b.dataset.verdict)));
   const note = panel.querySelector("#note");
   note.addEventListener("keydown", event => {
-    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); review(clip, clip.review, note.value); note.blur(); }
+    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); review(clip, null, note.value); note.blur(); }
     if (event.key === "Escape") note.blur();
   });
   if (!STATIC && !provenance.has(clip.id)) {
@@ -149,6 +150,17 @@ function showPanel(clip) {
       if (selected === clip.id) document.getElementById("provenance").innerHTML = provenanceText(report);
     });
   }
+}
+
+// the panel's verdict, buttons and note, updated in place (a note being typed is left alone)
+function showVerdict(clip) {
+  panel.querySelector(".approve").classList.toggle("on", clip.review === "approved");
+  panel.querySelector(".reject").classList.toggle("on", clip.review === "rejected");
+  const by = clip.reviewer ? " by " + esc(clip.reviewer) : "", at = clip.reviewed_at ? " · " + esc(clip.reviewed_at) : "";
+  const note = STATIC && clip.note ? "<br>note: " + esc(clip.note) : "";
+  panel.querySelector(".verdict-meta").innerHTML = (clip.review === "none" ? "not reviewed" : esc(clip.review)) + by + at + note;
+  const textarea = panel.querySelector("#note");
+  if (document.activeElement !== textarea) textarea.value = clip.note;
 }
 
 function select(el) {
@@ -174,8 +186,14 @@ function recount() {
   document.getElementById("rejected-count").textContent = counts.rejected;
 }
 
-async function review(clip, verdict, note) {
+// verdicts go out one at a time, in key order: a note typed right after "a" is saved with "approved"
+let pending = Promise.resolve();
+function review(clip, verdict, note) {
   if (STATIC) return;
+  pending = pending.then(() => send(clip, verdict ?? clip.review, note)).catch(error => alert(error));
+}
+
+async function send(clip, verdict, note) {
   const reviewer = document.getElementById("reviewer").value.trim();
   if (reviewer) localStorage.setItem("reel-gallery-reviewer", reviewer);
   const response = await fetch("api/reviews", {
@@ -183,11 +201,11 @@ async function review(clip, verdict, note) {
     body: JSON.stringify({id: clip.id, verdict, note: note ?? clip.note, reviewer}),
   });
   const body = await response.json();
-  if (!response.ok) { alert(body.error || response.statusText); return; }
+  if (!response.ok) throw new Error(body.error || response.statusText);
   Object.assign(clip, {review: body.verdict, note: body.note, reviewer: body.reviewer, reviewed_at: body.time});
   grid.querySelector(`[data-clip-id="${CSS.escape(clip.id)}"]`).dataset.review = body.verdict;
   recount();
-  if (selected === clip.id) showPanel(clip);
+  if (selected === clip.id) showVerdict(clip);
   applyFilters();
 }
 
