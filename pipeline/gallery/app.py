@@ -20,13 +20,15 @@ from __future__ import annotations
 import getpass
 import hmac
 import ipaddress
+import json
 import re
 import secrets
 import time
 from typing import Any
 
-from fastapi import Body, FastAPI, Form, HTTPException, Request
+from fastapi import FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from pipeline import storage
 from pipeline.errors import UsageError, one_line
@@ -170,13 +172,26 @@ def build_app(out: str, *, api_key_sha256: tuple[str, ...] = (), reviewer: str =
             return {"error": one_line(e, 200)}
 
     @app.post("/api/reviews")
-    def review(request: Request, body: dict[str, Any] = Body(...)):
+    async def review(request: Request):
+        # JSON only: a page on another site can POST a form or text/plain here without asking (CSRF),
+        # but not application/json
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise HTTPException(415, "send the verdict as application/json")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object: {id, verdict, note?, reviewer?}")
+        return await run_in_threadpool(record_verdict, body, reviewer_of(request))
+
+    def record_verdict(body: dict[str, Any], reviewer: str) -> dict[str, Any]:
         clip_id = str(body.get("id") or "")
         if gallery.clip(clip_id) is None:
             raise HTTPException(404, f"no clip {clip_id!r} under {out}")
         try:
             row = append_verdict(out, clip_id, str(body.get("verdict") or ""), str(body.get("note") or ""),
-                                 str(body.get("reviewer") or "").strip() or reviewer_of(request))
+                                 str(body.get("reviewer") or "").strip() or reviewer)
         except ReviewError as e:
             raise HTTPException(400, str(e)) from None
         return {**row, "time": row["time"].isoformat(timespec="seconds")}

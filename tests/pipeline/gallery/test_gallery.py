@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import requests
 
@@ -178,7 +179,7 @@ def test_keyboard_verdicts_survive_a_reload_and_export(page, server, out, tmp_pa
 
     picks = str(tmp_path / "picks.parquet")
     assert reel(["campaign", "export", out, "--approved", "--out", picks]) == 0
-    table = pa.parquet.read_table(picks)
+    table = pq.read_table(picks)
     assert table.column("id").to_pylist() == ["spring-a"]
     row = table.to_pylist()[0]
     assert (row["seed"], row["frames"], row["width"], row["steps"], row["placement"]) == (100, 8, 32, 2, "feed")
@@ -247,18 +248,24 @@ def test_s3_out_serves(bucket):
         assert verdict.status_code == 200
         assert 'data-clip-id="spring-b" data-review="approved"' in requests.get(server.url).text
         assert requests.post(server.url + "api/reviews", json={"id": "nope", "verdict": "approved"}).status_code == 404
+        assert requests.post(server.url + "api/reviews", json={"id": "spring-b", "verdict": "maybe"}).status_code == 400
+        cross_site = requests.post(server.url + "api/reviews", data='{"id": "spring-b", "verdict": "rejected"}',
+                                   headers={"Content-Type": "text/plain"})
+        assert cross_site.status_code == 415
         assert storage.list_names(f"{out}/reviews")
     finally:
         server.stop()
 
 
-def test_off_loopback_needs_a_key_through_the_login_form(out, monkeypatch):
+def test_off_loopback_needs_a_key_through_the_login_form(out, monkeypatch, capsys):
     from pipeline.serve.config import key_hash
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
     monkeypatch.delenv("REEL_API_KEYS", raising=False)
     monkeypatch.delenv("REELFORGE_API_KEY_FILE", raising=False)
     assert reel(["gallery", out, "--host", "0.0.0.0"]) == 2  # no key: refused before listening
+    assert reel(["gallery", out + "-missing", "--static"]) == 2  # no run there: one line, exit 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("reel gallery: no rendered clips under")
     server = Server(build_app(out, api_key_sha256=(key_hash("sk-team"),)))
     try:
         s = requests.Session()
