@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from pipeline import storage
 from pipeline.errors import UsageError, one_line
 from pipeline.gallery.clips import GalleryError, Run, ensure_sprite, load_run, provenance_summary
+from pipeline.gallery.datasets import CachedDatasets
 from pipeline.gallery.page import login_page, render_page
 from pipeline.gallery.reviews import ReviewError, append_verdict
 
@@ -79,10 +80,11 @@ class Gallery:
         self.api_key_sha256 = api_key_sha256
         self.reviewer = reviewer or getpass.getuser()
         self.sessions: dict[str, tuple[str, float]] = {}  # token → (owner: the key's hash, expiry)
-        self.run: Run = load_run(out)
+        self.datasets = CachedDatasets()  # metadata/ and reviews/: a reload reads only new files
+        self.run: Run = load_run(out, self.datasets.read)
 
     def reload(self) -> Run:
-        self.run = load_run(self.out)
+        self.run = load_run(self.out, self.datasets.read)
         return self.run
 
     def clip(self, clip_id: str) -> dict[str, Any] | None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline import storage
 from pipeline.errors import UserError
@@ -120,13 +123,14 @@ def facets_of(clips: list[dict[str, Any]], passthrough: list[str]) -> list[Facet
     return facets
 
 
-def load_run(out: str) -> Run:
-    """The run under `out` as the gallery shows it (GalleryError when there is no metadata/ there)."""
-    meta = storage.read_parquet_dataset(storage.join(out, "metadata"))
+def load_run(out: str, read: Callable[[str], pa.Table | None] = storage.read_parquet_dataset) -> Run:
+    """The run under `out` as the gallery shows it (GalleryError when there is no metadata/ there);
+    `read` reads a dataset folder (the server passes its `CachedDatasets.read`)."""
+    meta = read(storage.join(out, "metadata"))
     errors = storage.read_parquet_dataset(storage.join(out, "errors"))
     if (meta is None or meta.num_rows == 0) and (errors is None or errors.num_rows == 0):
         raise GalleryError(f"no rendered clips under {out} (no metadata/ and no errors/): is it a reel render OUT?")
-    verdicts = latest_verdicts(out)
+    verdicts = latest_verdicts(out, read)
     clips: list[dict[str, Any]] = []
     passthrough: list[str] = []
     if meta is not None and meta.num_rows:

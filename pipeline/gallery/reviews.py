@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -51,9 +52,10 @@ def append_verdict(out: str, clip_id: str, verdict: str, note: str = "", reviewe
     return row
 
 
-def latest_verdicts(out: str) -> dict[str, dict]:
-    """{clip id: its latest review row} over every file under OUT/reviews/ ({} when there are none)."""
-    table = storage.read_parquet_dataset(reviews_uri(out))
+def latest_verdicts(out: str, read: Callable[[str], pa.Table | None] = storage.read_parquet_dataset) -> dict[str, dict]:
+    """{clip id: its latest review row} over every file under OUT/reviews/ ({} when there are none);
+    `read` reads the dataset (the gallery passes its `CachedDatasets.read`)."""
+    table = read(reviews_uri(out))
     if table is None or table.num_rows == 0:
         return {}
     latest: dict[str, dict] = {}

@@ -282,3 +282,22 @@ def test_off_loopback_needs_a_key_through_the_login_form(out, monkeypatch, capsy
         assert bearer.status_code == 200 and len(bearer.json()) == len(CLIPS)
     finally:
         server.stop()
+
+
+def test_cached_datasets_read_what_the_folder_holds(tmp_path):
+    """A reload reads only new or changed files, and still equals a fresh read: added, rewritten, deleted."""
+    from pipeline.gallery.datasets import CachedDatasets
+
+    folder = str(tmp_path / "reviews")
+    cache = CachedDatasets()
+    assert cache.read(folder) is None
+    first = append_verdict(str(tmp_path), "clip-a", "approved")
+    append_verdict(str(tmp_path), "clip-b", "rejected")
+    assert cache.read(folder).equals(storage.read_parquet_dataset(folder))
+    names = storage.list_names(folder)
+    storage.write_parquet_atomic(storage.join(folder, names[0]), pa.Table.from_pylist(
+        [{**first, "verdict": "none", "note": "rewritten"}], schema=storage.read_parquet_dataset(folder).schema))
+    storage.delete(storage.join(folder, names[1]))
+    append_verdict(str(tmp_path), "clip-c", "approved")
+    assert cache.read(folder).equals(storage.read_parquet_dataset(folder))
+    assert sorted(cache.read(folder).column("note").to_pylist()) == ["", "rewritten"]
