@@ -115,6 +115,8 @@ def check_adapter_fits(state_dict: dict[str, torch.Tensor], transformer: torch.n
             layer = transformer.get_submodule(layer_name) if part else None
         except AttributeError:
             layer = None
+        if hasattr(layer, "get_base_layer"):  # already wrapped by an adapter loaded before this one
+            layer = layer.get_base_layer()
         if not isinstance(layer, torch.nn.Linear):
             unmatched.append(name)
             continue
