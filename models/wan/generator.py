@@ -104,7 +104,6 @@ class WanVideoGenerator:
         first = self.transformer if self.transformer is not None else self.transformer_2
         self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
         self.video_processor = VideoProcessor(vae_scale_factor=folder.spatial_factor)
-        self.adapters = WanAdapters(first)  # a request's LoRA adapters (`RenderRequest.lora`), on `transformer`
         self.mesh = None  # the process groups of a parallel layout
         if parallel is not None and parallel.world_size > 1:
             from models.parallel import build_mesh
@@ -114,6 +113,8 @@ class WanVideoGenerator:
             self.mesh = build_mesh(parallel, wan_layer_widths(folder), group=group, guidance=guidance)
             for expert in parts.experts.values():
                 parallelize_wan(expert, self.mesh)
+        # a request's LoRA adapters (`RenderRequest.lora`), on `transformer`
+        self.adapters = WanAdapters(first, token_split=self.mesh is not None and self.mesh.sp > 1)
 
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`); no LoRA on a

@@ -17,7 +17,8 @@ each once per group); a request naming others or none unloads them first (`unloa
 layers replaced by the original modules), so a request without one renders on the base model exactly.
 
 The adapters go on `transformer` (on Wan 2.2 A14B, the high-noise expert), where diffusers'
-`load_lora_weights` puts them by default.
+`load_lora_weights` puts them by default. Over sequence parallelism (sp > 1) an adapter on `proj_out` is
+refused (the gather hook sits on the layer PEFT wraps, so its update would meet the whole sequence).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class WanLoraError(UserError):
 class WanAdapters:
     """The LoRA adapters active on one transformer (see the module's docstring)."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, token_split: bool = False):
         self.transformer = transformer
+        self.token_split = token_split  # sp > 1: proj_out's output is gathered, so it takes no adapter
         self.active: tuple[LoraAdapter, ...] = ()
         self.loaded = False  # PEFT layers are in the model (also after a load that failed half-way)
 
@@ -79,6 +81,9 @@ class WanAdapters:
         # a text-to-video adapter on an image-to-video model: zeros for its image layers, as diffusers does
         state_dict = WanLoraLoaderMixin._maybe_expand_t2v_lora_for_i2v(self.transformer, state_dict)
         check_adapter_fits(state_dict, self.transformer, uri)
+        if self.token_split and any(k.removeprefix("transformer.").startswith("proj_out.") for k in state_dict):
+            raise WanLoraError(f"lora: {uri} adapts proj_out, whose tokens sequence parallelism gathers; render "
+                               f"this row without --sp")
         self.loaded = True
         WanLoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=self.transformer, adapter_name=name,
                                                       metadata=metadata)
