@@ -106,7 +106,8 @@ class ClipSpec:
         """Hash of everything that decides the frames and the file they land in: equal hash → the same
         clip (resume key).
 
-        Media inputs enter by URI: an input replaced at the same URI does not re-render. The video
+        Media inputs enter by URI: an input replaced at the same URI does not re-render. LoRA adapters enter
+        by URI, scale and the file's version (a file replaced at the same URI re-renders). The video
         `codec` enters when it is not h264 (so an H.264 clip keeps the key it had before codecs were
         chosen), and not for a still (a PNG whatever the codec). `dtype`, the precision asked for
         (`--dtype`), enters when given (None: the device's default, as before).
@@ -122,8 +123,8 @@ class ClipSpec:
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
-#: ClipSpec fields of the generation modes; left out of the resume key at their defaults, so a
-#: text→video clip keeps the key it had before the modes existed.
+#: ClipSpec fields of the generation modes (and the LoRA adapters); left out of the resume key at their
+#: defaults, so a text→video clip keeps the key it had before the modes existed.
 MODE_FIELDS = ("image", "image_end", "video", "video_end", "direction", "extension_only", "strength", "shots",
                "blur_faces", "lora")
 
