@@ -3,6 +3,10 @@ URI (s3://, gs://, …) is copied once per machine into the cache (`REELFORGE_CA
 ~/.cache/reelforge) and reused by every process there.
 
     local_model_dir("s3://bucket/Wan2.1-T2V-1.3B-Diffusers")   # → ~/.cache/reelforge/models/<uri>/<content>
+    local_model_file("s3://bucket/loras/style.safetensors")     # → ~/.cache/reelforge/files/<uri>/<version>/style…
+
+A single file (a LoRA adapter) is cached the same way, keyed by its URI and its size and version
+(`file_version`), under `files/`.
 
 The cache is keyed by the URI and by the folder's content as its listing gives it (each file's
 path, size and ETag / generation / modification time), so a folder replaced at the same URI is
@@ -45,7 +49,7 @@ def local_model_dir(uri: str, what: str = "model") -> str:
     """A local folder holding the model at `uri` (a local path, or a cached copy of a remote
     folder). Raises FileNotFoundError ("{what} folder not found: {uri}") when there is none."""
     fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+    if _is_local(fs):
         if not fs.isdir(path):
             raise FileNotFoundError(f"{what} folder not found: {uri}")
         return path
@@ -64,6 +68,53 @@ def local_model_dir(uri: str, what: str = "model") -> str:
             if old.is_dir() and old != target:
                 shutil.rmtree(old, ignore_errors=True)
     return str(target)
+
+
+def local_model_file(uri: str, what: str = "file") -> str:
+    """A local path holding the file at `uri` (a local path as it is, or a cached copy of a remote
+    file, made as `local_model_dir` makes folders). FileNotFoundError ("{what} not found: {uri}")."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    version = _file_entry(fs, path)
+    if version is None:
+        raise FileNotFoundError(f"{what} not found: {uri}")
+    if _is_local(fs):
+        return path
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    home = CACHE_DIR / "files" / _sha256(uri)[:16]
+    target = home / _sha256(json.dumps(version))[:16]
+    if (target / COMPLETE).is_file():
+        return str(target / name)
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / ".lock"):
+        if not (target / COMPLETE).is_file():
+            parent, _, _ = path.rstrip("/").rpartition("/")
+            _copy(fs, parent, {name: version}, target, uri)
+        for old in home.iterdir():
+            if old.is_dir() and old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    return str(target / name)
+
+
+def file_version(uri: str) -> list | None:
+    """[size, version] of the file at `uri` (version: its ETag, generation or modification time, as
+    `folder_listing` takes them): what changes when the file is replaced; None when there is no file."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return _file_entry(fs, path)
+
+
+def _file_entry(fs, path: str) -> list | None:
+    try:
+        entry = fs.info(path)
+    except (FileNotFoundError, OSError):
+        return None
+    if entry.get("type", "file") != "file":
+        return None
+    version = next((entry[k] for k in VERSION_FIELDS if entry.get(k) is not None), None)
+    return [int(entry.get("size") or 0), None if version is None else str(version)]
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
 def folder_listing(fs, path: str) -> dict[str, list]:

@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING
 
 from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
-from models.files import local_model_dir
-from models.render_types import DTYPES, MODES, GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
+from models.files import file_version, local_model_dir
+from models.render_types import (
+    DTYPES,
+    MODES,
+    GridLimits,
+    LoraAdapter,
+    ModelInfo,
+    RenderOutput,
+    RenderRequest,
+    VideoGenerator,
+)
 from models.wan.folder import (
     WanFolder,
     check_wan_layout,
@@ -39,10 +48,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "DTYPES", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator",
-           "check_layout", "check_load_options", "check_model_layout", "describe_model", "is_wan_folder",
-           "join_render_group", "load_config", "load_generator", "local_model_dir", "model_layout",
-           "model_recaptioner"]
+           "DTYPES", "LoraAdapter", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError",
+           "VideoGenerator", "check_layout", "check_load_options", "check_model_layout", "describe_model",
+           "file_version", "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
+           "lora_records", "model_layout", "model_recaptioner"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
@@ -141,6 +150,14 @@ def _config(spec: str | ModelConfig) -> ModelConfig:
 def _wan_folder(spec: str) -> WanFolder:
     """The checked Wan folder at a path or URI (a remote folder is copied once to the local cache)."""
     return read_wan_folder(local_model_dir(str(spec)), name=folder_name(str(spec)), source=str(spec))
+
+
+def lora_records(adapters: tuple[LoraAdapter, ...]) -> list[dict]:
+    """What a clip's metadata records of its LoRA adapters: [{uri, scale, sha256 of the file}] (a remote
+    file is read from the local cache the generator filled; each file is hashed once per machine)."""
+    from models.wan.lora import adapter_records
+
+    return adapter_records(tuple(adapters))
 
 
 def join_render_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,

@@ -63,6 +63,7 @@ class GridLimits:
     frame_offset: int = 0
     has_guidance_2: bool = False  # requests may set `guidance_2` (a model with a low-noise expert)
     modes: tuple[str, ...] = MODES
+    takes_lora: bool = False  # requests may name LoRA adapters (`RenderRequest.lora`: diffusers Wan folders)
 
     def check_mode(self, mode: str) -> None:
         """Raise ValueError (one line, naming the modes the model renders) for a mode it cannot render."""
@@ -153,6 +154,8 @@ class GridLimits:
                                  f"0..{r.frames - 1}")
         if not 0 <= r.strength <= 1:
             raise ValueError(f"strength={r.strength} must be in [0, 1]")
+        if r.lora and not self.takes_lora:
+            raise ValueError("lora: this model takes no LoRA adapters (they are for diffusers Wan folders)")
         if r.init_frames is not None:
             frames = r.init_frames
             if frames.shape != (r.frames, r.height, r.width, 3) or frames.dtype != np.uint8:
@@ -176,6 +179,9 @@ class RenderRequest:
 
     `guidance_2`: the guidance of a two-expert model's low-noise expert (Wan 2.2 A14B); None:
     `guidance`. Only models whose `GridLimits.has_guidance_2` take it.
+
+    `lora`: LoRA adapters applied to the model for this request (`LoraAdapter`s: a file's URI and its
+    scale); only models whose `GridLimits.takes_lora` take them.
     """
 
     caption: str
@@ -192,6 +198,16 @@ class RenderRequest:
     init_frames: np.ndarray | None = field(default=None, compare=False)
     strength: float = 1.0
     guidance_2: float | None = None
+    lora: tuple[LoraAdapter, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter for a request: the URI of its safetensors file (a local path or any fsspec URI) and
+    the scale its update is applied at (diffusers' `set_adapters` weight)."""
+
+    uri: str
+    scale: float = 1.0
 
 
 @dataclass

@@ -165,3 +165,40 @@ def wan_pipelines(tmp_path_factory):
 def wan_folders(wan_pipelines):
     """{"wan21": dir, "ti2v": dir, "a14b": dir}: the tiny folders."""
     return {v: folder for v, (folder, _) in wan_pipelines.items()}
+
+
+# --- random LoRA adapters for the tiny Wan folders (tests/models/wan/test_wan_lora.py and the pipeline's) ---
+#: diffusers' names of a Wan block's linear layers → the original Wan / ComfyUI names
+COMFY_LAYER_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                     "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                     "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0",
+                     "ffn.net.2": "ffn.2"}
+
+
+def write_wan_lora(path, folder, seed: int = 0, rank: int = 4, names: str = "diffusers", misfit: bool = False):
+    """Write a random rank-`rank` LoRA safetensors file for every linear layer of the tiny Wan `folder`'s
+    transformer blocks and return `path`. `names`: "diffusers" (`transformer.blocks.0.attn1.to_q.lora_A.weight`)
+    or "comfy" (`diffusion_model.blocks.0.self_attn.q.lora_down.weight`, with `.alpha` = rank: scale 1), the
+    same tensors for the same seed. `misfit`: every lora_A one input column too wide (an adapter made for
+    another checkpoint size)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    model = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in model.named_modules():
+        if not (isinstance(layer, torch.nn.Linear) and name.startswith("blocks.")):
+            continue
+        down = torch.randn(rank, layer.in_features + int(misfit), generator=g) * 0.3
+        up = torch.randn(layer.out_features, rank, generator=g) * 0.3
+        if names == "diffusers":
+            tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+        else:
+            _, block, layer_name = name.split(".", 2)
+            key = f"diffusion_model.blocks.{block}.{COMFY_LAYER_NAMES[layer_name]}"
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(float(rank))})
+    save_file(tensors, str(path))
+    return str(path)

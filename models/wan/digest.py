@@ -23,20 +23,28 @@ CHUNK = 16 << 20
 
 def weights_digest(root: str, files: tuple[str, ...] | list[str]) -> str:
     """sha256 over `files` (paths relative to `root`, '/'-separated) and their sha256s."""
+    digests = cached_file_sha256s([os.path.join(root, rel) for rel in files])
+    lines = [f"{rel} {digests[os.path.join(root, rel)]}\n" for rel in sorted(files)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def cached_file_sha256s(paths: list[str]) -> dict[str, str]:
+    """{path: sha256 of the file}, each read once per machine (the cache keeps it under the file's
+    real path, size and modification time); a LoRA adapter's digest comes from here too."""
     cache = _read_cache()
-    lines, changed = [], False
-    for rel in sorted(files):
-        path = os.path.realpath(os.path.join(root, rel))
+    out, changed = {}, False
+    for given in paths:
+        path = os.path.realpath(given)
         st = os.stat(path)
         key = [st.st_size, st.st_mtime_ns]
         entry = cache.get(path)
         if not (isinstance(entry, dict) and entry.get("key") == key):
             entry, changed = {"key": key, "sha256": file_sha256(path)}, True
             cache[path] = entry
-        lines.append(f"{rel} {entry['sha256']}\n")
+        out[given] = entry["sha256"]
     if changed:
         _write_cache(cache)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return out
 
 
 def file_sha256(path: str) -> str:

@@ -13,6 +13,8 @@ repositories hold:
     vae/               config.json + diffusion_pytorch_model[.safetensors | shards]
     text_encoder/      config.json + model[.safetensors | shards] (UMT5EncoderModel)
     tokenizer/         the tokenizer's files;  scheduler/  scheduler_config.json
+    reelforge.json     optional: {"default_steps": 4, "default_guidance": 1.0}, the sampling a few-step
+                       distilled checkpoint was made for (diffusers ignores the file)
 
 Everything a folder lacks or gets wrong (no model_index.json, another pipeline class, a missing
 component, a missing or truncated weight shard) is a `WanFolderError`, one line saying what is wrong
@@ -74,6 +76,8 @@ MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
 #: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
 WAN_T2V_MODES = ("t2v", "image", "remix")
 MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
+#: the folder's own sampling defaults (a few-step distill): steps and guidance a row that names none gets
+FOLDER_DEFAULTS = "reelforge.json"
 
 
 class WanFolderError(UserError):
@@ -95,6 +99,8 @@ class WanFolder:
     transformer_config: dict  # of the first transformer present (both share the shapes)
     weight_files: tuple[str, ...]  # every safetensors file, relative to `path`, sorted
     source: str = ""  # the path or URI given; "" for `path`
+    default_steps: int | None = None  # reelforge.json's, else the variant's
+    default_guidance: float | None = None
 
     def __post_init__(self):
         if not self.source:
@@ -192,12 +198,42 @@ def read_wan_folder(path: str, name: str | None = None, source: str | None = Non
     configs = {c: _read_json(os.path.join(path, c, "config.json"), where, path, source)
                for c in (*transformers, "vae")}
     _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where, path, source)
+    steps, guidance = _folder_defaults(path, where, source)
     return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
                      transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
                      scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
                      transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)),
-                     source=source)
+                     source=source, default_steps=steps, default_guidance=guidance)
+
+
+def _folder_defaults(path: str, where: str, source: str) -> tuple[int | None, float | None]:
+    """(default_steps, default_guidance) from the folder's reelforge.json (None: the file or key is absent)."""
+    file = os.path.join(path, FOLDER_DEFAULTS)
+    if not os.path.isfile(file):
+        return None, None
+    values = _read_json(file, where, path, source)
+    unknown = sorted(set(values) - {"default_steps", "default_guidance"}) if isinstance(values, dict) else None
+    if unknown is None or unknown:
+        got = f"keys {', '.join(unknown)}" if unknown else type(values).__name__
+        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} must be an object with default_steps and/or "
+                             f"default_guidance, got {got}")
+    steps, guidance = values.get("default_steps"), values.get("default_guidance")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} default_steps={steps!r} must be a whole number in "
+                             f"1..{MAX_STEPS}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not 0 <= guidance < 100):
+        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} default_guidance={guidance!r} must be a number >= 0")
+    return steps, None if guidance is None else float(guidance)
+
+
+def folder_defaults(folder: WanFolder) -> Defaults:
+    """The variant's defaults with the folder's own steps and guidance (reelforge.json) over them."""
+    d = VARIANT_DEFAULTS[folder.variant]
+    return Defaults(d.width, d.height, d.frames, d.fps,
+                    d.steps if folder.default_steps is None else folder.default_steps,
+                    d.guidance if folder.default_guidance is None else folder.default_guidance)
 
 
 def component_weight_files(path: str, component: str, source: str | None = None) -> list[str]:
@@ -247,8 +283,9 @@ def check_safetensors(file: str, where: str) -> None:
 
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
-    VAE keeps the first frame on its own), the variant's defaults, the text-to-video modes."""
-    d = VARIANT_DEFAULTS[folder.variant]
+    VAE keeps the first frame on its own), the variant's defaults (steps and guidance: the folder's own
+    where reelforge.json gives them), the text-to-video modes, LoRA adapters."""
+    d = folder_defaults(folder)
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
     return GridLimits(
@@ -257,7 +294,7 @@ def wan_grid_limits(folder: WanFolder) -> GridLimits:
         window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
-        modes=WAN_T2V_MODES,
+        modes=WAN_T2V_MODES, takes_lora=True,
     )
 
 
@@ -272,7 +309,7 @@ def wan_layer_widths(folder: WanFolder) -> LayerWidths:
 def check_wan_layout(layout: ParallelConfig, folder: WanFolder, world_size: int | None = None) -> tuple[int, int]:
     """`check_layout` for a Wan folder (tp divides the heads and the FFN; ulysses the heads per tp rank;
     cfg=2 needs the variant's default guidance above 1): (ulysses, ring), or ParallelConfigError."""
-    return check_layout(layout, wan_layer_widths(folder), world_size, VARIANT_DEFAULTS[folder.variant].guidance)
+    return check_layout(layout, wan_layer_widths(folder), world_size, folder_defaults(folder).guidance)
 
 
 def wan_model_info(folder: WanFolder) -> ModelInfo:

@@ -28,6 +28,10 @@ One model spread over a process group (sp x tp x cfg ranks: USP self-attention, 
 ranks, `models/wan/parallel.py`) is the same generator with `parallel` and `group` given: every rank
 calls `generate` with the same requests and gets the same frames back (each rank decodes them).
 
+LoRA: a request's `lora` adapters are loaded by diffusers' `WanLoraLoaderMixin` and weighted by
+`set_adapters` before it samples, and unloaded before a request that names others or none
+(`models/wan/lora.py`): the frames are `WanPipeline.load_lora_weights` + `set_adapters`'s.
+
 Modes: text→video; a still is a one-frame request (`frames=1`, what `WanPipeline(num_frames=1)`
 gives); a remix (`init_frames` with `strength`) is `WanVideoToVideoPipeline.__call__`'s SDEdit: the
 video preprocessed as diffusers does, encoded (the latent distribution's mode), normalised, noised
@@ -62,6 +66,7 @@ from models.config import ParallelConfig
 from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
+from models.wan.lora import WanAdapters
 from models.wan.parallel import guided_prediction
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
@@ -108,10 +113,16 @@ class WanVideoGenerator:
             self.mesh = build_mesh(parallel, wan_layer_widths(folder), group=group, guidance=guidance)
             for expert in parts.experts.values():
                 parallelize_wan(expert, self.mesh)
+        # a request's LoRA adapters (`RenderRequest.lora`), on `transformer`
+        self.adapters = WanAdapters(first, token_split=self.mesh is not None and self.mesh.sp > 1)
 
     def check(self, request: RenderRequest) -> None:
-        """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`)."""
+        """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`); no LoRA on a
+        tensor-parallel layout (its linear layers are split over the ranks)."""
         self.limits.check(request)
+        if request.lora and self.mesh is not None and self.mesh.tp > 1:
+            raise ValueError(f"lora: LoRA adapters are not applied over tensor parallelism (tp={self.mesh.tp}); "
+                             f"render these rows with --tp 1")
         if request.cond_frames is not None:
             raise ValueError(f"{self.info.name} takes no given frames (image→video, extension, interpolation, "
                              f"storyboards): it renders {', '.join(self.limits.modes)}")
@@ -120,7 +131,11 @@ class WanVideoGenerator:
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
         for request in requests:  # all or nothing: reject before spending time on any
             self.check(request)
-        return [self._generate_one(request) for request in requests]
+        outputs = []
+        for request in requests:
+            self.adapters.activate(request.lora)  # loads only when they differ from the last request's
+            outputs.append(self._generate_one(request))
+        return outputs
 
     def _generate_one(self, r: RenderRequest) -> RenderOutput:
         if r.init_frames is not None and int(r.steps * r.strength) == 0:  # a remix that takes no step: the video

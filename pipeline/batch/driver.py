@@ -130,7 +130,10 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         summary.startup_seconds = time.perf_counter() - t_ray
         check_output_reachable(cfg.out)
         passthrough_schema = pa.schema([f for f in table.schema if f.name in todo[0].passthrough])
-        items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema)) for s in todo]
+        # rows grouped by their LoRA adapters (manifest order within a group): a replica loads a group's
+        # adapters once and changes them between groups, not from one row to the next
+        items = [clip_item(s, hashes[s.id], passthrough_bytes(s.passthrough, passthrough_schema))
+                 for s in sorted(todo, key=lambda s: s.adapter_key)]
         stages = build_stages(
             model_spec=cfg.model, recaptioner=recaptioner, policy=cfg.policy, out=cfg.out, model=model,
             run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),

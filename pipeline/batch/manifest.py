@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.interface import MODES, GridLimits, RenderRequest
+from models.interface import MODES, GridLimits, RenderRequest, file_version
 from pipeline import storage
 from pipeline.errors import UserError, one_line
 
@@ -38,8 +38,10 @@ MAX_SHOTS = 32
 KNOWN_COLUMNS = (
     "id", "prompt", "negative_prompt", "seconds", "frames", "fps", "width", "height", "seed", "steps",
     "guidance", "mode", "image", "image_end", "video", "video_end", "direction", "extension_only",
-    "strength", "shots", "blur_faces",
+    "strength", "shots", "blur_faces", "lora",
 )
+#: The most LoRA adapters one row may apply.
+MAX_ADAPTERS = 8
 
 
 class ManifestError(UserError):
@@ -85,6 +87,15 @@ class ClipSpec:
     strength: float = 1.0
     shots: tuple[tuple[str, int], ...] = ()
     blur_faces: bool = False
+    #: LoRA adapters: (uri, scale, version) each; version is the file's size and ETag / mtime when the row
+    #: was read (`file_version`), so a file replaced at the same URI changes the resume key
+    lora: tuple[tuple[str, float, str], ...] = ()
+
+    @property
+    def adapter_key(self) -> tuple:
+        """What rows sharing adapters share: the driver sorts by it so a replica changes adapters between
+        groups of rows, not from one row to the next."""
+        return tuple(tuple(a) for a in self.lora)
 
     @property
     def seconds(self) -> float:
@@ -95,7 +106,8 @@ class ClipSpec:
         """Hash of everything that decides the frames and the file they land in: equal hash → the same
         clip (resume key).
 
-        Media inputs enter by URI: an input replaced at the same URI does not re-render. The video
+        Media inputs enter by URI: an input replaced at the same URI does not re-render. LoRA adapters enter
+        by URI, scale and the file's version (a file replaced at the same URI re-renders). The video
         `codec` enters when it is not h264 (so an H.264 clip keeps the key it had before codecs were
         chosen), and not for a still (a PNG whatever the codec). `dtype`, the precision asked for
         (`--dtype`), enters when given (None: the device's default, as before).
@@ -111,10 +123,10 @@ class ClipSpec:
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
-#: ClipSpec fields of the generation modes; left out of the resume key at their defaults, so a
-#: text→video clip keeps the key it had before the modes existed.
+#: ClipSpec fields of the generation modes (and the LoRA adapters); left out of the resume key at their
+#: defaults, so a text→video clip keeps the key it had before the modes existed.
 MODE_FIELDS = ("image", "image_end", "video", "video_end", "direction", "extension_only", "strength", "shots",
-               "blur_faces")
+               "blur_faces", "lora")
 
 
 COLUMN_TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seconds": pa.float64(),
@@ -258,6 +270,7 @@ def validate(table: pa.Table, limits: GridLimits) -> tuple[list[ClipSpec], list[
     the first valid-looking row keeps the id, each later copy is an error.
     """
     mixed = set(json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]")))
+    versions: dict[str, list | None] = {}  # each adapter file looked up once
     passthrough_names = [n for n in table.column_names if n not in KNOWN_COLUMNS and not n.startswith("_")]
     rows = table.to_pylist()
     specs: list[ClipSpec] = []
@@ -267,7 +280,7 @@ def validate(table: pa.Table, limits: GridLimits) -> tuple[list[ClipSpec], list[
         if mixed:
             raw = {k: (json.loads(v) if k in mixed and isinstance(v, str) else v) for k, v in raw.items()}
         try:
-            spec = _validate_row(i, raw, limits, {n: raw.get(n) for n in passthrough_names})
+            spec = _validate_row(i, raw, limits, {n: raw.get(n) for n in passthrough_names}, versions)
         except _Invalid as e:
             errors.append(RowError(i, e.clip_id, "validate", str(e)))
             continue
@@ -288,7 +301,8 @@ class _Invalid(UserError):
         self.clip_id = clip_id
 
 
-def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: dict) -> ClipSpec:
+def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: dict,
+                  versions: dict[str, list | None]) -> ClipSpec:
     clip_id = None
     if raw.get("_line_error"):
         raise _Invalid(raw["_line_error"], None)
@@ -309,6 +323,7 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         return _Invalid(msg, clip_id)
 
     shots = _shots(raw.get("shots"), bad)
+    lora = _lora(raw.get("lora"), limits, versions, bad)
     prompt = raw.get("prompt")
     if _missing(prompt) and shots:
         prompt = " ".join(p for p, _ in shots)
@@ -399,7 +414,7 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
                     video=media.get("video", ""), video_end=media.get("video_end", ""), direction=direction,
                     extension_only=_flag(raw.get("extension_only"), "extension_only", bad),
                     strength=float(strength), shots=shots,
-                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad))
+                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad), lora=lora)
 
 
 def infer_mode(media: dict[str, str], shots: tuple, has_strength: bool) -> str:
@@ -484,6 +499,48 @@ def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
         if not seconds > 0:
             raise bad(f"shots[{k}].seconds must be a positive number of seconds")
         out.append((prompt, seconds))
+    return tuple(out)
+
+
+def _lora(v: Any, limits: GridLimits, versions: dict[str, list | None], bad) -> tuple[tuple[str, float, str], ...]:
+    """A row's LoRA adapters as (uri, scale, version) triples; () when it names none. `v`: a URI, an
+    object {uri, scale}, or a list of either (or its JSON text); scale defaults to 1. Each file must
+    exist (`versions` caches the look-ups of one manifest); the model must take adapters."""
+    if _missing(v) or (isinstance(v, str) and not v.strip()):
+        return ()
+    if isinstance(v, str) and v.strip()[:1] in "[{":
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            raise bad("lora must be a URI, an object {uri, scale} or a list of them; got unparsable JSON") from None
+    entries = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not entries:
+        return ()
+    if not limits.takes_lora:
+        raise bad("lora: this model takes no LoRA adapters (they are for diffusers Wan folders)")
+    if len(entries) > MAX_ADAPTERS:
+        raise bad(f"lora has {len(entries)} adapters; the limit is {MAX_ADAPTERS}")
+    out = []
+    for k, entry in enumerate(entries):
+        where = f"lora[{k}]" if len(entries) > 1 else "lora"
+        if isinstance(entry, dict):
+            unknown = sorted(n for n in set(entry) - {"uri", "scale"} if entry[n] is not None)
+            if unknown:
+                raise bad(f"{where} has unknown field(s) {', '.join(unknown)} (an adapter is {{uri, scale}})")
+            uri, scale = entry.get("uri"), _number(entry.get("scale"), f"{where}.scale", 1.0, bad)
+        else:
+            uri, scale = entry, 1.0
+        if not isinstance(uri, str) or not uri.strip():
+            raise bad(f"{where} needs a uri: the adapter's safetensors file (a path or any fsspec URI)")
+        uri = uri.strip()
+        if uri not in versions:
+            try:
+                versions[uri] = file_version(uri)
+            except Exception as e:  # no credentials, an unknown protocol, a network error: this row only
+                raise bad(f"{where}: cannot reach {uri} ({one_line(e, 200)})") from None
+        if versions[uri] is None:
+            raise bad(f"{where}: file not found: {uri}")
+        out.append((uri, scale, json.dumps(versions[uri])))
     return tuple(out)
 
 

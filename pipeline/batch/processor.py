@@ -127,12 +127,14 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
 
 
 def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:
-    """A validated clip as the row the stages pass along (the online endpoint builds the same)."""
+    """A validated clip as the row the stages pass along (the online endpoint builds the same); its LoRA
+    adapters as JSON text [{uri, scale}]."""
     item = {k: v for k, v in asdict(spec).items() if k != "passthrough"}
     item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
                 timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
                 shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
-                inputs=b"", dtype="")
+                inputs=b"", dtype="", lora_records="",
+                lora=json.dumps([{"uri": a[0], "scale": a[1]} for a in item["lora"]]) if item["lora"] else "")
     return item
 
 

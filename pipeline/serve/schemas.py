@@ -8,9 +8,14 @@ from pipeline.batch.manifest import MAX_PROMPT_CHARS
 
 _STR = {"type": "string"}
 _STEPS, _GUIDANCE = {"type": "integer", "minimum": 1}, {"type": "number", "minimum": 0}
+_ADAPTER = {"type": "object", "required": ["uri"], "additionalProperties": False,
+            "properties": {"uri": _STR, "scale": {"type": "number"}}}
+_LORA = {"description": "LoRA adapters (diffusers Wan folders): a safetensors file's URI, an object {uri, scale}, "
+                        "or a list of them", "oneOf": [_STR, _ADAPTER, {"type": "array", "items": {
+                            "oneOf": [_STR, _ADAPTER]}}]}
 _EXTRA_PROPERTIES = {  # ours, through the SDK's extra_body, and vLLM-Omni's names for two of them
     "seed": {"type": "integer", "minimum": 0}, "steps": _STEPS, "guidance": _GUIDANCE, "negative_prompt": _STR,
-    "blur_faces": {"type": "boolean"},
+    "blur_faces": {"type": "boolean"}, "lora": _LORA,
     "num_inference_steps": {**_STEPS, "description": "vLLM-Omni's name for steps"},
     "guidance_scale": {**_GUIDANCE, "description": "vLLM-Omni's name for guidance"}}
 _LENGTH_PROPERTIES = {  # create only: the frame count itself (instead of seconds) and the frame rate

@@ -52,6 +52,8 @@ METADATA_SCHEMA = pa.schema([
     ("faces_blurred", pa.int64()),  # face detections blurred; null: blurring was off
     ("shots", pa.list_(pa.struct([("prompt", pa.string()), ("caption", pa.string()), ("start_frame", pa.int64()),
                                   ("frames", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64())]))),
+    # LoRA adapters applied (null: none): the file's URI, its scale, the sha256 of the file that ran
+    ("lora", pa.list_(pa.struct([("uri", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())]))),
 ])
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.interface import GridLimits, RenderRequest, VideoGenerator
+from models.interface import GridLimits, LoraAdapter, RenderRequest, VideoGenerator
 from pipeline.media.decode import MediaError, fit_frame, load_image, load_video, probe_video, read_input
 
 
@@ -81,7 +81,7 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
     base = RenderRequest(
         caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
         width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]), fps=int(row["fps"]),
-        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]))
+        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]), lora=row_adapters(row))
     timings: dict[str, float] = {}
     shots: list[dict[str, Any]] = []
 
@@ -120,6 +120,11 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return frames, timings, shots
+
+
+def row_adapters(row: dict[str, Any]) -> tuple[LoraAdapter, ...]:
+    """The LoRA adapters a row applies (its `lora`: JSON text [{uri, scale}], "" for none)."""
+    return tuple(LoraAdapter(a["uri"], float(a["scale"])) for a in json.loads(row.get("lora") or "[]"))
 
 
 def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | None,

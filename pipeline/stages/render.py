@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.stages.base import add_timing, each_row
-from pipeline.stages.modes import inputs_from_bytes, render_clip
+from pipeline.stages.modes import inputs_from_bytes, render_clip, row_adapters
 
 
 class RenderUDF:
@@ -53,6 +53,11 @@ class RenderUDF:
         row["dtype"] = self.generator.precision
         if shots:
             row["shot_records"] = json.dumps(shots)
+        adapters = row_adapters(row)
+        if adapters:  # each file's digest for the metadata (hashed once per machine)
+            from models.interface import lora_records
+
+            row["lora_records"] = json.dumps(lora_records(adapters))
         add_timing(row, **timings)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -101,6 +101,7 @@ class ClipWriter:
             "strength": float(row["strength"]) if row["mode"] == "remix" else None,
             "shots": json.loads(row.get("shot_records") or "null"),
             "faces_blurred": faces,
+            "lora": json.loads(row.get("lora_records") or "null"),
         }
         table = pa.Table.from_pylist([record], schema=METADATA_SCHEMA)
         passthrough = passthrough_table(row.get("passthrough"))

@@ -112,6 +112,29 @@ def test_create_poll_and_download_a_wan_clip_with_the_openai_client(wan_server, 
     assert meta["frames_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
 
 
+def test_a_lora_extra_field_applies_the_adapter_and_a_missing_one_is_refused(wan_server, wan_folders, tmp_path):
+    from models.interface import LoraAdapter
+    from tests.conftest import write_wan_lora
+
+    folder = wan_folders["wan21"]
+    path = write_wan_lora(tmp_path / "style.safetensors", folder, seed=1)
+    client = wan_server.sdk()
+    # one adapter as an object (the SDK sends a form: lora[uri], lora[scale]); a list goes as JSON text in a form
+    created = client.videos.create(prompt=PROMPT, **SMALL, extra_body={
+        "seed": 3, "steps": 2, "lora": {"uri": path, "scale": 0.6}})
+    video = client.videos.poll(created.id, poll_interval_ms=100)
+    assert (video.status, video.error) == ("completed", None)
+    meta = wan_server.metadata(video.id)
+    assert meta["lora"] == [{"uri": path, "scale": 0.6, "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}]
+    expected = generator_frames(folder, RenderRequest(caption=PROMPT, width=32, height=32, frames=5, fps=16, seed=3,
+                                                      steps=2, guidance=5.0, lora=(LoraAdapter(path, 0.6),)))
+    assert meta["frames_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
+
+    r = wan_server.http().post("/v1/videos", json={"prompt": PROMPT, **SMALL, "lora": str(tmp_path / "none")})
+    error = r.json()["error"]
+    assert (r.status_code, error["param"], error["message"]) == (400, "lora", f"lora: file not found: {tmp_path}/none")
+
+
 def test_vllm_omni_names_are_aliases_of_ours(wan_server):
     client = wan_server.sdk()
     settings = {"seed": 5, "fps": 8}
