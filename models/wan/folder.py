@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from models.config import LayerWidths, ParallelConfig, check_layout
+from models.config import LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.errors import UserError
 from models.render_types import GridLimits, ModelInfo
 from models.wan.digest import weights_digest
@@ -332,7 +332,11 @@ def wan_layer_widths(folder: WanFolder) -> LayerWidths:
 
 def check_wan_layout(layout: ParallelConfig, folder: WanFolder, world_size: int | None = None) -> tuple[int, int]:
     """`check_layout` for a Wan folder (tp divides the heads and the FFN; ulysses the heads per tp rank;
-    cfg=2 needs the variant's default guidance above 1): (ulysses, ring), or ParallelConfigError."""
+    cfg=2 needs the variant's default guidance above 1; a CLIP image-to-video folder on one rank only):
+    (ulysses, ring), or ParallelConfigError."""
+    if folder.image_processor and layout.world_size > 1:
+        raise ParallelConfigError(f"parallel layout sp={layout.sp} x tp={layout.tp} x cfg={layout.cfg}: {folder.name} "
+                                  f"takes CLIP image states, which parallel Wan does not split; render it on one rank")
     return check_layout(layout, wan_layer_widths(folder), world_size, VARIANT_DEFAULTS[folder.variant].guidance)
 
 

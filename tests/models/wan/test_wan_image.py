@@ -115,3 +115,12 @@ def test_an_image_folder_without_its_image_encoder_is_refused(image_folders, tmp
     with pytest.raises(WanFolderError, match=r"the transformer takes CLIP image states \(image_dim=8\) but there is "
                                              r"no image_encoder/ and image_processor/; supply them"):
         read_wan_folder(str(folder))
+
+
+def test_a_clip_image_folder_is_refused_a_parallel_layout_before_loading(image_folders):
+    from models.interface import ParallelConfig, ParallelConfigError, check_model_layout
+
+    with pytest.raises(ParallelConfigError, match=r"^parallel layout sp=2 x tp=1 x cfg=1: Tiny-i2v-Diffusers takes "
+                                                  r"CLIP image states, which parallel Wan does not split; render it "
+                                                  r"on one rank$"):
+        check_model_layout(image_folders["i2v"][0], ParallelConfig(sp=2))
