@@ -117,7 +117,7 @@ class WanVideoGenerator:
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; given frames only where the folder takes them (`check_conditioning`)."""
         self.limits.check(request)
-        check_conditioning(self.folder.image_conditioning, self.info.name, request)
+        check_conditioning(self.folder.image_conditioning, self.info.name, request, self.limits.modes)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:

@@ -53,16 +53,16 @@ def positions_of(r: RenderRequest) -> str | None:
     return None
 
 
-def check_conditioning(kind: str | None, name: str, r: RenderRequest) -> None:
+def check_conditioning(kind: str | None, name: str, r: RenderRequest, modes: tuple[str, ...]) -> None:
     """Raise ValueError (one line) for given frames the folder cannot take, or a text-only request to a
-    folder that needs a picture."""
+    folder that needs a picture; `modes`: what the folder renders, as the text-to-video refusal names it."""
     if r.cond_frames is None:
         if kind in ("mask", "clip", "clip-flf2v"):
             raise ValueError(f"{name} is an image-to-video checkpoint: it needs {WHAT[POSITIONS[kind][0]]}")
         return
     if kind is None:
-        raise ValueError(f"{name} takes no given frames (image→video, extension, interpolation, storyboards): it is "
-                         f"a text-to-video checkpoint")
+        raise ValueError(f"{name} takes no given frames (image→video, extension, interpolation, storyboards): it "
+                         f"renders {', '.join(modes)}")
     where = positions_of(r)
     if where not in POSITIONS[kind]:
         takes = " or ".join(WHAT[p] for p in POSITIONS[kind])
