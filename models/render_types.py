@@ -41,6 +41,8 @@ class GridLimits:
     last `context_frames` of the one before fixed (frame conditioning), up to `max_frames`.
     `modes`: the generation modes the model renders (`MODES`; a text-to-video checkpoint takes no
     given frames, so no i2v, extension, interpolation or storyboard), checked before a row renders.
+    `cond_at_ends`: given frames only as a request's first frame (and its last, where the model
+    interpolates): an image-to-video Wan checkpoint; the modes then carry one frame across a seam.
     """
 
     size_multiple: int
@@ -64,6 +66,7 @@ class GridLimits:
     has_guidance_2: bool = False  # requests may set `guidance_2` (a model with a low-noise expert)
     modes: tuple[str, ...] = MODES
     takes_lora: bool = False  # requests may name LoRA adapters (`RenderRequest.lora`: diffusers Wan folders)
+    cond_at_ends: bool = False  # given frames only as a request's first (and last) frame (Wan image checkpoints)
 
     def check_mode(self, mode: str) -> None:
         """Raise ValueError (one line, naming the modes the model renders) for a mode it cannot render."""

@@ -94,15 +94,16 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def _transformer(seed, channels, heads=2):
+def _transformer(seed, channels, heads=2, **image):
     import torch
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
+    out_channels = image.pop("out_channels", channels)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12,
-                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32,
-                                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                 rope_max_seq_len=32)
+                                 in_channels=channels, out_channels=out_channels, text_dim=32, freq_dim=256,
+                                 ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32, **image)
 
 
 def build_wan_folder(path, variant: str, heads: int = 2):
@@ -144,6 +145,54 @@ def build_wan_folder(path, variant: str, heads: int = 2):
 
 
 VARIANTS = ("wan21", "ti2v", "a14b")
+#: image-to-video folders (`WanImageToVideoPipeline`): Wan 2.1 I2V (a CLIP vision encoder of 64 + 1 tokens),
+#: Wan 2.1 FLF2V (the same with a position table for two pictures), Wan 2.2 I2V-A14B (two experts, no encoder);
+#: 36 input channels (16 noisy latents, 4 mask, 16 picture latents)
+IMAGE_VARIANTS = ("i2v", "flf2v", "i2v-a14b")
+
+
+def build_wan_image_folder(path, variant: str):
+    """Save a tiny random `WanImageToVideoPipeline` of `variant` (IMAGE_VARIANTS) under `path`, on the Wan 2.1
+    text encoder and VAE of `build_wan_folder`; returns the pipeline (modules in eval mode)."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = build_wan_folder(str(path) + "-t2v-base", "wan21")
+    parts = {k: base.components[k] for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    extra = {}
+    if variant == "i2v-a14b":
+        extra = {"transformer_2": _transformer(5, 36, out_channels=16), "boundary_ratio": 0.875}
+    else:
+        torch.manual_seed(4)
+        extra = {"image_encoder": CLIPVisionModel(CLIPVisionConfig(
+                     hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                     patch_size=4)),
+                 "image_processor": CLIPImageProcessor(crop_size=32, size=32)}
+    image = {} if variant == "i2v-a14b" else {"image_dim": 8, "added_kv_proj_dim": 24}
+    if variant == "flf2v":
+        image["pos_embed_seq_len"] = 2 * 65
+    pipe = WanImageToVideoPipeline(**parts, transformer=_transformer(4, 36, out_channels=16, **image), **extra)
+    pipe.save_pretrained(str(path), max_shard_size="60KB")
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def wan_image_pipelines(tmp_path_factory):
+    """{variant: (folder, `WanImageToVideoPipeline.from_pretrained(folder)`)} of IMAGE_VARIANTS, built on
+    first use: the reference the image-conditioned Wan tests compare against."""
+    from diffusers import WanImageToVideoPipeline
+
+    root = tmp_path_factory.mktemp("wan-image")
+    out = {}
+    for v in IMAGE_VARIANTS:
+        folder = str(root / f"Tiny-{v}-Diffusers")
+        build_wan_image_folder(folder, v)
+        out[v] = (folder, WanImageToVideoPipeline.from_pretrained(folder))
+    return out
 
 
 @pytest.fixture(scope="session")

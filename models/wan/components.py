@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+import transformers
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from models.wan.folder import WanFolder, WanFolderError
 
@@ -39,6 +40,8 @@ class WanComponents:
     vae: AutoencoderKLWan
     experts: dict[str, WanTransformer3DModel]  # "transformer" and/or "transformer_2"
     scheduler: SchedulerMixin
+    image_encoder: CLIPVisionModel | None = None  # Wan 2.1 I2V / FLF2V: fp32, as diffusers' examples load it
+    image_processor: object | None = None  # the folder's CLIPImageProcessor class
 
 
 def load_components(folder: WanFolder, device: torch.device, dtype: torch.dtype,
@@ -51,11 +54,17 @@ def load_components(folder: WanFolder, device: torch.device, dtype: torch.dtype,
     text_encoder = _load(folder, "text_encoder", UMT5EncoderModel, dtype=dtype)
     vae = _load(folder, "vae", AutoencoderKLWan, torch_dtype=torch.float32)
     experts = {name: _load(folder, name, WanTransformer3DModel, torch_dtype=dtype) for name in folder.transformers}
-    for module in (text_encoder, vae, *experts.values()):
+    image_encoder = image_processor = None
+    if folder.image_processor:  # the class model_index.json names, as the pipeline loads it
+        image_encoder = _load(folder, "image_encoder", CLIPVisionModel, torch_dtype=torch.float32)
+        image_processor = getattr(transformers, folder.image_processor).from_pretrained(
+            os.path.join(path, "image_processor"), local_files_only=True)
+    offloaded = [m for m in (text_encoder, image_encoder, *experts.values()) if m is not None]
+    for module in (vae, *offloaded):
         module.eval().requires_grad_(False)
-    for module in (vae,) if offload else (text_encoder, vae, *experts.values()):
+    for module in (vae,) if offload else (vae, *offloaded):
         module.to(device)
-    return WanComponents(tokenizer, text_encoder, vae, experts, load_scheduler(folder))
+    return WanComponents(tokenizer, text_encoder, vae, experts, load_scheduler(folder), image_encoder, image_processor)
 
 
 def _load(folder: WanFolder, component: str, cls, **kwargs):

@@ -12,6 +12,7 @@ repositories hold:
     transformer_2/     Wan 2.2 A14B: the low-noise expert, used below `boundary_ratio`
     vae/               config.json + diffusion_pytorch_model[.safetensors | shards]
     text_encoder/      config.json + model[.safetensors | shards] (UMT5EncoderModel)
+    image_encoder/     Wan 2.1 I2V / FLF2V (`WanImageToVideoPipeline`): CLIPVisionModel, + image_processor/
     tokenizer/         the tokenizer's files;  scheduler/  scheduler_config.json
     reelforge.json     optional: {"default_steps": 4, "default_guidance": 1.0}, the sampling a few-step
                        distilled checkpoint was made for (diffusers ignores the file)
@@ -30,13 +31,16 @@ from dataclasses import dataclass
 
 import fsspec
 
-from models.config import LayerWidths, ParallelConfig, check_layout
+from models.config import LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.errors import UserError
 from models.render_types import GridLimits, ModelInfo
 from models.wan.digest import weights_digest
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "WanPipeline"
+#: the pipelines whose folders render here: text-to-video (and TI2V-5B, whose release is a WanPipeline) and
+#: image-to-video (Wan 2.1 I2V / FLF2V with a CLIP image encoder, Wan 2.2 I2V-A14B without one)
+PIPELINE_CLASSES = (PIPELINE_CLASS, "WanImageToVideoPipeline")
 #: component → the (library, class) names model_index.json may give it; the scheduler may be any
 #: diffusers scheduler (`scheduler_class`), the tokenizer any class AutoTokenizer reads.
 COMPONENT_CLASSES = {
@@ -44,10 +48,12 @@ COMPONENT_CLASSES = {
     "transformer_2": ("diffusers", ("WanTransformer3DModel",)),
     "vae": ("diffusers", ("AutoencoderKLWan",)),
     "text_encoder": ("transformers", ("UMT5EncoderModel",)),
+    "image_encoder": ("transformers", ("CLIPVisionModel",)),
+    "image_processor": ("transformers", ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")),
 }
 REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
 #: the weights file of each component (or the stem of its shards' index, `<name>.index.json`)
-WEIGHTS_NAME = {"text_encoder": "model.safetensors"}
+WEIGHTS_NAME = {"text_encoder": "model.safetensors", "image_encoder": "model.safetensors"}
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -75,6 +81,15 @@ MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
 #: what a text-to-video checkpoint renders: text→video, stills (one frame) and remixes (SDEdit); it
 #: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
 WAN_T2V_MODES = ("t2v", "image", "remix")
+#: the modes per image conditioning (`WanFolder.image_conditioning`, docs/MODELS.md's table): TI2V-5B is
+#: also text-to-video, so storyboards (shot 1 from text) too; an I2V checkpoint needs a picture to start
+#: from; FLF2V's image embedder takes exactly two pictures (first and last), so only interpolation
+WAN_IMAGE_MODES = {
+    "first-latent": (*WAN_T2V_MODES, "i2v", "extend", "storyboard"),
+    "mask": ("i2v", "extend", "interpolate"),
+    "clip": ("i2v", "extend"),
+    "clip-flf2v": ("interpolate",),
+}
 MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
 #: the folder's own sampling defaults (a few-step distill): steps and guidance a row that names none gets
 FOLDER_DEFAULTS = "reelforge.json"
@@ -101,6 +116,8 @@ class WanFolder:
     source: str = ""  # the path or URI given; "" for `path`
     default_steps: int | None = None  # reelforge.json's, else the variant's
     default_guidance: float | None = None
+    pipeline_class: str = PIPELINE_CLASS
+    image_processor: str = ""  # its transformers class, where there are image_encoder/ + image_processor/ (CLIP)
 
     def __post_init__(self):
         if not self.source:
@@ -112,6 +129,20 @@ class WanFolder:
         if "transformer_2" in self.transformers:
             return "wan2.2-a14b"
         return "wan2.2-ti2v" if self.expand_timesteps else "wan2.1-t2v"
+
+    @property
+    def image_conditioning(self) -> str | None:
+        """How the folder takes a picture (`models/wan/image_conditioning.py`), None for text-to-video only:
+        "first-latent" (TI2V-5B: the picture's latent frame fixed at t = 0), "mask" (Wan 2.2 I2V-A14B: mask
+        and picture latents as extra input channels), "clip" (Wan 2.1 I2V: those plus CLIP image states),
+        "clip-flf2v" (Wan 2.1 FLF2V: the image embedder's position table holds two pictures)."""
+        if self.expand_timesteps:
+            return "first-latent"
+        if self.pipeline_class == PIPELINE_CLASS:
+            return None
+        if not self.image_processor:
+            return "mask"
+        return "clip-flf2v" if self.transformer_config.get("pos_embed_seq_len") else "clip"
 
     @property
     def spatial_factor(self) -> int:
@@ -151,11 +182,11 @@ def read_wan_folder(path: str, name: str | None = None, source: str | None = Non
     if not isinstance(index, dict):
         raise WanFolderError(f"{where}: {MODEL_INDEX} is not a JSON object; supply the pipeline's own {MODEL_INDEX}")
     cls = index.get("_class_name")
-    if cls != PIPELINE_CLASS:
-        raise WanFolderError(f"{where}: {MODEL_INDEX} is for {cls!r}; only {PIPELINE_CLASS} (Wan text-to-video) "
-                             f"folders are supported (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    if cls not in PIPELINE_CLASSES:
+        raise WanFolderError(f"{where}: {MODEL_INDEX} is for {cls!r}; only {' and '.join(PIPELINE_CLASSES)} folders "
+                             f"are supported (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers, ...-I2V-14B-480P-Diffusers)")
     present = {}
-    for component in (*REQUIRED, "transformer", "transformer_2"):
+    for component in (*REQUIRED, "transformer", "transformer_2", "image_encoder", "image_processor"):
         entry = index.get(component)
         if entry is None or entry == [None, None]:
             continue
@@ -199,12 +230,16 @@ def read_wan_folder(path: str, name: str | None = None, source: str | None = Non
                for c in (*transformers, "vae")}
     _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where, path, source)
     steps, guidance = _folder_defaults(path, where, source)
+    _check_image_parts(where, cls, present, configs, bool(index.get("expand_timesteps", False)))
+    if "image_encoder" in present:
+        weights += [posixpath.join("image_encoder", f) for f in component_weight_files(path, "image_encoder", source)]
     return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
                      transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
                      scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
                      transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)),
-                     source=source, default_steps=steps, default_guidance=guidance)
+                     source=source, default_steps=steps, default_guidance=guidance, pipeline_class=cls,
+                     image_processor=present.get("image_processor", "") if "image_encoder" in present else "")
 
 
 def _folder_defaults(path: str, where: str, source: str) -> tuple[int | None, float | None]:
@@ -234,6 +269,28 @@ def folder_defaults(folder: WanFolder) -> Defaults:
     return Defaults(d.width, d.height, d.frames, d.fps,
                     d.steps if folder.default_steps is None else folder.default_steps,
                     d.guidance if folder.default_guidance is None else folder.default_guidance)
+
+
+def _check_image_parts(where: str, cls: str, present: dict, configs: dict, expand_timesteps: bool) -> None:
+    """An image-to-video folder's parts fit together: a CLIP image encoder with its processor exactly when
+    the transformer takes image states (`image_dim`), and input channels for the picture's mask and latents
+    (2 x z_dim + the VAE's temporal factor, `WanImageToVideoPipeline.prepare_latents`)."""
+    transformer = configs.get("transformer") or configs.get("transformer_2")
+    if cls == PIPELINE_CLASS or expand_timesteps:
+        return
+    image_dim = transformer.get("image_dim")
+    encoder = "image_encoder" in present and "image_processor" in present
+    if image_dim and not encoder:
+        raise WanFolderError(f"{where}: the transformer takes CLIP image states (image_dim={image_dim}) but there "
+                             f"is no image_encoder/ and image_processor/; supply them from the same release")
+    if encoder and not image_dim:
+        raise WanFolderError(f"{where}: image_encoder/ is there but the transformer takes no image states "
+                             f"(image_dim is null); supply the release's transformer/")
+    z, ft = int(configs["vae"].get("z_dim", 16)), int(configs["vae"].get("scale_factor_temporal") or 4)
+    channels = transformer.get("in_channels")
+    if channels != 2 * z + ft:
+        raise WanFolderError(f"{where}: an image-to-video transformer takes {2 * z + ft} input channels (latents, "
+                             f"mask, picture latents), this one {channels}; supply the release's transformer/")
 
 
 def component_weight_files(path: str, component: str, source: str | None = None) -> list[str]:
@@ -284,17 +341,21 @@ def check_safetensors(file: str, where: str) -> None:
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
     VAE keeps the first frame on its own), the variant's defaults (steps and guidance: the folder's own
-    where reelforge.json gives them), the text-to-video modes, LoRA adapters."""
+    where reelforge.json gives them), the modes its image conditioning allows, LoRA adapters; a folder that
+    takes a picture carries one frame across a seam (`context_frames`) and takes given frames only at a
+    request's ends (`cond_at_ends`)."""
+    image = folder.image_conditioning
     d = folder_defaults(folder)
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
     return GridLimits(
         size_multiple=size_multiple, min_size=size_multiple, max_size=MAX_SIZE // size_multiple * size_multiple,
         max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1, max_frames=d.frames,
-        window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
+        window_frames=d.frames, context_frames=1 if image else 0, min_fps=MIN_FPS, max_fps=MAX_FPS,
+        max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
-        modes=WAN_T2V_MODES, takes_lora=True,
+        modes=WAN_IMAGE_MODES[image] if image else WAN_T2V_MODES, cond_at_ends=bool(image), takes_lora=True,
     )
 
 
@@ -308,7 +369,11 @@ def wan_layer_widths(folder: WanFolder) -> LayerWidths:
 
 def check_wan_layout(layout: ParallelConfig, folder: WanFolder, world_size: int | None = None) -> tuple[int, int]:
     """`check_layout` for a Wan folder (tp divides the heads and the FFN; ulysses the heads per tp rank;
-    cfg=2 needs the variant's default guidance above 1): (ulysses, ring), or ParallelConfigError."""
+    cfg=2 needs the variant's default guidance above 1; a CLIP image-to-video folder on one rank only):
+    (ulysses, ring), or ParallelConfigError."""
+    if folder.image_processor and layout.world_size > 1:
+        raise ParallelConfigError(f"parallel layout sp={layout.sp} x tp={layout.tp} x cfg={layout.cfg}: {folder.name} "
+                                  f"takes CLIP image states, which parallel Wan does not split; render it on one rank")
     return check_layout(layout, wan_layer_widths(folder), world_size, folder_defaults(folder).guidance)
 
 

@@ -40,6 +40,9 @@ seed's `randn_tensor` noise, then sampled over those timesteps (a strength that 
 returns the video itself). The same loop serves Wan 2.2's two experts and per-token timesteps,
 which diffusers' video-to-video pipeline does not take. A checkpoint of this kind takes no given
 frames (image→video, extension, interpolation, storyboards): `GridLimits.modes` says what it renders.
+Checkpoints that take pictures (Wan 2.1 I2V / FLF2V, Wan 2.2 I2V-A14B, TI2V-5B) take a request's given frames
+as its first (and last) frame with `WanImageToVideoPipeline`'s semantics: `models/wan/image_conditioning.py`
+(the pictures' encoding is counted in the "text" timing).
 
 Precision: on CPU everything runs in fp32; on CUDA the text encoder and transformers in bf16
 (diffusers and transformers keep their `_keep_in_fp32_modules` in fp32) and the VAE in fp32, as
@@ -66,6 +69,7 @@ from models.config import ParallelConfig
 from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
+from models.wan.image_conditioning import ImageConditioning, check_conditioning, image_conditioning
 from models.wan.lora import WanAdapters
 from models.wan.parallel import guided_prediction
 
@@ -100,6 +104,7 @@ class WanVideoGenerator:
         parts = load_components(folder, self.device, self.dtype, offload=offload)
         self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
         self.scheduler = parts.scheduler  # a fresh copy samples each request
+        self.image_encoder, self.image_processor = parts.image_encoder, parts.image_processor
         self.transformer, self.transformer_2 = parts.experts.get("transformer"), parts.experts.get("transformer_2")
         first = self.transformer if self.transformer is not None else self.transformer_2
         self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
@@ -117,15 +122,13 @@ class WanVideoGenerator:
         self.adapters = WanAdapters(first, token_split=self.mesh is not None and self.mesh.sp > 1)
 
     def check(self, request: RenderRequest) -> None:
-        """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`); no LoRA on a
-        tensor-parallel layout (its linear layers are split over the ranks)."""
+        """The grid's rules; given frames only where the folder takes them (`check_conditioning`); no LoRA
+        on a tensor-parallel layout (its linear layers are split over the ranks)."""
         self.limits.check(request)
         if request.lora and self.mesh is not None and self.mesh.tp > 1:
             raise ValueError(f"lora: LoRA adapters are not applied over tensor parallelism (tp={self.mesh.tp}); "
                              f"render these rows with --tp 1")
-        if request.cond_frames is not None:
-            raise ValueError(f"{self.info.name} takes no given frames (image→video, extension, interpolation, "
-                             f"storyboards): it renders {', '.join(self.limits.modes)}")
+        check_conditioning(self.folder.image_conditioning, self.info.name, request, self.limits.modes)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
@@ -145,8 +148,9 @@ class WanVideoGenerator:
         cfg = r.guidance > 1.0
         cond = self.encode_text(r.caption).to(self.transformer_dtype)
         uncond = self.encode_text(r.negative_caption).to(self.transformer_dtype) if cfg else None
+        pictures = image_conditioning(self, r, self.latent_shape(r))
         t1 = self._now()
-        latents = self.sample(r, cond, uncond)
+        latents = self.sample(r, cond, uncond, pictures)
         t2 = self._now()
         frames = self.decode(latents)
         return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2})
@@ -165,12 +169,13 @@ class WanVideoGenerator:
 
     def latent_shape(self, r: RenderRequest) -> tuple[int, ...]:
         f, fs = self.folder, self.folder.spatial_factor
-        channels = f.transformer_config.get("in_channels", 16)
+        channels = f.vae_config.get("z_dim", 16)  # the transformer's input channels, or (I2V) its noisy part
         return (1, channels, (r.frames - 1) // f.temporal_factor + 1, r.height // fs, r.width // fs)
 
-    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
-        """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`), or from the
-        request's video noised to its strength (`WanVideoToVideoPipeline`)."""
+    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None,
+               pictures: ImageConditioning | None = None) -> torch.Tensor:
+        """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`; with `pictures`
+        `WanImageToVideoPipeline`), or from the request's video noised to its strength (`WanVideoToVideoPipeline`)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -190,11 +195,15 @@ class WanVideoGenerator:
             else:
                 model, guidance = self.transformer_2, guidance_2
             model = self._on_device(model)
-            x = latents.to(self.transformer_dtype)
-            timestep = self._timestep(t, latents)
-            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh)
+            if pictures is None:
+                x, timestep, states = latents.to(self.transformer_dtype), self._timestep(t, latents), None
+            else:
+                x, states = pictures.model_input(latents, self.transformer_dtype), pictures.image_states
+                timestep = pictures.timestep(t, latents, self.folder.patch_size)
+                timestep = self._timestep(t, latents) if timestep is None else timestep
+            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh, states)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-        return latents
+        return latents if pictures is None else pictures.finish(latents)
 
     def noised_video_latents(self, r: RenderRequest, scheduler, timestep: torch.Tensor,
                              generator: torch.Generator) -> torch.Tensor:
@@ -236,7 +245,7 @@ class WanVideoGenerator:
         """`module`, on the device; with `offload`, every other offloaded module (text encoder, experts)
         back on the CPU first."""
         if self.offload:
-            for other in (self.text_encoder, self.transformer, self.transformer_2):
+            for other in (self.text_encoder, self.image_encoder, self.transformer, self.transformer_2):
                 if other is not None and other is not module:
                     other.to("cpu")
             module.to(self.device)

@@ -84,13 +84,16 @@ def parallelize_wan(transformer: WanTransformer3DModel, mesh: ParallelMesh) -> N
 
 
 def guided_prediction(model: WanTransformer3DModel, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-                      uncond: torch.Tensor | None, guidance: float, mesh: ParallelMesh | None = None) -> torch.Tensor:
+                      uncond: torch.Tensor | None, guidance: float, mesh: ParallelMesh | None = None,
+                      image_states: torch.Tensor | None = None) -> torch.Tensor:
     """WanPipeline's prediction at one step: the model's for the prompt's text states `cond` and, with
     guidance (`uncond` given), uncond + guidance x (cond - uncond). With cfg=2 in `mesh` the two passes
-    run on the two cfg ranks and are all-gathered: the same arithmetic, so the single rank's result."""
+    run on the two cfg ranks and are all-gathered: the same arithmetic, so the single rank's result.
+    `image_states`: a Wan 2.1 I2V / FLF2V picture's CLIP states, given to both passes (WanImageToVideoPipeline)."""
 
     def forward(text: torch.Tensor) -> torch.Tensor:
-        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                     encoder_hidden_states_image=image_states, return_dict=False)[0]
 
     if uncond is None:
         return forward(cond)

@@ -405,7 +405,10 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     guidance = _number(raw.get("guidance"), "guidance", limits.default_guidance, bad)
     check_w, check_h = (width or limits.default_width), (height or limits.default_height)
     try:  # sizes, fps, steps, guidance: the model's own rules, with its nearest allowed values
-        limits.check(RenderRequest(prompt, check_w, check_h, frames, fps, seed, steps, guidance))
+        # a storyboard's shots are requests of their own, each on the grid (frames_for); their sum need not be
+        # (on Wan, 4k+1 frames, two shots never are)
+        check_frames = shots[0][1] if shots else frames
+        limits.check(RenderRequest(prompt, check_w, check_h, check_frames, fps, seed, steps, guidance))
     except ValueError as e:
         raise bad(str(e)) from None
 

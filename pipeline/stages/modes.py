@@ -9,7 +9,9 @@ Every mode is text→video with some frames given (frame conditioning) or a vide
     i2v          the image is frame 0
     extend       forward: the input's last frames open the request, the new part follows; the output
                  is the input plus the new part (`extension_only`: the new part alone); backward: the
-                 input's first frames close the request and the new part comes before them
+                 input's first frames close the request and the new part comes before them (a model
+                 that takes given frames only at a request's ends, `GridLimits.cond_at_ends`: one frame
+                 of context, and backward a forward render from the first frame played in reverse)
     interpolate  two keyframes: the first and the last frame; two clips: the end of the first opens
                  the request, the start of the second closes it, the gap is sampled between them
     remix        the input clip noised to t = strength, then sampled with the new caption (SDEdit)
@@ -134,7 +136,10 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
 
     The context before is padded at its start to a clip of its own on the model's grid (whole
     latent frames), the context after at its end to whole frame steps, and the request to an
-    allowed length (`GridLimits.frames_at_least`); frames past the given ones are sampled freely."""
+    allowed length (`GridLimits.frames_at_least`); frames past the given ones are sampled freely.
+    A model that takes given frames only at a request's ends: `_between_ends`."""
+    if limits.cond_at_ends and after is not None:
+        return _between_ends(run, base, limits, before, after)
     fm, ctx = limits.frame_multiple, limits.context_frames or limits.frame_multiple
     head = before[-ctx:] if before is not None else before
     tail = after[:ctx] if after is not None else after
@@ -153,6 +158,26 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
         index += range(pre + base.frames, pre + base.frames + len(tail))
     frames = run(replace(base, frames=n, cond_frames=np.concatenate(known), cond_index=tuple(index)))
     return frames[pre:pre + base.frames]
+
+
+def _between_ends(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | None,
+                  after: np.ndarray) -> np.ndarray:
+    """`_between` on a model that takes given frames only as a request's first and last frame (an
+    image-to-video Wan checkpoint; `limits.context_frames` is 1, so a forward extension is `_between`'s
+    own: the clip's last frame opens the request). Between two clips: the first's last frame opens the
+    request, the second's first frame closes it (first-and-last-frame conditioning), and the new part is
+    the frames between, `base.frames` rounded up to the grid less the two ends (so up to 3 frames more
+    than asked). Before a clip (a backward extension, where no model here takes a last frame alone): the
+    clip's first frame opens a request sampled forward and the new part is played in reverse, so it ends
+    on that frame; its motion runs backward in time (docs/MODELS.md argues the choice)."""
+    if before is None:
+        return _between(run, base, limits, after[:1], None)[::-1]
+    n = limits.frames_at_least(base.frames + 2)
+    if n > limits.max_frames:
+        raise ValueError(f"the gap with its 2 end frames is {n} frames; the model's maximum is {limits.max_frames}: "
+                         f"ask for fewer seconds")
+    ends = np.concatenate([before[-1:], after[:1]])
+    return run(replace(base, frames=n, cond_frames=ends, cond_index=(0, n - 1)))[1:n - 1]
 
 
 def _remix(run, base: RenderRequest, limits: GridLimits, video: np.ndarray, strength: float) -> np.ndarray:

@@ -40,10 +40,15 @@ def one_line_error(spec) -> str:
 
 
 def test_a_wrong_model_index_is_refused_in_one_line(folder):
-    _edit_index(folder, _class_name="WanImageToVideoPipeline")
+    _edit_index(folder, _class_name="WanVACEPipeline")
     assert one_line_error(folder) == (
-        f"Wan folder {folder}: model_index.json is for 'WanImageToVideoPipeline'; only WanPipeline (Wan "
-        f"text-to-video) folders are supported (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+        f"Wan folder {folder}: model_index.json is for 'WanVACEPipeline'; only WanPipeline and "
+        f"WanImageToVideoPipeline folders are supported (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
+        f"...-I2V-14B-480P-Diffusers)")
+    _edit_index(folder, _class_name="WanImageToVideoPipeline")  # a text-to-video transformer under it
+    assert one_line_error(folder) == (
+        f"Wan folder {folder}: an image-to-video transformer takes 36 input channels (latents, mask, picture "
+        f"latents), this one 16; supply the release's transformer/")
     (folder / "model_index.json").write_text("{not json")
     assert one_line_error(folder) == (f"Wan folder {folder}: {folder}/model_index.json is not readable JSON "
                                       f"(JSONDecodeError); supply the release's copy")
