@@ -54,6 +54,7 @@ from models.dit import (
     apply_rotary_emb,
 )
 from models.sampler import FlowMatchSampler
+from models.step_cache import StepCache, run_blocks
 
 __all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler",
            "USPAttnProcessor", "TokenShard",
@@ -424,10 +425,11 @@ class ParallelVideoDiT(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cond_mask: torch.Tensor | None = None, step_cache: StepCache | None = None) -> torch.Tensor:
         dit, mesh = self.dit, self.mesh
         if mesh.sp == 1:
-            return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask)
+            return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask,
+                       step_cache=step_cache)
         grid = dit.token_grid(hidden_states.shape)
         n = grid[0] * grid[1] * grid[2]
         self.shard.split(n, mesh)
@@ -442,8 +444,9 @@ class ParallelVideoDiT(nn.Module):
 
         temb, context, mask = dit.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
                                                    hidden_states.shape[0])
-        for block in dit.blocks:
-            x = block(x, context, temb, (cos, sin), mask)
+        if step_cache is not None:  # the padding at the end of the last shard is left out of its decision
+            step_cache.real_tokens = stop - start
+        x = run_blocks(dit.blocks, x, (context, temb, (cos, sin), mask), step_cache)
 
         x = dit.output_tokens(x, temb)  # (B, local, C·pt·ph·pw)
         x = all_gather_cat(x, mesh.sp_group, dim=1)[:, :n]
@@ -494,17 +497,20 @@ class ParallelSampler(FlowMatchSampler):
         super().__init__(steps, guidance, shift)
         self.mesh = mesh
 
-    def velocity_fn(self, model, guidance, text, text_mask, uncond_text, uncond_mask, cond_latents, cond_mask
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def velocity_fn(self, model, guidance, text, text_mask, uncond_text, uncond_mask, cond_latents, cond_mask,
+                    step_cache: StepCache | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         mesh = self.mesh
         if mesh.cfg == 1:
             return super().velocity_fn(model, guidance, text, text_mask, uncond_text, uncond_mask,
-                                       cond_latents, cond_mask)
+                                       cond_latents, cond_mask, step_cache)
         check_layout(mesh.config, model.config, guidance=guidance)
         my_text, my_mask = (text, text_mask) if mesh.cfg_rank == 0 else (uncond_text, uncond_mask)
+        extra = {} if step_cache is None else {"step_cache": step_cache}
+        if step_cache is not None:  # the conditional rank decides, the unconditional one adds zeros
+            step_cache.cond_rows = slice(None) if mesh.cfg_rank == 0 else None
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = model(x, t.expand(x.shape[0]), my_text, my_mask, cond_latents, cond_mask).float()
+            v = model(x, t.expand(x.shape[0]), my_text, my_mask, cond_latents, cond_mask, **extra).float()
             parts = [torch.empty_like(v) for _ in range(2)]
             dist.all_gather(parts, v, group=mesh.cfg_group)
             v_cond, v_uncond = parts

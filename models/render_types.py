@@ -176,6 +176,10 @@ class RenderRequest:
 
     `guidance_2`: the guidance of a two-expert model's low-noise expert (Wan 2.2 A14B); None:
     `guidance`. Only models whose `GridLimits.has_guidance_2` take it.
+
+    `step_cache`: the first-block cache's threshold (`models/step_cache.py`): steps whose first block's
+    residual changed by less than it (relative L1) reuse the later blocks' residual; None: every step
+    runs every block.
     """
 
     caption: str
@@ -192,14 +196,20 @@ class RenderRequest:
     init_frames: np.ndarray | None = field(default=None, compare=False)
     strength: float = 1.0
     guidance_2: float | None = None
+    step_cache: float | None = None
 
 
 @dataclass
 class RenderOutput:
-    """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode)."""
+    """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode).
+
+    `steps_computed`: with a step cache, the sampling steps that ran every block (summed over a long
+    clip's windows); None without one.
+    """
 
     frames: np.ndarray
     timings: dict[str, float]
+    steps_computed: int | None = None
 
 
 @runtime_checkable
