@@ -48,6 +48,7 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -60,9 +61,11 @@ from diffusers.video_processor import VideoProcessor
 
 from models.config import ParallelConfig
 from models.render_types import DTYPES, RenderOutput, RenderRequest
+from models.step_cache import StepCache
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
 from models.wan.parallel import guided_prediction
+from models.wan.step_cache import WanStepCache
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
@@ -100,6 +103,7 @@ class WanVideoGenerator:
         self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
         self.video_processor = VideoProcessor(vae_scale_factor=folder.spatial_factor)
         self.mesh = None  # the process groups of a parallel layout
+        self.shards = {}  # per expert (by id): its sp token split
         if parallel is not None and parallel.world_size > 1:
             from models.parallel import build_mesh
             from models.wan.parallel import parallelize_wan
@@ -107,7 +111,7 @@ class WanVideoGenerator:
             guidance = self.limits.default_guidance
             self.mesh = build_mesh(parallel, wan_layer_widths(folder), group=group, guidance=guidance)
             for expert in parts.experts.values():
-                parallelize_wan(expert, self.mesh)
+                self.shards[id(expert)] = parallelize_wan(expert, self.mesh)
 
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`)."""
@@ -131,10 +135,30 @@ class WanVideoGenerator:
         cond = self.encode_text(r.caption).to(self.transformer_dtype)
         uncond = self.encode_text(r.negative_caption).to(self.transformer_dtype) if cfg else None
         t1 = self._now()
-        latents = self.sample(r, cond, uncond)
+        caches = self.step_caches(r.step_cache)
+        with contextlib.ExitStack() as hooks:
+            for cache in caches.values():
+                hooks.enter_context(cache)
+            latents = self.sample(r, cond, uncond, caches)
         t2 = self._now()
         frames = self.decode(latents)
-        return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2})
+        computed = sum(c.step_cache.steps_computed for c in caches.values()) if caches else None
+        return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2},
+                            steps_computed=computed)
+
+    def step_caches(self, threshold: float | None) -> dict[int, WanStepCache]:
+        """One request's step cache per expert (by id; their residuals are not comparable), agreed over
+        the parallel group; none without a threshold."""
+        if threshold is None:
+            return {}
+        group, contributes = None, True
+        if self.mesh is not None:
+            import torch.distributed as dist
+
+            group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
+            contributes = self.mesh.tp_rank == 0
+        return {id(expert): WanStepCache(expert, StepCache(threshold, group, contributes), self.shards.get(id(expert)))
+                for expert in (self.transformer, self.transformer_2) if expert is not None}
 
     def encode_text(self, text: str) -> torch.Tensor:
         """(1, 512, dim) states of a cleaned prompt, zeros past its tokens."""
@@ -153,9 +177,11 @@ class WanVideoGenerator:
         channels = f.transformer_config.get("in_channels", 16)
         return (1, channels, (r.frames - 1) // f.temporal_factor + 1, r.height // fs, r.width // fs)
 
-    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None,
+               caches: dict[int, WanStepCache] | None = None) -> torch.Tensor:
         """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`), or from the
-        request's video noised to its strength (`WanVideoToVideoPipeline`)."""
+        request's video noised to its strength (`WanVideoToVideoPipeline`); `caches`: `step_caches`'."""
+        caches = caches or {}
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -177,7 +203,10 @@ class WanVideoGenerator:
             model = self._on_device(model)
             x = latents.to(self.transformer_dtype)
             timestep = self._timestep(t, latents)
-            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh)
+            cache = caches.get(id(model))
+            if cache is not None:
+                cache.step_cache.start_step()
+            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh, cache)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         return latents
 
