@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING
 from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
 from models.files import local_model_dir
-from models.render_types import DTYPES, MODES, GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
+from models.render_types import (
+    DEFAULT_STEP_CACHE,
+    DTYPES,
+    MODES,
+    GridLimits,
+    ModelInfo,
+    RenderOutput,
+    RenderRequest,
+    VideoGenerator,
+)
 from models.wan.folder import (
     WanFolder,
     check_wan_layout,
@@ -39,7 +48,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "DTYPES", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator",
+           "DEFAULT_STEP_CACHE", "DTYPES", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError",
+           "VideoGenerator",
            "check_layout", "check_load_options", "check_model_layout", "describe_model", "is_wan_folder",
            "join_render_group", "load_config", "load_generator", "local_model_dir", "model_layout",
            "model_recaptioner"]

@@ -162,6 +162,11 @@ class GridLimits:
             raise ValueError("strength < 1 needs init_frames (the video to remix)")
 
 
+#: The step cache's threshold when one is asked for without a value (`reel render --step-cache`): the
+#: largest that kept the default model's adherence within 0.02 of the uncached render (docs/SCALING.md).
+DEFAULT_STEP_CACHE = 0.1
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     """One clip to sample. `frames` is the pixel-frame count (on the model's grid: `GridLimits`).

@@ -110,6 +110,7 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
                    help="videos as H.264 MP4s (videos/{id}.mp4, default) or lossless RGB masters for grading "
                         "and editing, FFV1 in Matroska (videos/{id}.mkv); a changed codec renders again")
     _add_precision_options(p)
+    _add_speed_options(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -126,7 +127,7 @@ def _render(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
         blur_faces=args.blur_faces, parallel=_parallel_overrides(args), codec=args.codec,
-        dtype=args.dtype, offload=args.offload,
+        dtype=args.dtype, offload=args.offload, step_cache=args.step_cache,
     )
     try:
         summary = render_manifest(cfg)
@@ -154,6 +155,17 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="run the conditional and unconditional passes of guidance on two ranks (needs "
                         "guidance != 1) (default: the model config's parallel.cfg)")
+
+
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    """--step-cache: skip the DiT's later blocks on steps where its input barely changed."""
+    from models.interface import DEFAULT_STEP_CACHE
+
+    p.add_argument("--step-cache", type=float, nargs="?", const=DEFAULT_STEP_CACHE, metavar="THRESHOLD",
+                   help="first-block step cache: a step whose first block's residual changed by less than "
+                        f"THRESHOLD (relative) reuses the other blocks' last residual (default {DEFAULT_STEP_CACHE} "
+                        "when given without a value; a row's step_cache column wins); part of each clip's "
+                        "request; the metadata records the steps computed")
 
 
 def _add_precision_options(p: argparse.ArgumentParser, offload_default: bool | None = False) -> None:

@@ -54,6 +54,7 @@ class RenderConfig:
     progress: bool = True
     policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
     blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
+    step_cache: float | None = None  # the step cache's threshold for rows that give none; None: off
     codec: str = "h264"  # the videos' codec: h264 (MP4) or ffv1 (a lossless RGB master in Matroska)
     # the layout of a render replica over several devices: "sp", "tp", "cfg" (1 or 2) given here
     # override the model config's `parallel` section; more than one rank makes each replica a
@@ -97,6 +98,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         model_info, limits, model_recaptioner = describe_model(cfg.model)
     except Exception as e:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
+    if cfg.step_cache is not None and not cfg.step_cache >= 0:
+        raise UsageError(f"--step-cache {cfg.step_cache:g}: the threshold must be 0 or more")
     try:
         check_load_options(cfg.model, cfg.dtype, cfg.offload)
     except UserError as e:
@@ -115,6 +118,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     specs, errors = validate(table, limits)
     if cfg.blur_faces:  # run-wide blurring changes the frames: it is part of each clip's request
         specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
+    if cfg.step_cache is not None:  # run-wide step cache: the rows that set none take the run's threshold
+        specs = [s if s.step_cache is not None else dataclasses.replace(s, step_cache=cfg.step_cache) for s in specs]
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}

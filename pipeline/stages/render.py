@@ -45,7 +45,7 @@ class RenderUDF:
             self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, offload=offload)
 
     def render_row(self, row: dict[str, Any]) -> None:
-        frames, timings, shots = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
+        frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         row["frames_data"] = frames.tobytes()
         row["frames_shape"] = json.dumps(list(frames.shape))
@@ -53,6 +53,8 @@ class RenderUDF:
         row["dtype"] = self.generator.precision
         if shots:
             row["shot_records"] = json.dumps(shots)
+        if steps_computed is not None:
+            row["steps_computed"] = steps_computed
         add_timing(row, **timings)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
