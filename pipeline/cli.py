@@ -281,6 +281,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, metavar="N", help="render replicas (as for reel render)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per replica (as for reel render)")
+    _add_speed_options(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -293,14 +294,15 @@ def _eval(args: argparse.Namespace) -> int:
             if args.scenes < 1:
                 raise EvalError("--scenes must be 1 or more")
             summary = evaluate_scenes(args.model, clips=args.scenes, seed=args.seed, steps=args.steps,
-                                      guidance=args.guidance, threads=args.threads, progress=args.progress)
+                                      guidance=args.guidance, threads=args.threads, progress=args.progress,
+                                      step_cache=args.step_cache)
             storage.write_json_atomic(storage.join(args.out, "scenes.json"), summary)
             report = storage.join(args.out, "scenes.json")
         else:
             summary = evaluate_prompts(PromptEval(
                 out=args.out, model=args.model, recaptioner=args.recaptioner, steps=args.steps,
                 guidance=args.guidance, limit=args.limit, address=args.address, replicas=args.replicas,
-                threads_per_replica=args.threads, progress=args.progress,
+                threads_per_replica=args.threads, progress=args.progress, step_cache=args.step_cache,
                 **({"prompts": args.prompts} if args.prompts else {})))
             report = storage.join(args.out, "eval.json")
     except EvalError as e:
