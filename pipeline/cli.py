@@ -127,7 +127,7 @@ def _render(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
         blur_faces=args.blur_faces, parallel=_parallel_overrides(args), codec=args.codec,
-        dtype=args.dtype, offload=args.offload, step_cache=args.step_cache,
+        dtype=args.dtype, offload=args.offload, step_cache=args.step_cache, compile=args.compile,
     )
     try:
         summary = render_manifest(cfg)
@@ -157,8 +157,8 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                         "guidance != 1) (default: the model config's parallel.cfg)")
 
 
-def _add_speed_options(p: argparse.ArgumentParser) -> None:
-    """--step-cache: skip the DiT's later blocks on steps where its input barely changed."""
+def _add_speed_options(p: argparse.ArgumentParser, render: bool = True) -> None:
+    """--step-cache: skip the DiT's later blocks on steps where its input barely changed; --compile (render)."""
     from models.interface import DEFAULT_STEP_CACHE
 
     p.add_argument("--step-cache", type=float, nargs="?", const=DEFAULT_STEP_CACHE, metavar="THRESHOLD",
@@ -166,6 +166,10 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
                         f"THRESHOLD (relative) reuses the other blocks' last residual (default {DEFAULT_STEP_CACHE} "
                         "when given without a value; a row's step_cache column wins); part of each clip's "
                         "request; the metadata records the steps computed")
+    if render:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT's blocks in each replica (compiled at its first clip of each "
+                            "size: minutes on CPUs, worth it on GPUs for long runs); frames equal to rounding")
 
 
 def _add_precision_options(p: argparse.ArgumentParser, offload_default: bool | None = False) -> None:
@@ -281,7 +285,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, metavar="N", help="render replicas (as for reel render)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per replica (as for reel render)")
-    _add_speed_options(p)
+    _add_speed_options(p, render=False)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

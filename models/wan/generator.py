@@ -113,6 +113,13 @@ class WanVideoGenerator:
             for expert in parts.experts.values():
                 self.shards[id(expert)] = parallelize_wan(expert, self.mesh)
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` each expert's transformer blocks (diffusers' `compile_repeated_blocks`, which
+        compiles every `WanTransformerBlock` in place)."""
+        for expert in (self.transformer, self.transformer_2):
+            if expert is not None:
+                expert.compile_repeated_blocks()
+
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`)."""
         self.limits.check(request)
