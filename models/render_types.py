@@ -164,7 +164,7 @@ class GridLimits:
 
 #: The step cache's threshold when one is asked for without a value (`reel render --step-cache`): the
 #: largest that kept the default model's adherence within 0.02 of the uncached render (docs/SCALING.md).
-DEFAULT_STEP_CACHE = 0.1
+DEFAULT_STEP_CACHE = 0.3
 
 
 @dataclass(frozen=True)
