@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import DiTConfig
+from models.step_cache import StepCache, run_blocks
 
 # --- context-parallel plan entries (the shape of diffusers' ContextParallelInput/Output) ----------
 
@@ -444,12 +445,12 @@ class VideoDiT(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cond_mask: torch.Tensor | None = None, step_cache: StepCache | None = None) -> torch.Tensor:
+        """The velocity; with `step_cache` (`models/step_cache.py`) the blocks after the first may be skipped."""
         grid = self.token_grid(hidden_states.shape)
         x = self.embed_tokens(self.input_tokens(hidden_states, cond_latents, cond_mask), grid)
         rotary_emb = self.rope(grid, x.device)
         temb, context, mask = self.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
                                                     hidden_states.shape[0])
-        for block in self.blocks:
-            x = block(x, context, temb, rotary_emb, mask)
+        x = run_blocks(self.blocks, x, (context, temb, rotary_emb, mask), step_cache)
         return self.unpatchify(self.output_tokens(x, temb), grid)

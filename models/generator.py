@@ -31,6 +31,7 @@ import torch
 from models.config import ConfigError, ModelConfig, ParallelConfig
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest
 from models.sampler import FlowMatchSampler
+from models.step_cache import StepCache
 from models.text import TextEncoder
 from models.weights import load_modules
 
@@ -106,6 +107,13 @@ class DiffusionVideoGenerator:
     def check(self, request: RenderRequest) -> None:
         self.limits.check(request)
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` each transformer block in place (`nn.Module.compile`: the weights and their names
+        stay; every block has the same code, so one compiled graph serves them all)."""
+        dit = getattr(self.dit, "dit", self.dit)  # a ParallelVideoDiT wraps the model
+        for block in dit.blocks:
+            block.compile()
+
     @torch.no_grad()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
         for request in requests:  # all or nothing: reject before spending time on any
@@ -117,6 +125,7 @@ class DiffusionVideoGenerator:
         text, text_mask = self.text_encoder.encode([r.caption])
         uncond, uncond_mask = self.text_encoder.encode([r.negative_caption])
         timings = {"text": self._now() - t0, "sample": 0.0, "decode": 0.0}
+        caches: list[StepCache] = []
         if r.strength == 0.0:  # a remix at strength 0 is the input itself
             return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8), timings=timings)
 
@@ -131,11 +140,18 @@ class DiffusionVideoGenerator:
                 r, frames=b - a, seed=window_seed(r.seed, w),
                 cond_frames=out[a:b][list(index)] if index else None, cond_index=index,
                 init_frames=None if r.init_frames is None else r.init_frames[a:b])
-            frames = self._sample_window(window, text, text_mask, uncond, uncond_mask, timings)
+            cache = None if r.step_cache is None else self.new_step_cache(r.step_cache)
+            frames = self._sample_window(window, text, text_mask, uncond, uncond_mask, timings, cache)
+            caches += [cache] if cache is not None else []
             new = ~have[a:b]
             out[a:b][new] = frames[new]
             have[a:b] = True
-        return RenderOutput(frames=out, timings=timings)
+        steps_computed = sum(c.steps_computed for c in caches) if caches else None
+        return RenderOutput(frames=out, timings=timings, steps_computed=steps_computed)
+
+    def new_step_cache(self, threshold: float) -> StepCache:
+        """The step cache of one window's sampling (one process: nothing to agree on)."""
+        return StepCache(threshold)
 
     def windows(self, r: RenderRequest) -> list[tuple[int, int]]:
         """The [start, end) frame ranges sampled one after another for a request.
@@ -155,7 +171,7 @@ class DiffusionVideoGenerator:
         return [(s, s + size) for s in starts]
 
     def _sample_window(self, r: RenderRequest, text, text_mask, uncond, uncond_mask,
-                       timings: dict[str, float]) -> np.ndarray:
+                       timings: dict[str, float], step_cache: StepCache | None = None) -> np.ndarray:
         """Frames (uint8 T×H×W×3) of one window; adds its seconds to `timings`."""
         t1 = self._now()
         shape = (1, *self.vae.latent_shape(r.frames, r.height, r.width))
@@ -167,7 +183,7 @@ class DiffusionVideoGenerator:
             latents = self.sampler.sample(
                 self.dit, noise.to(self.device), text, text_mask, uncond, uncond_mask,
                 cond_latents=cond_latents, cond_mask=cond_mask, steps=r.steps, guidance=r.guidance,
-                init_latents=init, strength=r.strength if remix else 1.0,
+                init_latents=init, strength=r.strength if remix else 1.0, step_cache=step_cache,
             )
         t2 = self._now()
         frames = self.decode_frames(latents)
@@ -241,6 +257,13 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
         s = config.sampler
         self.sampler = ParallelSampler(self.mesh, s.steps, s.guidance, s.shift)
         self.decode_overlap = 2 * decoder_receptive_field(self.vae.decoder)[1] + 1
+
+    def new_step_cache(self, threshold: float) -> StepCache:
+        """A step cache whose decisions are agreed over the whole group (tp copies do not count twice)."""
+        import torch.distributed as dist
+
+        group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
+        return StepCache(threshold, group=group, contributes=self.mesh.tp_rank == 0)
 
     def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
         """The tiled decode spread over the group (video on rank 0), then broadcast to every rank."""

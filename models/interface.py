@@ -25,6 +25,7 @@ from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConf
 from models.errors import UserError
 from models.files import file_version, local_model_dir
 from models.render_types import (
+    DEFAULT_STEP_CACHE,
     DTYPES,
     MODES,
     GridLimits,
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "DTYPES", "LoraAdapter", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError",
+           "DEFAULT_STEP_CACHE", "DTYPES", "LoraAdapter", "MODEL_RECAPTIONERS", "MODES", "RenderOutput",
+           "RenderRequest", "UserError",
            "VideoGenerator", "check_layout", "check_load_options", "check_model_layout", "describe_model",
            "file_version", "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
            "lora_records", "model_layout", "model_recaptioner"]
@@ -56,7 +58,8 @@ __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelCon
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
                    num_threads: int | None = None, parallel: ParallelConfig | None = None,
-                   group=None, dtype: str | None = None, offload: bool = False) -> VideoGenerator:
+                   group=None, dtype: str | None = None, offload: bool = False,
+                   compile: bool = False) -> VideoGenerator:
     """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig),
     or for a folder / URI holding a diffusers Wan pipeline (model_index.json: `models/wan/`).
 
@@ -66,6 +69,8 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
     A Wan folder takes the same layouts (`models/wan/parallel.py`); it is loaded with HF_HUB_OFFLINE=1.
     `dtype` and `offload`: the precision and CPU offload (`check_load_options` says what each model
     takes; None: bf16 on GPUs, fp32 on CPUs). The generator's `precision` names the one it runs in.
+    `compile`: the DiT's blocks go through `torch.compile` (compiled at the first render of each shape;
+    the frames equal the eager ones to float rounding).
     """
     import torch
 
@@ -78,14 +83,18 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
 
         from models.wan.generator import WanVideoGenerator
 
-        return WanVideoGenerator(folder, device=device, parallel=parallel, group=group, dtype=dtype, offload=offload)
+        gen = WanVideoGenerator(folder, device=device, parallel=parallel, group=group, dtype=dtype, offload=offload)
+    else:
+        from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
 
-    from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
-
-    config = spec if isinstance(spec, ModelConfig) else load_config(spec)
-    if parallel is not None:
-        return ParallelVideoGenerator(config, parallel, group=group, device=device, dtype=dtype)
-    return DiffusionVideoGenerator(config, device=device, dtype=dtype)
+        config = spec if isinstance(spec, ModelConfig) else load_config(spec)
+        if parallel is not None:
+            gen = ParallelVideoGenerator(config, parallel, group=group, device=device, dtype=dtype)
+        else:
+            gen = DiffusionVideoGenerator(config, device=device, dtype=dtype)
+    if compile:
+        gen.compile_blocks()
+    return gen
 
 
 def check_load_options(spec: str | ModelConfig, dtype: str | None = None, offload: bool = False) -> None:

@@ -11,7 +11,7 @@ as xDiT and diffusers do, so every layout gives the same latents to float roundi
              DeepSpeed-Ulysses all-to-all over heads (`DistributedAttention`) inside a ring
              attention over the sequence (online softmax over K/V blocks passed round the ring),
              sp = ulysses · ring, so sp may exceed the head count. A token count that sp does
-             not divide is padded at the end; padded keys are masked out of every softmax and
+             not divide is padded at the end; padded keys are left out of every softmax and
              padded outputs dropped at the gather, so they change nothing.
       tp   — Megatron: q/k/v and fc1 split by output (whole heads per rank), to_out and fc2 by
              input with an all-reduce; the q/k RMS norms (over all heads) all-reduce their sum
@@ -31,7 +31,6 @@ collectives). Never imports Ray.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.attention import attention_kernel, attention_with_lse, merge_attention
 from models.config import DiTConfig, LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.dit import (
     Attention,
@@ -54,6 +54,7 @@ from models.dit import (
     apply_rotary_emb,
 )
 from models.sampler import FlowMatchSampler
+from models.step_cache import StepCache, run_blocks
 
 __all__ = ["ParallelMesh", "build_mesh", "init_distributed", "parallelize", "ParallelVideoDiT", "ParallelSampler",
            "USPAttnProcessor", "TokenShard",
@@ -285,25 +286,6 @@ class TokenShard:
         self.stop = min(self.start + self.local, n_tokens)
 
 
-def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over (B, h, S, d) and its log-sum-exp (B, h, S) per query, for merging.
-
-    `mask`: additive float mask broadcastable to (B, h, Sq, Sk) (-inf = ignore) or None.
-    On CPUs: PyTorch's flash kernel, the one `scaled_dot_product_attention` runs. Elsewhere: the
-    same in plain maths (O(Sq·Sk) memory; a GPU deployment should plug a flash kernel that
-    returns the LSE here).
-    """
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
-        return out, lse
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores + mask
-    lse = scores.logsumexp(dim=-1)
-    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
-
-
 class USPAttnProcessor(AttnProcessor):
     """Self-attention over a token shard: Ulysses all-to-all (heads) around ring attention (sequence).
 
@@ -311,7 +293,8 @@ class USPAttnProcessor(AttnProcessor):
     `ulysses` ranks turns that into (B, ulysses·local, heads/tp/ulysses, d): a ring block of
     consecutive tokens with fewer heads. Ring attention then passes each block's K/V round the
     `ring` ranks and merges the partial softmaxes by their log-sum-exp. Keys at or beyond
-    `n_tokens` (the padding) are masked; a block of padding only is skipped.
+    `n_tokens` (the padding) are left out; a block of padding only is skipped. The partial softmaxes come
+    from `models.attention.attention_with_lse` (a flash kernel with its LSE on CUDA, never S x S).
     """
 
     def __init__(self, mesh: ParallelMesh, shard: TokenShard):
@@ -352,19 +335,11 @@ class USPAttnProcessor(AttnProcessor):
         block = query.shape[1]  # S = ulysses · local
         q = query.transpose(1, 2)
         kv = torch.stack([key.transpose(1, 2), value.transpose(1, 2)]).contiguous()  # (2, B, h, S, d)
-
-        def key_mask(src: int) -> torch.Tensor | None:
-            valid = n - src * block
-            if valid >= block:
-                return None
-            m = torch.zeros(1, 1, 1, block, dtype=q.dtype, device=q.device)
-            m[..., max(valid, 0):] = float("-inf")
-            return m
+        kernel = attention_kernel(q.device, q.dtype)
 
         if mesh.ring == 1:
-            mask = key_mask(0)
-            out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=None if mask is None else mask == 0)
-            return out.transpose(1, 2)
+            valid = min(n, block)  # keys past the real tokens (padding) are left out, not masked
+            return attention_with_lse(q, kv[0, ..., :valid, :], kv[1, ..., :valid, :], kernel)[0].transpose(1, 2)
 
         ring, me, group = mesh.ring, mesh.ring_rank, mesh.ring_group
         out = lse = None
@@ -375,15 +350,10 @@ class USPAttnProcessor(AttnProcessor):
                 nxt = torch.empty_like(kv)
                 reqs = [dist.isend(kv, group=group, group_dst=(me + 1) % ring),
                         dist.irecv(nxt, group=group, group_src=(me - 1) % ring)]
-            if n - src * block > 0:
-                o, s = _attention_with_lse(q, kv[0], kv[1], key_mask(src))
-                o, s = o.float(), s.float()
-                if out is None:
-                    out, lse = o, s
-                else:
-                    new = torch.logaddexp(lse, s)
-                    out = out * torch.exp(lse - new)[..., None] + o * torch.exp(s - new)[..., None]
-                    lse = new
+            valid = min(n - src * block, block)  # this block's real keys; none: a block of padding only
+            if valid > 0:
+                o, s = attention_with_lse(q, kv[0, ..., :valid, :], kv[1, ..., :valid, :], kernel)
+                out, lse = merge_attention(out, lse, o, s)
             for req in reqs:
                 req.wait()
             if reqs:
@@ -424,10 +394,11 @@ class ParallelVideoDiT(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cond_mask: torch.Tensor | None = None, step_cache: StepCache | None = None) -> torch.Tensor:
         dit, mesh = self.dit, self.mesh
         if mesh.sp == 1:
-            return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask)
+            return dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, cond_latents, cond_mask,
+                       step_cache=step_cache)
         grid = dit.token_grid(hidden_states.shape)
         n = grid[0] * grid[1] * grid[2]
         self.shard.split(n, mesh)
@@ -442,8 +413,9 @@ class ParallelVideoDiT(nn.Module):
 
         temb, context, mask = dit.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
                                                    hidden_states.shape[0])
-        for block in dit.blocks:
-            x = block(x, context, temb, (cos, sin), mask)
+        if step_cache is not None:  # the padding at the end of the last shard is left out of its decision
+            step_cache.real_tokens = stop - start
+        x = run_blocks(dit.blocks, x, (context, temb, (cos, sin), mask), step_cache)
 
         x = dit.output_tokens(x, temb)  # (B, local, C·pt·ph·pw)
         x = all_gather_cat(x, mesh.sp_group, dim=1)[:, :n]
@@ -494,17 +466,20 @@ class ParallelSampler(FlowMatchSampler):
         super().__init__(steps, guidance, shift)
         self.mesh = mesh
 
-    def velocity_fn(self, model, guidance, text, text_mask, uncond_text, uncond_mask, cond_latents, cond_mask
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def velocity_fn(self, model, guidance, text, text_mask, uncond_text, uncond_mask, cond_latents, cond_mask,
+                    step_cache: StepCache | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         mesh = self.mesh
         if mesh.cfg == 1:
             return super().velocity_fn(model, guidance, text, text_mask, uncond_text, uncond_mask,
-                                       cond_latents, cond_mask)
+                                       cond_latents, cond_mask, step_cache)
         check_layout(mesh.config, model.config, guidance=guidance)
         my_text, my_mask = (text, text_mask) if mesh.cfg_rank == 0 else (uncond_text, uncond_mask)
+        extra = {} if step_cache is None else {"step_cache": step_cache}
+        if step_cache is not None:  # the conditional rank decides, the unconditional one adds zeros
+            step_cache.cond_rows = slice(None) if mesh.cfg_rank == 0 else None
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = model(x, t.expand(x.shape[0]), my_text, my_mask, cond_latents, cond_mask).float()
+            v = model(x, t.expand(x.shape[0]), my_text, my_mask, cond_latents, cond_mask, **extra).float()
             parts = [torch.empty_like(v) for _ in range(2)]
             dist.all_gather(parts, v, group=mesh.cfg_group)
             v_cond, v_uncond = parts

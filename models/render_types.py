@@ -168,6 +168,11 @@ class GridLimits:
             raise ValueError("strength < 1 needs init_frames (the video to remix)")
 
 
+#: The step cache's threshold when one is asked for without a value (`reel render --step-cache`): the
+#: largest that kept the default model's adherence within 0.02 of the uncached render (docs/SCALING.md).
+DEFAULT_STEP_CACHE = 0.3
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     """One clip to sample. `frames` is the pixel-frame count (on the model's grid: `GridLimits`).
@@ -185,6 +190,9 @@ class RenderRequest:
 
     `lora`: LoRA adapters applied to the model for this request (`LoraAdapter`s: a file's URI and its
     scale); only models whose `GridLimits.takes_lora` take them.
+    `step_cache`: the first-block cache's threshold (`models/step_cache.py`): steps whose first block's
+    residual changed by less than it (relative L1) reuse the later blocks' residual; None: every step
+    runs every block.
     """
 
     caption: str
@@ -202,6 +210,7 @@ class RenderRequest:
     strength: float = 1.0
     guidance_2: float | None = None
     lora: tuple[LoraAdapter, ...] = ()
+    step_cache: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,10 +224,15 @@ class LoraAdapter:
 
 @dataclass
 class RenderOutput:
-    """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode)."""
+    """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode).
+
+    `steps_computed`: with a step cache, the sampling steps that ran every block (summed over a long
+    clip's windows); None without one.
+    """
 
     frames: np.ndarray
     timings: dict[str, float]
+    steps_computed: int | None = None
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from models.step_cache import StepCache
 from models.training.config import COND_PROBS
 
 
@@ -68,7 +69,8 @@ class FlowMatchSampler:
                cond_latents: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                steps: int | None = None, guidance: float | None = None,
                init_latents: torch.Tensor | None = None, strength: float = 1.0,
-               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, torch.Tensor], None] | None = None,
+               step_cache: StepCache | None = None) -> torch.Tensor:
         """Latents x0 (B, C, T', H', W') from noise of that shape, given text states (B, L, D).
 
         `uncond_text`/`uncond_mask` (the empty or negative caption) are needed when guidance != 1.
@@ -77,6 +79,8 @@ class FlowMatchSampler:
         `init_latents` with `strength` s < 1 (SDEdit, Meng et al. 2022): start from the straight
         line's point x_s = (1 - s)·init + s·noise and integrate from t = s to 0 in `steps` steps (the
         schedule scaled into [0, s]); s = 0 returns `init_latents`.
+        `step_cache` (`models/step_cache.py`): steps whose first-block residual barely changed skip the
+        model's later blocks (its `steps_computed` counts the others).
         """
         steps = self.steps if steps is None else steps
         guidance = self.guidance if guidance is None else guidance
@@ -87,7 +91,7 @@ class FlowMatchSampler:
         if cond_latents is not None and cond_mask is not None:  # as trained: zeros where nothing is given
             cond_latents = cond_latents * _frames(cond_mask.to(cond_latents.dtype))
         velocity = self.velocity_fn(model, guidance, text, text_mask, uncond_text, uncond_mask,
-                                    cond_latents, cond_mask)
+                                    cond_latents, cond_mask, step_cache)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         timesteps = sampling_timesteps(steps, self.shift).to(noise.device)
@@ -102,6 +106,8 @@ class FlowMatchSampler:
         x = apply_frame_conditioning(x, cond_latents, cond_mask)
         for i in range(steps):
             t, t_next = timesteps[i], timesteps[i + 1]
+            if step_cache is not None:
+                step_cache.start_step()
             v = velocity(x, t)
             x = x + (t_next - t) * v  # Euler step towards t = 0
             x = apply_frame_conditioning(x, cond_latents, cond_mask)
@@ -111,12 +117,14 @@ class FlowMatchSampler:
 
     def velocity_fn(self, model: nn.Module, guidance: float, text: torch.Tensor, text_mask: torch.Tensor | None,
                     uncond_text: torch.Tensor | None, uncond_mask: torch.Tensor | None,
-                    cond_latents: torch.Tensor | None, cond_mask: torch.Tensor | None
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                    cond_latents: torch.Tensor | None, cond_mask: torch.Tensor | None,
+                    step_cache: StepCache | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The guided velocity v(x, t) (float32) of one step: here one forward over [cond; uncond].
 
         The hook a parallel sampler overrides (CFG parallelism puts the two halves on two ranks).
+        With `step_cache` the model is called with it, the conditional rows marked as the deciding ones.
         """
+        extra = {} if step_cache is None else {"step_cache": step_cache}
         use_cfg = guidance != 1.0
         if use_cfg:  # one forward over [cond; uncond]
             text = torch.cat([text, uncond_text])
@@ -129,7 +137,9 @@ class FlowMatchSampler:
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             b = x.shape[0]
             x_in = torch.cat([x, x]) if use_cfg else x
-            v = model(x_in, t.expand(x_in.shape[0]), text, text_mask, cond_in, mask_in).float()
+            if step_cache is not None:
+                step_cache.cond_rows = slice(0, b)
+            v = model(x_in, t.expand(x_in.shape[0]), text, text_mask, cond_in, mask_in, **extra).float()
             if use_cfg:
                 v_cond, v_uncond = v[:b], v[b:]
                 v = v_uncond + guidance * (v_cond - v_uncond)

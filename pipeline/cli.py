@@ -113,6 +113,7 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
                    help="videos as H.264 MP4s (videos/{id}.mp4, default) or lossless RGB masters for grading "
                         "and editing, FFV1 in Matroska (videos/{id}.mkv); a changed codec renders again")
     _add_precision_options(p)
+    _add_speed_options(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -129,7 +130,7 @@ def _render(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
         blur_faces=args.blur_faces, parallel=_parallel_overrides(args), codec=args.codec,
-        dtype=args.dtype, offload=args.offload,
+        dtype=args.dtype, offload=args.offload, step_cache=args.step_cache, compile=args.compile,
     )
     try:
         summary = render_manifest(cfg)
@@ -157,6 +158,21 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="run the conditional and unconditional passes of guidance on two ranks (needs "
                         "guidance != 1) (default: the model config's parallel.cfg)")
+
+
+def _add_speed_options(p: argparse.ArgumentParser, render: bool = True) -> None:
+    """--step-cache: skip the DiT's later blocks on steps where its input barely changed; --compile (render)."""
+    from models.interface import DEFAULT_STEP_CACHE
+
+    p.add_argument("--step-cache", type=float, nargs="?", const=DEFAULT_STEP_CACHE, metavar="THRESHOLD",
+                   help="first-block step cache: a step whose first block's residual changed by less than "
+                        f"THRESHOLD (relative) reuses the other blocks' last residual (default {DEFAULT_STEP_CACHE} "
+                        "when given without a value; a row's step_cache column wins); part of each clip's "
+                        "request; the metadata records the steps computed")
+    if render:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT's blocks in each replica (compiled at its first clip of each "
+                            "size: minutes on CPUs, worth it on GPUs for long runs); frames equal to rounding")
 
 
 def _add_precision_options(p: argparse.ArgumentParser, offload_default: bool | None = False) -> None:
@@ -292,6 +308,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, metavar="N", help="render replicas (as for reel render)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per replica (as for reel render)")
+    _add_speed_options(p, render=False)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -304,14 +321,15 @@ def _eval(args: argparse.Namespace) -> int:
             if args.scenes < 1:
                 raise EvalError("--scenes must be 1 or more")
             summary = evaluate_scenes(args.model, clips=args.scenes, seed=args.seed, steps=args.steps,
-                                      guidance=args.guidance, threads=args.threads, progress=args.progress)
+                                      guidance=args.guidance, threads=args.threads, progress=args.progress,
+                                      step_cache=args.step_cache)
             storage.write_json_atomic(storage.join(args.out, "scenes.json"), summary)
             report = storage.join(args.out, "scenes.json")
         else:
             summary = evaluate_prompts(PromptEval(
                 out=args.out, model=args.model, recaptioner=args.recaptioner, steps=args.steps,
                 guidance=args.guidance, limit=args.limit, address=args.address, replicas=args.replicas,
-                threads_per_replica=args.threads, progress=args.progress,
+                threads_per_replica=args.threads, progress=args.progress, step_cache=args.step_cache,
                 **({"prompts": args.prompts} if args.prompts else {})))
             report = storage.join(args.out, "eval.json")
     except EvalError as e:

@@ -86,6 +86,7 @@ class PromptEval:
     replicas: int | None = None
     threads_per_replica: int | None = None
     progress: bool = True
+    step_cache: float | None = None
 
 
 def evaluate_prompts(cfg: PromptEval) -> dict:
@@ -112,7 +113,7 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
         run = render_manifest(RenderConfig(manifest=manifest, out=render_out, model=cfg.model,
                                            recaptioner=cfg.recaptioner, address=cfg.address,
                                            replicas=cfg.replicas, threads_per_replica=cfg.threads_per_replica,
-                                           progress=cfg.progress))
+                                           progress=cfg.progress, step_cache=cfg.step_cache))
     except UsageError as e:  # a bad model or option: nothing rendered, so leave nothing behind
         storage.delete(manifest)
         raise EvalError(str(e)) from None
@@ -145,10 +146,12 @@ def evaluate_prompts(cfg: PromptEval) -> dict:
 
 def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345, steps: int | None = None,
                     guidance: float | None = None, width: int = 64, height: int = 64, frames: int = 16,
-                    fps: int = 8, threads: int | None = None, progress: bool = False) -> dict:
+                    fps: int = 8, threads: int | None = None, progress: bool = False,
+                    step_cache: float | None = None) -> dict:
     """Judge the model on `clips` fresh held-in and `clips` fresh held-out scenes, rendered from
     their canonical captions straight through the generator (the model's default steps and
-    guidance unless given): the judge's summary plus render timings."""
+    guidance unless given; `step_cache`: its threshold): the judge's summary plus render timings
+    (the whole render and its sampling alone) and, with the cache, the mean steps computed."""
     from models.interface import RenderRequest, load_generator
 
     try:
@@ -158,14 +161,17 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(rng, clips, include_held_out=False) + sample_scenes(rng, clips, held_out_only=True)
     seeds = rng.integers(0, 2 ** 31 - 1, size=len(scenes))
-    results, seconds = [], []
+    results, seconds, sampling, computed = [], [], [], []
     for i, (scene, s) in enumerate(zip(scenes, seeds)):
         req = RenderRequest(caption=canonical_caption(scene), width=width, height=height, frames=frames, fps=fps,
                             seed=int(s), steps=steps or gen.limits.default_steps,
-                            guidance=gen.limits.default_guidance if guidance is None else guidance)
+                            guidance=gen.limits.default_guidance if guidance is None else guidance,
+                            step_cache=step_cache)
         t0 = time.perf_counter()
         [out] = gen.generate([req])
         seconds.append(time.perf_counter() - t0)
+        sampling.append(out.timings["sample"])
+        computed += [out.steps_computed] if out.steps_computed is not None else []
         results.append(judge_clip(out.frames))
         if progress:
             print(f"\rscenes {i + 1}/{len(scenes)}", end="", flush=True)
@@ -174,10 +180,13 @@ def evaluate_scenes(model: str = "default", clips: int = 100, seed: int = 12345,
     summary = aggregate(results, scenes)
     summary["render_seconds"] = {"mean": float(np.mean(seconds)), "median": float(np.median(seconds)),
                                  "max": float(np.max(seconds))}
+    summary["sample_seconds"] = {"mean": float(np.mean(sampling)), "median": float(np.median(sampling))}
+    if computed:
+        summary["steps_computed"] = {"mean": float(np.mean(computed)), "min": min(computed), "max": max(computed)}
     summary["model"] = {"name": gen.info.name, "version": gen.info.version, "weights_sha256": gen.info.weights_sha256}
     summary["options"] = {"clips": clips, "seed": seed, "steps": steps or gen.limits.default_steps,
                           "guidance": gen.limits.default_guidance if guidance is None else guidance,
-                          "width": width, "height": height, "frames": frames, "fps": fps}
+                          "width": width, "height": height, "frames": frames, "fps": fps, "step_cache": step_cache}
     return summary
 
 

@@ -55,6 +55,7 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -67,11 +68,13 @@ from diffusers.video_processor import VideoProcessor
 
 from models.config import ParallelConfig
 from models.render_types import DTYPES, RenderOutput, RenderRequest
+from models.step_cache import StepCache
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
 from models.wan.image_conditioning import ImageConditioning, check_conditioning, image_conditioning
 from models.wan.lora import WanAdapters
 from models.wan.parallel import guided_prediction
+from models.wan.step_cache import WanStepCache
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
@@ -110,6 +113,7 @@ class WanVideoGenerator:
         self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
         self.video_processor = VideoProcessor(vae_scale_factor=folder.spatial_factor)
         self.mesh = None  # the process groups of a parallel layout
+        self.shards = {}  # per expert (by id): its sp token split
         if parallel is not None and parallel.world_size > 1:
             from models.parallel import build_mesh
             from models.wan.parallel import parallelize_wan
@@ -117,9 +121,16 @@ class WanVideoGenerator:
             guidance = self.limits.default_guidance
             self.mesh = build_mesh(parallel, wan_layer_widths(folder), group=group, guidance=guidance)
             for expert in parts.experts.values():
-                parallelize_wan(expert, self.mesh)
+                self.shards[id(expert)] = parallelize_wan(expert, self.mesh)
         # a request's LoRA adapters (`RenderRequest.lora`), on `transformer`
         self.adapters = WanAdapters(first, token_split=self.mesh is not None and self.mesh.sp > 1)
+
+    def compile_blocks(self) -> None:
+        """`torch.compile` each expert's transformer blocks (diffusers' `compile_repeated_blocks`, which
+        compiles every `WanTransformerBlock` in place)."""
+        for expert in (self.transformer, self.transformer_2):
+            if expert is not None:
+                expert.compile_repeated_blocks()
 
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; given frames only where the folder takes them (`check_conditioning`); no LoRA
@@ -150,10 +161,30 @@ class WanVideoGenerator:
         uncond = self.encode_text(r.negative_caption).to(self.transformer_dtype) if cfg else None
         pictures = image_conditioning(self, r, self.latent_shape(r))
         t1 = self._now()
-        latents = self.sample(r, cond, uncond, pictures)
+        caches = self.step_caches(r.step_cache)
+        with contextlib.ExitStack() as hooks:
+            for cache in caches.values():
+                hooks.enter_context(cache)
+            latents = self.sample(r, cond, uncond, pictures, caches)
         t2 = self._now()
         frames = self.decode(latents)
-        return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2})
+        computed = sum(c.step_cache.steps_computed for c in caches.values()) if caches else None
+        return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2},
+                            steps_computed=computed)
+
+    def step_caches(self, threshold: float | None) -> dict[int, WanStepCache]:
+        """One request's step cache per expert (by id; their residuals are not comparable), agreed over
+        the parallel group; none without a threshold."""
+        if threshold is None:
+            return {}
+        group, contributes = None, True
+        if self.mesh is not None:
+            import torch.distributed as dist
+
+            group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
+            contributes = self.mesh.tp_rank == 0
+        return {id(expert): WanStepCache(expert, StepCache(threshold, group, contributes), self.shards.get(id(expert)))
+                for expert in (self.transformer, self.transformer_2) if expert is not None}
 
     def encode_text(self, text: str) -> torch.Tensor:
         """(1, 512, dim) states of a cleaned prompt, zeros past its tokens."""
@@ -173,9 +204,12 @@ class WanVideoGenerator:
         return (1, channels, (r.frames - 1) // f.temporal_factor + 1, r.height // fs, r.width // fs)
 
     def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None,
-               pictures: ImageConditioning | None = None) -> torch.Tensor:
+               pictures: ImageConditioning | None = None,
+               caches: dict[int, WanStepCache] | None = None) -> torch.Tensor:
         """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`; with `pictures`
-        `WanImageToVideoPipeline`), or from the request's video noised to its strength (`WanVideoToVideoPipeline`)."""
+        `WanImageToVideoPipeline`), or from the request's video noised to its strength (`WanVideoToVideoPipeline`);
+        `caches`: `step_caches`'."""
+        caches = caches or {}
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -201,7 +235,10 @@ class WanVideoGenerator:
                 x, states = pictures.model_input(latents, self.transformer_dtype), pictures.image_states
                 timestep = pictures.timestep(t, latents, self.folder.patch_size)
                 timestep = self._timestep(t, latents) if timestep is None else timestep
-            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh, states)
+            cache = caches.get(id(model))
+            if cache is not None:
+                cache.step_cache.start_step()
+            pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh, states, cache)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         return latents if pictures is None else pictures.finish(latents)
 

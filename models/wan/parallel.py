@@ -43,6 +43,7 @@ from models.parallel import (
     USPAttnProcessor,
     all_gather_cat,
 )
+from models.wan.step_cache import WanStepCache
 
 __all__ = ["WanUSPAttnProcessor", "guided_prediction", "parallelize_wan"]
 
@@ -63,9 +64,10 @@ class WanUSPAttnProcessor(USPAttnProcessor):
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
-def parallelize_wan(transformer: WanTransformer3DModel, mesh: ParallelMesh) -> None:
+def parallelize_wan(transformer: WanTransformer3DModel, mesh: ParallelMesh) -> TokenShard | None:
     """Shard `transformer` in place for this rank of `mesh` (tp: weights split; sp: USP self-attention and
-    the token split of its `_cp_plan`). Every rank must pass the same weights; each keeps its share only."""
+    the token split of its `_cp_plan`). Every rank must pass the same weights; each keeps its share only.
+    Returns the sp token split each forward sets (None without sp)."""
     transformer.requires_grad_(False)
     for block in transformer.blocks:
         for attn in (block.attn1, block.attn2):
@@ -81,29 +83,35 @@ def parallelize_wan(transformer: WanTransformer3DModel, mesh: ParallelMesh) -> N
         processor = WanUSPAttnProcessor(mesh, shard)
         for block in transformer.blocks:
             block.attn1.set_processor(processor)
+        return shard
+    return None
 
 
 def guided_prediction(model: WanTransformer3DModel, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
                       uncond: torch.Tensor | None, guidance: float, mesh: ParallelMesh | None = None,
-                      image_states: torch.Tensor | None = None) -> torch.Tensor:
+                      image_states: torch.Tensor | None = None,
+                      step_cache: WanStepCache | None = None) -> torch.Tensor:
     """WanPipeline's prediction at one step: the model's for the prompt's text states `cond` and, with
     guidance (`uncond` given), uncond + guidance x (cond - uncond). With cfg=2 in `mesh` the two passes
     run on the two cfg ranks and are all-gathered: the same arithmetic, so the single rank's result.
-    `image_states`: a Wan 2.1 I2V / FLF2V picture's CLIP states, given to both passes (WanImageToVideoPipeline)."""
+    `image_states`: a Wan 2.1 I2V / FLF2V picture's CLIP states, given to both passes (WanImageToVideoPipeline).
+    `step_cache`: the step cache's hooks on `model` (`models/wan/step_cache.py`), told which pass runs."""
 
-    def forward(text: torch.Tensor) -> torch.Tensor:
+    def forward(text: torch.Tensor, name: str) -> torch.Tensor:
+        if step_cache is not None:
+            step_cache.pass_(name)
         return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
                      encoder_hidden_states_image=image_states, return_dict=False)[0]
 
     if uncond is None:
-        return forward(cond)
+        return forward(cond, "cond")
     if mesh is not None and mesh.cfg == 2:
-        mine = forward(cond if mesh.cfg_rank == 0 else uncond)
+        mine = forward(cond, "cond") if mesh.cfg_rank == 0 else forward(uncond, "uncond")
         parts = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(parts, mine.contiguous(), group=mesh.cfg_group)
         pred, pred_uncond = parts
     else:
-        pred, pred_uncond = forward(cond), forward(uncond)
+        pred, pred_uncond = forward(cond, "cond"), forward(uncond, "uncond")
     return pred_uncond + guidance * (pred - pred_uncond)
 
 

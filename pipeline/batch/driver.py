@@ -54,6 +54,7 @@ class RenderConfig:
     progress: bool = True
     policy: str | None = None  # the safety policy (file/URI); None: the shipped one; "none": off
     blur_faces: bool = False  # blur faces in every clip (a row's blur_faces also asks for it)
+    step_cache: float | None = None  # the step cache's threshold for rows that give none; None: off
     codec: str = "h264"  # the videos' codec: h264 (MP4) or ffv1 (a lossless RGB master in Matroska)
     # the layout of a render replica over several devices: "sp", "tp", "cfg" (1 or 2) given here
     # override the model config's `parallel` section; more than one rank makes each replica a
@@ -61,6 +62,7 @@ class RenderConfig:
     parallel: dict[str, int] = field(default_factory=dict)
     dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
+    compile: bool = False  # torch.compile the DiT's blocks (frames equal to rounding; not in the request)
 
     def __post_init__(self):
         self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
@@ -97,6 +99,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         model_info, limits, model_recaptioner = describe_model(cfg.model)
     except Exception as e:
         raise UsageError(f"cannot load model {cfg.model!r}: {one_line(e)}") from None
+    if cfg.step_cache is not None and not cfg.step_cache >= 0:
+        raise UsageError(f"--step-cache {cfg.step_cache:g}: the threshold must be 0 or more")
     try:
         check_load_options(cfg.model, cfg.dtype, cfg.offload)
     except UserError as e:
@@ -115,6 +119,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     specs, errors = validate(table, limits)
     if cfg.blur_faces:  # run-wide blurring changes the frames: it is part of each clip's request
         specs = [dataclasses.replace(s, blur_faces=True) for s in specs]
+    if cfg.step_cache is not None:  # run-wide step cache: the rows that set none take the run's threshold
+        specs = [s if s.step_cache is not None else dataclasses.replace(s, step_cache=cfg.step_cache) for s in specs]
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}
@@ -139,7 +145,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
-            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload)
+            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, compile=cfg.compile)
         try:
             for row in stream(items, stages, cfg.progress):
                 if row.get("error"):

@@ -38,7 +38,7 @@ MAX_SHOTS = 32
 KNOWN_COLUMNS = (
     "id", "prompt", "negative_prompt", "seconds", "frames", "fps", "width", "height", "seed", "steps",
     "guidance", "mode", "image", "image_end", "video", "video_end", "direction", "extension_only",
-    "strength", "shots", "blur_faces", "lora",
+    "strength", "shots", "blur_faces", "lora", "step_cache",
 )
 #: The most LoRA adapters one row may apply.
 MAX_ADAPTERS = 8
@@ -87,6 +87,7 @@ class ClipSpec:
     strength: float = 1.0
     shots: tuple[tuple[str, int], ...] = ()
     blur_faces: bool = False
+    step_cache: float | None = None  # the step cache's threshold (models/step_cache.py); None: off
     #: LoRA adapters: (uri, scale, version) each; version is the file's size and ETag / mtime when the row
     #: was read (`file_version`), so a file replaced at the same URI changes the resume key
     lora: tuple[tuple[str, float, str], ...] = ()
@@ -123,16 +124,16 @@ class ClipSpec:
         return hashlib.sha256(json.dumps(render, sort_keys=True).encode()).hexdigest()
 
 
-#: ClipSpec fields of the generation modes (and the LoRA adapters); left out of the resume key at their
+#: ClipSpec fields of the generation modes (and the LoRA adapters, the step cache); left out of the resume key at their
 #: defaults, so a text→video clip keeps the key it had before the modes existed.
 MODE_FIELDS = ("image", "image_end", "video", "video_end", "direction", "extension_only", "strength", "shots",
-               "blur_faces", "lora")
+               "blur_faces", "lora", "step_cache")
 
 
 COLUMN_TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seconds": pa.float64(),
                 "frames": pa.int64(), "fps": pa.int64(), "width": pa.int64(), "height": pa.int64(), "seed": pa.int64(),
                 "steps": pa.int64(), "guidance": pa.float64(), "mode": pa.string(), "strength": pa.float64(),
-                "extension_only": pa.bool_(), "blur_faces": pa.bool_(),
+                "extension_only": pa.bool_(), "blur_faces": pa.bool_(), "step_cache": pa.float64(),
                 "shots": pa.list_(pa.struct([("prompt", pa.string()), ("seconds", pa.float64())]))}
 
 
@@ -403,6 +404,9 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         raise bad(f"seed={seed} is outside {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     steps = _integer(raw.get("steps"), "steps", limits.default_steps, bad)
     guidance = _number(raw.get("guidance"), "guidance", limits.default_guidance, bad)
+    step_cache = None if _missing(raw.get("step_cache")) else _number(raw.get("step_cache"), "step_cache", 0, bad)
+    if step_cache is not None and step_cache < 0:
+        raise bad(f"step_cache={step_cache:g} must be 0 or more (the step cache's threshold)")
     check_w, check_h = (width or limits.default_width), (height or limits.default_height)
     try:  # sizes, fps, steps, guidance: the model's own rules, with its nearest allowed values
         # a storyboard's shots are requests of their own, each on the grid (frames_for); their sum need not be
@@ -417,7 +421,8 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
                     video=media.get("video", ""), video_end=media.get("video_end", ""), direction=direction,
                     extension_only=_flag(raw.get("extension_only"), "extension_only", bad),
                     strength=float(strength), shots=shots,
-                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad), lora=lora)
+                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad), lora=lora,
+                    step_cache=step_cache)
 
 
 def infer_mode(media: dict[str, str], shots: tuple, has_strength: bool) -> str:

@@ -53,10 +53,10 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                  inputs_limits: GridLimits | None = None, replicas: int | None = None,
                  gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,
                  threads_per_replica: int | None = None, dtype: str | None = None,
-                 offload: bool = False) -> list[Stage]:
+                 offload: bool = False, compile: bool = False) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
-    `model_spec` is the model to load (with `dtype` and `offload`: `load_generator`'s), `model` its
+    `model_spec` is the model to load (with `dtype`, `offload` and `compile`: `load_generator`'s), `model` its
     name/version/weights hash for the metadata, `codec` the videos' (the writer's); the replica
     settings are `reel render`'s (None: the defaults below). The inputs stage (reading and fitting
     the rows' pictures and clips) is there when `inputs_limits` is given: when some row has media.
@@ -91,7 +91,7 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
             replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
     if clips:
         replicas = min(replicas, clips)
-    render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload}
+    render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload, "compile": compile}
     render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if world > 1:  # the ranks reserve the devices; the render actor only drives them
         try:

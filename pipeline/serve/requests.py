@@ -26,7 +26,7 @@ from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import APIError
 
 #: Our fields every render endpoint takes (sent by SDK users through `extra_body`).
-EXTRA_FIELDS = ("seed", "steps", "guidance", "negative_prompt", "blur_faces", "lora")
+EXTRA_FIELDS = ("seed", "steps", "guidance", "negative_prompt", "blur_faces", "lora", "step_cache")
 #: vLLM-Omni's names for our fields, accepted wherever the field is (clients written for vLLM-Omni's
 #: video API are the ones that exist): alias → our name.
 FIELD_ALIASES = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance"}

@@ -16,6 +16,8 @@ _LORA = {"description": "LoRA adapters (diffusers Wan folders): a safetensors fi
 _EXTRA_PROPERTIES = {  # ours, through the SDK's extra_body, and vLLM-Omni's names for two of them
     "seed": {"type": "integer", "minimum": 0}, "steps": _STEPS, "guidance": _GUIDANCE, "negative_prompt": _STR,
     "blur_faces": {"type": "boolean"}, "lora": _LORA,
+    "step_cache": {"type": "number", "minimum": 0,
+                   "description": "first-block step cache threshold (reel render --step-cache); absent: off"},
     "num_inference_steps": {**_STEPS, "description": "vLLM-Omni's name for steps"},
     "guidance_scale": {**_GUIDANCE, "description": "vLLM-Omni's name for guidance"}}
 _LENGTH_PROPERTIES = {  # create only: the frame count itself (instead of seconds) and the frame rate

@@ -11,6 +11,7 @@ records it and later stages leave it alone: a bad row never costs the good ones.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,3 +53,10 @@ class Stage:
             self.udf, fn_constructor_kwargs=self.constructor_kwargs, batch_format="pandas",
             **self.map_batches_kwargs,
         )
+
+
+def optional_number(value: Any) -> float | None:
+    """A row's optional number as a float; None for a missing one (None, or the NaN pandas gives)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)

@@ -50,6 +50,8 @@ METADATA_SCHEMA = pa.schema([
     ("extension_only", pa.bool_()),
     ("strength", pa.float64()),
     ("faces_blurred", pa.int64()),  # face detections blurred; null: blurring was off
+    ("step_cache", pa.float64()),  # the step cache's threshold; null: off
+    ("steps_computed", pa.int64()),  # with the step cache, sampling steps that ran every block (all windows)
     ("shots", pa.list_(pa.struct([("prompt", pa.string()), ("caption", pa.string()), ("start_frame", pa.int64()),
                                   ("frames", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64())]))),
     # LoRA adapters applied (null: none): the file's URI, its scale, the sha256 of the file that ran

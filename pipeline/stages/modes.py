@@ -33,6 +33,7 @@ import numpy as np
 
 from models.interface import GridLimits, LoraAdapter, RenderRequest, VideoGenerator
 from pipeline.media.decode import MediaError, fit_frame, load_image, load_video, probe_video, read_input
+from pipeline.stages.base import optional_number
 
 
 def load_inputs(row: dict[str, Any], limits: GridLimits) -> dict[str, np.ndarray]:
@@ -77,20 +78,25 @@ def inputs_from_bytes(data: bytes | None) -> dict[str, np.ndarray]:
 
 
 def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str, np.ndarray]
-                ) -> tuple[np.ndarray, dict[str, float], list[dict[str, Any]]]:
-    """(frames uint8 T×H×W×3, seconds per stage, per-shot records) of one validated row."""
+                ) -> tuple[np.ndarray, dict[str, float], list[dict[str, Any]], int | None]:
+    """(frames uint8 T×H×W×3, seconds per stage, per-shot records, steps computed with the step cache or
+    None) of one validated row."""
     limits = generator.limits
     base = RenderRequest(
         caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
         width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]), fps=int(row["fps"]),
-        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]), lora=row_adapters(row))
+        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]),
+        lora=row_adapters(row), step_cache=optional_number(row.get("step_cache")))
     timings: dict[str, float] = {}
     shots: list[dict[str, Any]] = []
+    computed: list[int] = []
 
     def run(request: RenderRequest) -> np.ndarray:
         out = generator.generate([request])[0]
         for k, v in out.timings.items():
             timings[k] = timings.get(k, 0.0) + v
+        if out.steps_computed is not None:
+            computed.append(out.steps_computed)
         return out.frames
 
     mode = row["mode"]
@@ -121,7 +127,8 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
         frames, shots = _storyboard(run, base, limits, row)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    return frames, timings, shots
+    return frames, timings, shots, sum(computed) if computed else None
+
 
 
 def row_adapters(row: dict[str, Any]) -> tuple[LoraAdapter, ...]:

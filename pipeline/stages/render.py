@@ -22,13 +22,14 @@ class RenderUDF:
     group's placement group is named `placement_prefix` + this actor's id when a prefix is given,
     so that the actor, restarted by Ray, finds it again (and the driver removes a run's groups by
     the prefix when the run ends); inside a placement group already (Serve), that one is used.
-    `dtype` / `offload`: the precision and CPU offload the model loads with (`load_generator`); the
+    `dtype` / `offload` / `compile`: the precision, CPU offload and torch.compile of the DiT's blocks the model
+    loads with (`load_generator`); the
     precision it runs in goes into each row (`dtype`, recorded in the metadata).
     """
 
     def __init__(self, model: str, num_threads: int | None = None, parallel=None,
                  rank_bundle: dict[str, float] | None = None, placement_prefix: str | None = None,
-                 dtype: str | None = None, offload: bool = False):
+                 dtype: str | None = None, offload: bool = False, compile: bool = False):
         if parallel is not None and parallel.world_size > 1:
             import ray
 
@@ -38,14 +39,16 @@ class RenderUDF:
             name = f"{placement_prefix}{actor}" if placement_prefix and actor else None
             self.generator = ModelParallelReplica(model, parallel, rank_bundle=rank_bundle, num_threads=num_threads,
                                                   placement_name=name,
-                                                  load_options={"dtype": dtype, "offload": offload})
+                                                  load_options={"dtype": dtype, "offload": offload,
+                                                                "compile": compile})
         else:
             from models.interface import load_generator  # torch loads in the actor, not the driver
 
-            self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, offload=offload)
+            self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, offload=offload,
+                                            compile=compile)
 
     def render_row(self, row: dict[str, Any]) -> None:
-        frames, timings, shots = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
+        frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         row["frames_data"] = frames.tobytes()
         row["frames_shape"] = json.dumps(list(frames.shape))
@@ -58,6 +61,8 @@ class RenderUDF:
             from models.interface import lora_records
 
             row["lora_records"] = json.dumps(lora_records(adapters))
+        if steps_computed is not None:
+            row["steps_computed"] = steps_computed
         add_timing(row, **timings)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

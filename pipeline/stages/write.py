@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.media.encode import VIDEO_CODECS, encode_jpeg, encode_png, encode_video, thumbnail_frame
 from pipeline.media.provenance import C2paConfig, Provenance, ProvenanceError, c2pa_config_from_env, sign_c2pa
 from pipeline.media.watermark import embed_watermark
-from pipeline.stages.base import each_row
+from pipeline.stages.base import each_row, optional_number
 from pipeline.stages.metadata import METADATA_SCHEMA, TIMING_FIELDS, output_keys, passthrough_table
 from pipeline.stages.render import row_frames
 
@@ -102,6 +102,9 @@ class ClipWriter:
             "shots": json.loads(row.get("shot_records") or "null"),
             "faces_blurred": faces,
             "lora": json.loads(row.get("lora_records") or "null"),
+            "step_cache": optional_number(row.get("step_cache")),
+            "steps_computed": None if optional_number(row.get("steps_computed")) is None
+            else int(row["steps_computed"]),
         }
         table = pa.Table.from_pylist([record], schema=METADATA_SCHEMA)
         passthrough = passthrough_table(row.get("passthrough"))

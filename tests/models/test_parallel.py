@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 from models.config import ParallelConfig, ParallelConfigError, check_layout, load_config  # noqa: E402  # noqa: E402
 from models.dit import VideoDiT  # noqa: E402
 from models.sampler import FlowMatchSampler  # noqa: E402
+from models.step_cache import StepCache  # noqa: E402
 
 TOL = 1e-4
 GUIDANCE, STEPS, SHIFT = 4.5, 3, 2.0
@@ -80,11 +81,15 @@ def SMALL_LATENTS():
     return torch.randn(1, 4, 2, 8, 12, generator=torch.Generator().manual_seed(3))
 
 
-def reference_latents():
+def reference_latents(steps: int = STEPS, step_cache: StepCache | None = None):
     x = make_inputs()
-    return FlowMatchSampler(STEPS, GUIDANCE, SHIFT).sample(
+    return FlowMatchSampler(steps, GUIDANCE, SHIFT).sample(
         build_dit(), x["noise"], x["text"], x["text_mask"], x["uncond_text"], x["uncond_mask"],
-        cond_latents=x["cond_latents"], cond_mask=x["cond_mask"])
+        cond_latents=x["cond_latents"], cond_mask=x["cond_mask"], step_cache=step_cache)
+
+
+# the step cache: 8 steps at a threshold where the one-process render skips half of them
+CACHE_STEPS, CACHE_THRESHOLD = 8, 0.05
 
 
 # --- one rank (this file run as a script) ---------------------------------------------------------
@@ -107,8 +112,18 @@ def rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             pdit, x["noise"], x["text"], x["text_mask"], x["uncond_text"], x["uncond_mask"],
             cond_latents=x["cond_latents"], cond_mask=x["cond_mask"])
         results[name] = {"seconds": time.perf_counter() - t0, "ulysses": mesh.ulysses, "ring": mesh.ring}
+        group = dist.group.WORLD  # the step cache's decisions, agreed over the whole group
+        cache = StepCache(CACHE_THRESHOLD, group=group, contributes=mesh.tp_rank == 0)
+        cached = ParallelSampler(mesh, CACHE_STEPS, GUIDANCE, SHIFT).sample(
+            pdit, x["noise"], x["text"], x["text_mask"], x["uncond_text"], x["uncond_mask"],
+            cond_latents=x["cond_latents"], cond_mask=x["cond_mask"], step_cache=cache)
+        computed = torch.tensor([cache.steps_computed])
+        every = [torch.zeros_like(computed) for _ in range(world)]
+        dist.all_gather(every, computed)
+        results[name]["steps_computed"] = [int(c) for c in every]
         if rank == 0:
             torch.save(latents, os.path.join(out_dir, f"{name}.pt"))
+            torch.save(cached, os.path.join(out_dir, f"{name} cached.pt"))
     if world == 4:  # a grid of 3 tokens over sp=4: the last rank holds padding only
         mesh = build_mesh(ParallelConfig(sp=4), model_config().dit)
         tiny = make_inputs(grid=(1, 1, 3))
@@ -243,6 +258,21 @@ def test_parallel_sampler_matches_single_process(world, request, reference):
     else:
         assert (results["sp4 (ulysses 2 x ring 2)"]["ulysses"], results["sp4 (ulysses 2 x ring 2)"]["ring"]) == (2, 2)
         assert results["sp2xtp2"]["ring"] == 2  # one head per tp rank: sp is all ring
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["2 ranks", "4 ranks"])
+def test_step_cache_decisions_are_agreed_and_equal_the_single_process(world, request):
+    """Every rank of every layout (sp, tp, cfg, cfg x sp) skips the steps the one-process render skips,
+    and the cached latents are its cached latents."""
+    world, out, results, _ = request.getfixturevalue(f"group{world}")
+    cache = StepCache(CACHE_THRESHOLD)
+    reference = reference_latents(CACHE_STEPS, cache)
+    assert 1 < cache.steps_computed < CACHE_STEPS  # some steps skipped, not all
+    assert (reference - reference_latents(CACHE_STEPS)).abs().max() > 10 * TOL  # skipping changes the result
+    for name in LAYOUTS[world]:
+        assert results[name]["steps_computed"] == [cache.steps_computed] * world, name
+        got = torch.load(out / f"{name} cached.pt")
+        assert (got - reference).abs().max().item() <= TOL, name
 
 
 def test_padding_only_shard_changes_nothing(group4):

@@ -101,6 +101,16 @@ def test_same_row_same_frames(ray_session, tmp_path):
     again = {m["id"]: m for m in read_dataset(str(out / "metadata")).to_pylist()}["a"]
     assert (again["video_sha256"], again["frames_sha256"]) == (first, meta["a"]["frames_sha256"])
     assert again["run_id"] != meta["a"]["run_id"]
+    assert (again["step_cache"], again["steps_computed"]) == (None, None)
+
+    # the step cache: its threshold enters the request (the clip renders again), the metadata records it
+    # and the steps that ran every block; a negative threshold is refused before anything runs
+    assert render(write_manifest(tmp_path / "m.parquet", rows[:1]), "--out", out, "--step-cache", "0.5") == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["rendered"] == 1
+    cached = {m["id"]: m for m in read_dataset(str(out / "metadata")).to_pylist()}["a"]
+    assert cached["step_cache"] == 0.5 and 1 <= cached["steps_computed"] < cached["steps"]
+    assert cached["request_sha256"] != again["request_sha256"]
+    assert render(write_manifest(tmp_path / "m.parquet", rows[:1]), "--out", out, "--step-cache", "-1") == 2
 
 
 def test_unusable_manifest_exits_2_and_writes_nothing(ray_session, tmp_path, capsys):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -158,6 +159,19 @@ def test_request_hash_changes_with_parameters():
     assert h(a) == h(same)
     assert h(a) != h(other)
     assert h(a) != h(a, "other-model")
+    # the step cache's threshold enters the request; none leaves the key it had before the cache existed
+    assert h(a) != h(dataclasses.replace(a, step_cache=0.1)) != h(dataclasses.replace(a, step_cache=0.2))
+    assert h(dataclasses.replace(a, step_cache=None)) == h(a)
+
+
+def test_step_cache_column(tmp_path):
+    uri = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "on", "prompt": "p", "step_cache": 0.2}, {"id": "off", "prompt": "p"},
+        {"id": "neg", "prompt": "p", "step_cache": -0.1}, {"id": "word", "prompt": "p", "step_cache": "fast"}])
+    specs, errors = validate(read_manifest(uri), LIMITS)
+    assert [(s.id, s.step_cache) for s in specs] == [("on", 0.2), ("off", None)]
+    assert reasons(errors) == {2: "step_cache=-0.1 must be 0 or more (the step cache's threshold)",
+                               3: "step_cache must be a number, got 'fast'"}
 
 
 def test_a_mode_the_model_cannot_render_fails_its_row_only(tmp_path):

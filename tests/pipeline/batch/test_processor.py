@@ -31,7 +31,8 @@ def test_stages_and_their_resources_on_a_cpu_cluster(ray_session):
     assert [s.udf for s in stages] == [RecaptionUDF, RenderUDF, WriteUDF]
     recaption, render, write = stages
     assert recaption.constructor_kwargs == {"recaptioner": "plain", "policy": None}
-    assert render.constructor_kwargs == {"model": MODEL, "num_threads": 1, "dtype": None, "offload": False}
+    assert render.constructor_kwargs == {"model": MODEL, "num_threads": 1, "dtype": None, "offload": False,
+                                         "compile": False}
     assert (render.map_batches_kwargs["num_cpus"], render.map_batches_kwargs["num_gpus"]) == (0.5, 0)
     pool = render.map_batches_kwargs["compute"]
     assert (pool.min_size, pool.max_size, pool.initial_size, render.map_batches_kwargs["batch_size"]) == (1, 2, 2, 1)

@@ -149,6 +149,19 @@ def test_create_poll_and_download_with_the_openai_client(server):
     assert storage.exists(storage.join(server.cfg.out, "thumbnails", f"{video.id}.jpg"))
 
 
+def test_a_cached_request_skips_steps(server):
+    """The step cache through `reel serve`: the request's `step_cache` reaches the replica's generator, the
+    clip's metadata records the threshold and the steps that ran every block; a bad threshold is a 400."""
+    client = server.sdk()
+    video = client.videos.create_and_poll(prompt="a green triangle grows", size="64x64", poll_interval_ms=100,
+                                          extra_body={"seed": 3, "steps": 8, "step_cache": 0.5})
+    assert video.status == "completed"
+    meta = metadata(server, video.id)
+    assert meta["step_cache"] == 0.5 and 1 <= meta["steps_computed"] < meta["steps"] == 8
+    r = server.http().post("/v1/videos", json={"prompt": "x", "step_cache": -1})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "step_cache"), r.text
+
+
 def test_json_body_poll_header_and_validation_errors(server):
     http = server.http()
     r = http.post("/v1/videos", json={"prompt": "a green triangle", "seconds": "2", "size": "64x64", **QUICK})
