@@ -182,6 +182,8 @@ def read_manifest(uri: str) -> pa.Table:
         raise ManifestError(
             f"manifest {uri} has no 'prompt' column (columns: {', '.join(table.column_names) or 'none'})"
         )
+    if table.num_rows == 0:  # a 0-row Parquet as an empty JSON Lines file: nothing to render is a mistake
+        raise ManifestError(f"manifest {uri} has no rows")
     return table
 
 
@@ -202,14 +204,17 @@ def _read_one(fs, path: str, uri: str) -> pa.Table:
 
 
 def _read_jsonl(data: bytes, uri: str) -> pa.Table:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestError(f"{uri}: JSON Lines manifest is not UTF-8 text") from None
     records: list[dict[str, Any]] = []
     parsed = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # Line by line, bytes first: a line that is not UTF-8 (a raw \xff) or holds a lone surrogate
+    # (an escaped "\ud800" no encoder can write) costs its own row, not the manifest.
+    for lineno, raw_line in enumerate(data.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            records.append({"_line_error": f"line {lineno} is not UTF-8 text (byte {e.start})"})
             continue
         try:
             value = json.loads(line)
@@ -219,6 +224,12 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         if not isinstance(value, dict):
             records.append({"_line_error": f"line {lineno} is a JSON {type(value).__name__}, not an object"})
             continue
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            records.append({"_line_error": f"line {lineno} holds a lone surrogate escape (\\ud800-\\udfff): "
+                                           "not valid Unicode text"})
+            continue
         parsed += 1
         records.append(value)
     if records and not parsed:
@@ -226,6 +237,8 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     columns: dict[str, None] = {}
     for r in records:
         columns.update(dict.fromkeys(r))
+    if not records:
+        raise ManifestError(f"manifest {uri} has no rows")
     if "prompt" not in columns and "shots" not in columns:
         raise ManifestError(f"manifest {uri} has no 'prompt' field in any line")
     # Columns whose values do not share one type stay Python objects (as JSON text in Arrow);
@@ -379,6 +392,10 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     from_input = mode in ("i2v", "extend", "interpolate", "remix")
     width = _integer(raw.get("width"), "width", 0 if from_input else limits.default_width, bad)
     height = _integer(raw.get("height"), "height", 0 if from_input else limits.default_height, bad)
+    for name, size in (("width", width), ("height", height)):
+        if not _missing(raw.get(name)) and size <= 0:
+            raise bad(f"{name} must be positive, got {size}" + (" (leave it out to take the input's size)"
+                                                                  if from_input else ""))
     if from_input and (width == 0) != (height == 0):
         raise bad("give both width and height, or neither (to take the input's size)")
 
@@ -442,11 +459,21 @@ def _check_mode_columns(mode: str, media: dict[str, str], shots: tuple, has_stre
         raise bad(f"mode {mode} does not use strength (only remix does)")
 
 
+#: C0/C1 control characters other than whitespace (which `_text` folds into single spaces).
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
 def _text(v: Any, name: str, bad, empty_ok: bool = False) -> str:
     if _missing(v):
         raise bad(f"{name} is missing")
+    if isinstance(v, bytes):  # a Parquet binary column: fine when it holds UTF-8 text
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad(f"{name} is binary data that is not UTF-8 text") from None
     if not isinstance(v, str):
         raise bad(f"{name} must be text, got {type(v).__name__}")
+    check_unicode(v, name, bad)
     v = " ".join(v.split())
     if not v and not empty_ok:
         raise bad(f"{name} is empty")
@@ -487,6 +514,18 @@ def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def check_unicode(v: str, name: str, bad) -> None:
+    """Raise `bad(reason)` for text no file or database can hold (a lone surrogate, as JSON's
+    "\\ud800" decodes to) or with control characters (NUL, ESC, ...) that no prompt means."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{name} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+    control = CONTROL_CHARS.search(v)
+    if control:
+        raise bad(f"{name} holds the control character U+{ord(control.group()):04X} at character {control.start()}")
+
+
 def _flag(v: Any, name: str, bad) -> bool:
     if _missing(v):
         return False
@@ -500,7 +539,9 @@ def _flag(v: Any, name: str, bad) -> bool:
 
 
 def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    """Whether a value is absent (null): the default applies. A NaN is a value, and not a usable one
+    (pandas writes missing values as nulls), so it is refused rather than read as "default"."""
+    return v is None
 
 
 def _number(v: Any, name: str, default: float, bad) -> float:
@@ -516,7 +557,7 @@ def _number(v: Any, name: str, default: float, bad) -> float:
     if not isinstance(v, (int, float)):
         raise bad(f"{name} must be a number, got {type(v).__name__}")
     if not math.isfinite(v):
-        raise bad(f"{name} must be finite, got {v}")
+        raise bad(f"{name} must be a finite number, got {v} (leave it empty for the default)")
     return float(v)
 
 
