@@ -11,6 +11,7 @@ The stages and their resources are the processor's (`pipeline.batch.processor`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -19,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -79,7 +81,7 @@ class RunSummary:
     exit_code: int = EXIT_OK
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
-    interrupted: bool = False  # stopped by Ctrl-C (SIGINT): the counts are what finished before it
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: the counts are what finished before it
 
 
 def render_manifest(cfg: RenderConfig) -> RunSummary:
@@ -142,13 +144,17 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
             threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload)
         try:
-            for row in stream(items, stages, cfg.progress):
-                if row.get("error"):
-                    summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
-                else:
-                    summary.rendered += 1
-        except KeyboardInterrupt:  # Ctrl-C: record what finished (a rerun resumes), then stop
+            with _stop_signals():
+                for row in stream(items, stages, cfg.progress):
+                    if row.get("error"):
+                        summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
+                    else:
+                        summary.rendered += 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: record what finished (a rerun resumes), then stop
             summary.interrupted = True
+            # what the writers finished, also clips whose rows had not reached this loop yet
+            finished = _completed_requests(cfg.out)
+            summary.rendered = sum(finished.get(s.id) == hashes[s.id] for s in todo)
         finally:
             if layout.world_size > 1:  # the render actors' placement groups outlive them
                 from pipeline.stages.replica import remove_placement_groups
@@ -166,6 +172,25 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     finally:
         signal.signal(signal.SIGINT, previous)
     return summary
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """While clips render, SIGINT and SIGTERM (a scheduler stopping the job) raise KeyboardInterrupt,
+    also where the shell started the run in the background with SIGINT ignored; restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_options(cfg: RenderConfig) -> None:
