@@ -39,7 +39,8 @@ returns the frames. Replicas: GPUs / (sp x tp x cfg), or one without GPUs. A lay
 cannot take (tp not dividing the heads, cfg with guidance 1, ...) is refused before Ray starts.
 
 Exit status: 0 every row rendered or skipped as already done; 3 some rows failed (the others
-are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written).
+are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written);
+130 stopped by Ctrl-C or SIGTERM (run.json records what finished; the same command resumes).
 """
 
 

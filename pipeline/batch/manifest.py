@@ -246,7 +246,10 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     arrays, mixed = {}, []
     for name in columns:
         values = [r.get(name) for r in records]
+        kinds = {type(v) for v in values if v is not None}
         try:
+            if bool in kinds and len(kinds) > 1:  # Arrow would read true as 1.0 among numbers: keep it apart
+                raise pa.ArrowInvalid(f"{name} mixes booleans with other values")
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             arrays[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
