@@ -113,7 +113,8 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it_and_ray_listens_on_loopb
         wait_for(started, 60, "Ray's GCS, raylet and agents started")
         ray_processes = descendants(driver.pid)
         addresses = listening_addresses(ray_processes)
-        assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses), addresses
+        loopback = [getattr(a, "ipv4_mapped", None) or a for a in map(ipaddress.ip_address, addresses)]
+        assert addresses and all(a.is_loopback for a in loopback), addresses
     finally:
         driver.kill()
         driver.wait()
