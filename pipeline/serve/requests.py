@@ -95,7 +95,7 @@ def requested_seconds(value: Any, limits, fps: int | None = None) -> float:
     except ValueError:
         raise APIError(400, f"seconds must be a string holding a number of seconds ({allowed}), got {value!r}",
                        param="seconds") from None
-    frames = seconds * fps if math.isfinite(seconds) else -1
+    frames = seconds * fps if math.isfinite(seconds * fps) else -1  # 1e308 s x 8 fps overflows to inf
     rendered = limits.frames_for(seconds, fps) if frames > 0 else 0
     if frames <= 0 or frames != int(frames) or not 0 <= rendered - frames <= offset or rendered > limits.max_frames:
         grid = (f"frames in multiples of {step}" if not offset
