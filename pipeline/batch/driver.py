@@ -165,19 +165,18 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.exit_code = (EXIT_INTERRUPTED if summary.interrupted
                          else EXIT_ROWS_FAILED if summary.failed else EXIT_OK)
     summary.wall_seconds = time.perf_counter() - t_start
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut run.json short
-    try:
+    with _stop_signals(ignore=True):  # a second Ctrl-C must not cut errors/ or run.json short
         _write_errors(cfg.out, summary)
         _write_run_json(cfg, summary, started, model, recaptioner, layout)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     return summary
 
 
 @contextlib.contextmanager
-def _stop_signals():
+def _stop_signals(ignore: bool = False):
     """While clips render, SIGINT and SIGTERM (a scheduler stopping the job) raise KeyboardInterrupt,
-    also where the shell started the run in the background with SIGINT ignored; restored after."""
+    also where the shell started the run in the background with SIGINT ignored; with `ignore`, they
+    are ignored (while the run's record is written). Restored after; only in the main thread (the
+    only one Python lets set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -185,7 +184,7 @@ def _stop_signals():
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN if ignore else stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
