@@ -286,13 +286,14 @@ def init_ray(address: str | None) -> None:
     """
     address = address or os.environ.get("RAY_ADDRESS")
     local_ray_on_loopback(address)
+    if address:
+        _check_ray_address(address)
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address:
-        _check_ray_address(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, TimeoutError, RuntimeError) as e:

@@ -170,6 +170,29 @@ def test_an_unusable_manifest_exits_2_in_one_line(tmp_path, capsys, name, data, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("options,words", [
+    (["--replicas", "0"], "--replicas must be 1 or more, got 0"),
+    (["--threads", "0"], "--threads must be 1 or more, got 0"),
+    (["--cpus-per-replica", "-1"], "--cpus-per-replica must be a positive number, got -1"),
+    (["--gpus-per-replica", "nan"], "--gpus-per-replica must be 0 or a positive number, got nan"),
+    (["--out-is-a-file"], "is an existing file"),
+    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--gpus-per-replica", "64"], "a render replica needs 64 GPU (the largest node has"),
+], ids=["replicas-0", "threads-0", "cpus-negative", "gpus-nan", "out-is-a-file", "address-closed", "gpus-64"])
+def test_an_unusable_option_exits_2_in_one_line(ray_session, tmp_path, capsys, options, words):
+    """Options that could only hang or fail deep inside Ray: refused before anything is written
+    (the GPU check on the session's Ray: no node has 64 GPUs)."""
+    (tmp_path / "m.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
+    out = tmp_path / "out"
+    if options == ["--out-is-a-file"]:
+        out, options = tmp_path / "file", []
+        out.write_text("not a folder")
+    assert render(tmp_path / "m.jsonl", "--out", out, *options) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet_rows_binary_prompts_and_nan(tmp_path):
     """Parquet-only shapes of the same mistakes: a binary column holding UTF-8 text is read; one
     holding other bytes, or a NaN in a number column, fails its row (NaN is not "the default")."""
