@@ -119,9 +119,6 @@ def _render(args: argparse.Namespace) -> int:
     from pipeline.batch.driver import RenderConfig, render_manifest
     from pipeline.errors import EXIT_INTERRUPTED, UsageError
 
-    if args.limit is not None and args.limit < 0:
-        print("reel render: --limit must be 0 or more", file=sys.stderr)
-        return 2
     cfg = RenderConfig(
         manifest=args.manifest, out=args.out, model=args.model, recaptioner=args.recaptioner,
         address=args.address, limit=args.limit, resume=args.resume, replicas=args.replicas,
