@@ -334,9 +334,10 @@ def _check_ray_address(address: str) -> None:
 
 
 #: The watchdog of a local Ray (`_watch_local_ray`): it remembers every process under this driver
-#: while the driver lives; when the driver's end of its stdin pipe closes (exit, crash, SIGKILL), it
-#: gives them a moment to go, then sends SIGTERM and SIGKILL to those left (same start time: no
-#: stranger that reused a pid).
+#: while the driver lives (a first look before the driver goes on, then one every 2 s), and when
+#: the driver's end of its stdin pipe closes (exit, crash, SIGKILL) also the processes whose
+#: RAY_RAYLET_PID names a raylet it knew; it gives them a moment to go, then sends SIGTERM and
+#: SIGKILL to those left (same start time: no stranger that reused a pid).
 _WATCHDOG = r"""
 import os, select, signal, sys, time
 driver, mine = int(sys.argv[1]), os.getpid()
@@ -360,11 +361,22 @@ def tree():
                 found[pid] = started
                 todo.append(pid)
     return found
-known = {}
-while True:
+known = tree()
+print("watching", flush=True)  # the driver waits for this: the tree is known before it can die
+sys.stdout.close()
+while not select.select([sys.stdin], [], [], 2.0)[0]:
     known.update(tree())
-    if select.select([sys.stdin], [], [], 2.0)[0]:
-        break
+# Ray's agents are started by the raylet, with its pid in RAY_RAYLET_PID: those started after the
+# last look at the tree are found by that, wherever they were reparented.
+for name in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{name}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        raylet = next((int(e[15:]) for e in env if e.startswith(b"RAY_RAYLET_PID=")), None)
+        if raylet in known and int(name) not in known:
+            known[int(name)] = stat(int(name))[1]
+    except (OSError, ValueError):
+        pass
 def alive():
     out = {}
     for pid, started in known.items():
@@ -397,11 +409,16 @@ def _watch_local_ray() -> None:
 
     if not os.path.isdir("/proc/self"):
         return
+    import select
+
     read_end, write_end = os.pipe()
-    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=read_end,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=read_end,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     os.close(read_end)
     _WATCHDOG_PIPE.append(write_end)  # held open for the life of this process; its close is the signal
+    if select.select([watchdog.stdout], [], [], 30)[0]:  # its first look at the Ray processes is done
+        watchdog.stdout.readline()
+    watchdog.stdout.close()
 
 
 _WATCHDOG_PIPE: list[int] = []

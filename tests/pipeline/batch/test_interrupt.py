@@ -119,7 +119,11 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it_and_ray_listens_on_loopb
         driver.kill()
         driver.wait()
     t0 = time.monotonic()
-    wait_for(lambda: not alive(ray_processes), 30, "every process of the killed driver's Ray gone")
+    try:
+        wait_for(lambda: not alive(ray_processes), 30, "every process of the killed driver's Ray gone")
+    except AssertionError:
+        left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(ray_processes)}
+        raise AssertionError(f"still running 30 s after the driver's SIGKILL: {left}") from None
     print(f"Ray processes gone {time.monotonic() - t0:.1f} s after SIGKILL")
 
 
