@@ -64,6 +64,10 @@ class GridLimits:
     default_guidance: float
     frame_offset: int = 0
     has_guidance_2: bool = False  # requests may set `guidance_2` (a model with a low-noise expert)
+    #: The largest guidance scale accepted: classifier-free guidance far above the tens pushes the
+    #: prediction out of the range the sampler and the VAE handle (1e308 overflows to inf and a
+    #: black clip), and no checkpoint here is tuned past ~10.
+    max_guidance: float = 30.0
     modes: tuple[str, ...] = MODES
     takes_lora: bool = False  # requests may name LoRA adapters (`RenderRequest.lora`: diffusers Wan folders)
     cond_at_ends: bool = False  # given frames only as a request's first (and last) frame (Wan image checkpoints)
@@ -83,7 +87,8 @@ class GridLimits:
         """The allowed frame count nearest to `seconds` at `fps`, at least `min_frames`; not capped at
         `max_frames` (a caller says how far over the maximum a request is)."""
         m, o = self.frame_multiple, self.frame_offset
-        return max(self.min_frames, o + int(round((seconds * max(fps, 0) - o) / m)) * m)
+        wanted = min(seconds * max(fps, 0), 2.0**53)  # huge lengths stay huge, and an int (no inf)
+        return max(self.min_frames, o + int(round((wanted - o) / m)) * m)
 
     def nearest_frames(self, n: int) -> int:
         """The allowed frame count nearest to `n`, in `min_frames`..`max_frames`."""
@@ -137,12 +142,12 @@ class GridLimits:
             raise ValueError(f"fps={r.fps} is outside {self.min_fps}..{self.max_fps}")
         if not 1 <= r.steps <= self.max_steps:
             raise ValueError(f"steps={r.steps} is outside 1..{self.max_steps}")
-        if not (r.guidance >= 0 and np.isfinite(r.guidance)):
-            raise ValueError(f"guidance={r.guidance} must be a finite number >= 0")
+        if not 0 <= r.guidance <= self.max_guidance:  # NaN fails too
+            raise ValueError(f"guidance={r.guidance:g} is outside 0..{self.max_guidance:g}")
         if r.guidance_2 is not None and not self.has_guidance_2:
             raise ValueError("guidance_2 is for a model with a low-noise expert (Wan 2.2 A14B); this one has none")
-        if r.guidance_2 is not None and not (r.guidance_2 >= 0 and np.isfinite(r.guidance_2)):
-            raise ValueError(f"guidance_2={r.guidance_2} must be a finite number >= 0")
+        if r.guidance_2 is not None and not 0 <= r.guidance_2 <= self.max_guidance:
+            raise ValueError(f"guidance_2={r.guidance_2:g} is outside 0..{self.max_guidance:g}")
         if r.cond_frames is not None or r.cond_index:
             frames = r.cond_frames
             if (frames is None or frames.ndim != 4 or frames.shape[1:] != (r.height, r.width, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 RENDER_HELP = """\
@@ -38,7 +39,8 @@ returns the frames. Replicas: GPUs / (sp x tp x cfg), or one without GPUs. A lay
 cannot take (tp not dividing the heads, cfg with guidance 1, ...) is refused before Ray starts.
 
 Exit status: 0 every row rendered or skipped as already done; 3 some rows failed (the others
-are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written).
+are rendered, errors/ says why); 2 the manifest, model or options are unusable (nothing written);
+130 stopped by Ctrl-C or SIGTERM (run.json records what finished; the same command resumes).
 """
 
 
@@ -119,11 +121,8 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
 
 def _render(args: argparse.Namespace) -> int:
     from pipeline.batch.driver import RenderConfig, render_manifest
-    from pipeline.errors import UsageError
+    from pipeline.errors import EXIT_INTERRUPTED, UsageError
 
-    if args.limit is not None and args.limit < 0:
-        print("reel render: --limit must be 0 or more", file=sys.stderr)
-        return 2
     cfg = RenderConfig(
         manifest=args.manifest, out=args.out, model=args.model, recaptioner=args.recaptioner,
         address=args.address, limit=args.limit, resume=args.resume, replicas=args.replicas,
@@ -137,6 +136,13 @@ def _render(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"reel render: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any clip was under way: nothing to record
+        print("reel render: interrupted before rendering started; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary.interrupted:
+        print(f"reel render: interrupted; rendered {summary.rendered}, skipped {summary.skipped}, failed "
+              f"{summary.failed} of {summary.rows} rows (run.json written; run it again to resume)", file=sys.stderr)
+        return summary.exit_code
     line = (f"rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
             f"of {summary.rows} rows in {summary.wall_seconds:.1f} s → {args.out}")
     print(line, file=sys.stderr)
@@ -407,7 +413,10 @@ def _add_serve_parser(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pipeline.batch.driver import local_ray_on_loopback
     from pipeline.errors import UsageError
+
+    local_ray_on_loopback(args.address or os.environ.get("RAY_ADDRESS"))  # before serve.app imports ray
     from pipeline.serve.app import run
     from pipeline.serve.config import ServeConfig, key_hash, read_key_file
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from models.interface import UserError
 
-__all__ = ["EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_USAGE", "UsageError", "UserError", "one_line"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_USAGE", "UsageError", "UserError", "one_line"]
 
 #: `reel render` and the batch jobs: every row rendered or skipped / the manifest or options are
 #: unusable (nothing written) / some rows failed (listed in errors/).
 EXIT_OK, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 2, 3
+#: Stopped by Ctrl-C (SIGINT): 128 + 2, what shells and CI runners read as "interrupted" (2 would
+#: say "bad input", and a rerun of the same command resumes where it stopped).
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(UserError):

@@ -318,6 +318,14 @@ def list_names(prefix_uri: str, suffix: str | None = None) -> list[str]:
     return sorted(n for n in names if suffix is None or n.endswith(suffix))
 
 
+def list_sizes(prefix_uri: str) -> dict[str, int]:
+    """Basename → size in bytes of the objects directly under `prefix_uri`, from one listing (no
+    request per object); hidden names left out; {} when the prefix does not exist."""
+    fs, path = resolve(prefix_uri)
+    return {posixpath.basename(e["name"]): int(e.get("size") or 0) for e in _children(fs, path)
+            if e.get("type") != "directory"}
+
+
 def read_parquet_dataset(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """All Parquet files in the folder `uri` (recursively; "." and "_" names skipped) as one table;
     `uri` may also name a single Parquet file.

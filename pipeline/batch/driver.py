@@ -11,12 +11,16 @@ The stages and their resources are the processor's (`pipeline.batch.processor`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -27,7 +31,7 @@ from models.interface import ParallelConfig
 from pipeline import storage
 from pipeline.batch.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
 from pipeline.batch.processor import build_stages, clip_item, render_layout, render_placement_prefix, stream
-from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, UsageError, UserError, one_line
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, UsageError, UserError, one_line
 from pipeline.media.provenance import ProvenanceError, c2pa_config_from_env
 from pipeline.stages.metadata import passthrough_bytes
 from pipeline.stages.write import check_codec
@@ -79,6 +83,7 @@ class RunSummary:
     exit_code: int = EXIT_OK
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: the counts are what finished before it
 
 
 def render_manifest(cfg: RenderConfig) -> RunSummary:
@@ -86,6 +91,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     t_start = time.perf_counter()
     run_id = started.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     summary = RunSummary(run_id)
+    check_options(cfg)
 
     try:
         table = read_manifest(cfg.manifest)
@@ -124,7 +130,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}
-    done = _completed_requests(cfg.out) if cfg.resume else {}
+    done = _completed_requests(cfg.out, cfg) if cfg.resume else {}
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
     if summary.skipped:
@@ -147,11 +153,17 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
             threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, compile=cfg.compile)
         try:
-            for row in stream(items, stages, cfg.progress):
-                if row.get("error"):
-                    summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
-                else:
-                    summary.rendered += 1
+            with _stop_signals():
+                for row in stream(items, stages, cfg.progress):
+                    if row.get("error"):
+                        summary.errors.append(RowError(int(row["row"]), row["id"], row["stage"], row["error"]))
+                    else:
+                        summary.rendered += 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: record what finished (a rerun resumes), then stop
+            summary.interrupted = True
+            # what the writers finished, also clips whose rows had not reached this loop yet
+            finished = _completed_requests(cfg.out)
+            summary.rendered = sum(finished.get(s.id) == hashes[s.id] for s in todo)
         finally:
             if layout.world_size > 1:  # the render actors' placement groups outlive them
                 from pipeline.stages.replica import remove_placement_groups
@@ -159,23 +171,80 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
                 remove_placement_groups(render_placement_prefix(run_id))
 
     summary.failed = len(summary.errors)
-    summary.exit_code = EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+    summary.exit_code = (EXIT_INTERRUPTED if summary.interrupted
+                         else EXIT_ROWS_FAILED if summary.failed else EXIT_OK)
     summary.wall_seconds = time.perf_counter() - t_start
-    _write_errors(cfg.out, summary)
-    _write_run_json(cfg, summary, started, model, recaptioner, layout)
+    with _stop_signals(ignore=True):  # a second Ctrl-C must not cut errors/ or run.json short
+        _write_errors(cfg.out, summary)
+        _write_run_json(cfg, summary, started, model, recaptioner, layout)
     return summary
+
+
+@contextlib.contextmanager
+def _stop_signals(ignore: bool = False):
+    """While clips render, SIGINT and SIGTERM (a scheduler stopping the job) raise KeyboardInterrupt,
+    also where the shell started the run in the background with SIGINT ignored; with `ignore`, they
+    are ignored (while the run's record is written). Restored after; only in the main thread (the
+    only one Python lets set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN if ignore else stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_options(cfg: RenderConfig) -> None:
+    """The run's numbers and output, checked before anything starts (UsageError, one line): a
+    replica count, thread count or CPU share that cannot work would otherwise hang Ray Data or
+    fail deep in torch, and an OUT that is an existing file fails only at the first write."""
+    for name, value, low in (("--replicas", cfg.replicas, 1), ("--threads", cfg.threads_per_replica, 1),
+                             ("--limit", cfg.limit, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be {low} or more, got {value}")
+    for name, value, zero_ok in (("--cpus-per-replica", cfg.cpus_per_replica, False),
+                                 ("--gpus-per-replica", cfg.gpus_per_replica, True)):
+        if value is not None and not (value > 0 or (zero_ok and value == 0)):  # NaN fails too
+            raise UsageError(f"{name} must be {'0 or ' if zero_ok else ''}a positive number, got {value:g}")
+    if storage.is_local(cfg.out) and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is an existing file; name a folder (it is created when missing)")
 
 
 def _has_media(spec: ClipSpec) -> bool:
     return bool(spec.image or spec.image_end or spec.video or spec.video_end)
 
 
-def _completed_requests(out: str) -> dict[str, str]:
-    """id → request hash of every clip whose metadata (written last) exists under `out`."""
-    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "request_sha256"])
+def _completed_requests(out: str, cfg: RenderConfig | None = None) -> dict[str, str]:
+    """id → request hash of every clip complete under `out`: its metadata (written last) exists and
+    so do its files, the video (or still) with the byte count the metadata recorded. A video
+    deleted or truncated under kept metadata is not complete: the clip renders again. The sizes
+    come from one listing per folder, so checking costs no request per clip."""
+    columns = ["id", "request_sha256", "video_uri", "image_uri", "thumbnail_uri", "bytes"]
+    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=columns)
     if table is None:
         return {}
-    return dict(zip(table.column("id").to_pylist(), table.column("request_sha256").to_pylist()))
+    listed = {folder: storage.list_sizes(storage.join(out, folder)) for folder in ("videos", "images", "thumbnails")}
+    done, broken = {}, 0
+    for row in table.to_pylist():
+        media = row["video_uri"] or row["image_uri"] or ""
+        folder = "videos" if row["video_uri"] else "images"
+        size = listed[folder].get(media.rsplit("/", 1)[-1])
+        thumbnail = (row["thumbnail_uri"] or "").rsplit("/", 1)[-1]
+        if size is not None and size == row["bytes"] and thumbnail in listed["thumbnails"]:
+            done[row["id"]] = row["request_sha256"]
+        else:
+            broken += 1
+    if broken and cfg is not None:
+        _say(f"{broken} clip(s) have metadata but a missing or truncated video, still or thumbnail: "
+             "rendering them again", cfg)
+    return done
 
 
 def _write_errors(out: str, summary: RunSummary) -> None:
@@ -204,6 +273,7 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
         "counts": {"rows": summary.rows, "rendered": summary.rendered, "skipped": summary.skipped,
                    "failed": summary.failed},
         "exit_code": summary.exit_code,
+        "interrupted": summary.interrupted,
         "model": model,
         "recaptioner": recaptioner,
         "parallel": asdict(layout),  # the replicas' layout, the model's and cfg.parallel's together
@@ -217,14 +287,26 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
 
 
 def init_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local Ray for this process.
+
+    A cluster address that does not answer is a UsageError at once (Ray itself retries the GCS
+    for minutes). A local Ray listens on loopback only (`local_ray_on_loopback`) and is watched
+    (`_watch_local_ray`): when this process dies, even by SIGKILL, its Ray processes go too.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    local_ray_on_loopback(address)
+    if address:
+        _check_ray_address(address)
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, TimeoutError, RuntimeError) as e:
+            raise UsageError(f"cannot join the Ray cluster at {address}: {one_line(e, 300)}") from None
     else:
         # A local Ray for this run: no dashboard, an object store sized for clips not datasets.
         # address="local": a new one even when `ray start` left a cluster on this machine (plain
@@ -232,6 +314,123 @@ def init_ray(address: str | None) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         ray.init(address="local", include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
                  logging_level=logging.WARNING, log_to_driver=False)
+        _watch_local_ray()
+
+
+def local_ray_on_loopback(address: str | None) -> None:
+    """For a local run (no cluster address), have the Ray started here take 127.0.0.1 as its node
+    address, so its GCS, raylet, object manager, workers and agents listen on loopback only
+    instead of every interface. Ray chooses the node address when `ray` is imported
+    (`ray_constants.ENABLE_RAY_CLUSTER`, read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: off, the
+    node is 127.0.0.1, as Ray does on macOS; `ray.init(_node_ip_address="127.0.0.1")` is turned
+    back into the routable address), so call this before the first `import ray`; after it, no-op.
+    """
+    if not address and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _check_ray_address(address: str) -> None:
+    """A HOST:PORT cluster address must accept a TCP connection within 5 s (`auto` and `ray://`
+    are Ray's to resolve): Ray would otherwise retry an address with nothing behind it for minutes."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address} ({one_line(e, 200)}); start it with "
+                         "`ray start --head`, or leave --address out for a local Ray") from None
+
+
+#: The watchdog of a local Ray (`_watch_local_ray`): it remembers every process under this driver
+#: while the driver lives (a first look before the driver goes on, then one every 2 s), and when
+#: the driver's end of its stdin pipe closes (exit, crash, SIGKILL) also the processes whose
+#: RAY_RAYLET_PID names a raylet it knew; it gives them a moment to go, then sends SIGTERM and
+#: SIGKILL to those left (same start time: no stranger that reused a pid).
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+driver, mine = int(sys.argv[1]), os.getpid()
+def stat(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[19]  # parent pid, start time
+def tree():
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != mine:
+            try:
+                parents[int(name)] = stat(int(name))
+            except OSError:
+                pass
+    found, todo = {}, [driver]
+    while todo:
+        top = todo.pop()
+        for pid, (ppid, started) in parents.items():
+            if ppid == top and pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+known = tree()
+print("watching", flush=True)  # the driver waits for this: the tree is known before it can die
+sys.stdout.close()
+while not select.select([sys.stdin], [], [], 2.0)[0]:
+    known.update(tree())
+# Ray's agents are started by the raylet, with its pid in RAY_RAYLET_PID: those started after the
+# last look at the tree are found by that, wherever they were reparented.
+for name in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{name}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        raylet = next((int(e[15:]) for e in env if e.startswith(b"RAY_RAYLET_PID=")), None)
+        if raylet in known and int(name) not in known:
+            known[int(name)] = stat(int(name))[1]
+    except (OSError, ValueError):
+        pass
+def alive():
+    out = {}
+    for pid, started in known.items():
+        try:
+            if stat(pid)[1] == started:
+                out[pid] = started
+        except OSError:
+            pass
+    return out
+deadline = time.monotonic() + 3
+while alive() and time.monotonic() < deadline:
+    time.sleep(0.2)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in alive():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    time.sleep(1)
+"""
+
+
+def _watch_local_ray() -> None:
+    """Start the watchdog of this process's local Ray (Linux). Ray's dashboard and runtime-env
+    agents notice at once when their raylet dies with the driver, but then report the death to
+    the GCS, which died too, and wait out that call's hard-coded 60 s timeout before they exit
+    (ray/_private/utils.py, `publish_error_to_driver`): a SIGKILLed `reel render` or `reel serve`
+    left them running for over a minute, holding ports and memory. The watchdog ends them."""
+    import subprocess
+
+    if not os.path.isdir("/proc/self"):
+        return
+    import select
+
+    read_end, write_end = os.pipe()
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=read_end,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(read_end)
+    _WATCHDOG_PIPE.append(write_end)  # held open for the life of this process; its close is the signal
+    if select.select([watchdog.stdout], [], [], 30)[0]:  # its first look at the Ray processes is done
+        watchdog.stdout.readline()
+    watchdog.stdout.close()
+
+
+_WATCHDOG_PIPE: list[int] = []
 
 
 def check_output_reachable(out: str) -> None:

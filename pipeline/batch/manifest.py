@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import posixpath
 import re
 from dataclasses import KW_ONLY, asdict, dataclass, field, fields
@@ -19,12 +18,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.interface import MODES, GridLimits, RenderRequest, file_version
+from models.interface import MODES, GridLimits, RenderRequest
 from pipeline import storage
+from pipeline.batch.row_fields import (
+    flag_value,
+    integer_value,
+    is_missing,
+    lora_value,
+    number_value,
+    shots_value,
+    text_value,
+)
 from pipeline.errors import UserError, one_line
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_PROMPT_CHARS = 2000
 SEED_RANGE = (0, 2**32 - 1)
 
 # Generation modes: `MODES` (a row's `mode`; inferred from its columns when missing, see `infer_mode`),
@@ -32,7 +39,6 @@ SEED_RANGE = (0, 2**32 - 1)
 DIRECTIONS = ("forward", "backward")
 #: The strength of a remix whose row gives none.
 DEFAULT_STRENGTH = 0.75
-MAX_SHOTS = 32
 
 #: Columns the manifest contract defines; every other column passes through into the metadata.
 KNOWN_COLUMNS = (
@@ -40,8 +46,6 @@ KNOWN_COLUMNS = (
     "guidance", "mode", "image", "image_end", "video", "video_end", "direction", "extension_only",
     "strength", "shots", "blur_faces", "lora", "step_cache",
 )
-#: The most LoRA adapters one row may apply.
-MAX_ADAPTERS = 8
 
 
 class ManifestError(UserError):
@@ -195,6 +199,8 @@ def read_manifest(uri: str) -> pa.Table:
         raise ManifestError(
             f"manifest {uri} has no 'prompt' column (columns: {', '.join(table.column_names) or 'none'})"
         )
+    if table.num_rows == 0:  # a 0-row Parquet as an empty JSON Lines file: nothing to render is a mistake
+        raise ManifestError(f"manifest {uri} has no rows")
     return table
 
 
@@ -215,14 +221,17 @@ def _read_one(fs, path: str, uri: str) -> pa.Table:
 
 
 def _read_jsonl(data: bytes, uri: str) -> pa.Table:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestError(f"{uri}: JSON Lines manifest is not UTF-8 text") from None
     records: list[dict[str, Any]] = []
     parsed = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # Line by line, bytes first: a line that is not UTF-8 (a raw \xff) or holds a lone surrogate
+    # (an escaped "\ud800" no encoder can write) costs its own row, not the manifest.
+    for lineno, raw_line in enumerate(data.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            records.append({"_line_error": f"line {lineno} is not UTF-8 text (byte {e.start})"})
             continue
         try:
             value = json.loads(line)
@@ -232,6 +241,12 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         if not isinstance(value, dict):
             records.append({"_line_error": f"line {lineno} is a JSON {type(value).__name__}, not an object"})
             continue
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            records.append({"_line_error": f"line {lineno} holds a lone surrogate escape (\\ud800-\\udfff): "
+                                           "not valid Unicode text"})
+            continue
         parsed += 1
         records.append(value)
     if records and not parsed:
@@ -239,6 +254,8 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     columns: dict[str, None] = {}
     for r in records:
         columns.update(dict.fromkeys(r))
+    if not records:
+        raise ManifestError(f"manifest {uri} has no rows")
     if "prompt" not in columns and "shots" not in columns:
         raise ManifestError(f"manifest {uri} has no 'prompt' field in any line")
     # Columns whose values do not share one type stay Python objects (as JSON text in Arrow);
@@ -246,7 +263,10 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
     arrays, mixed = {}, []
     for name in columns:
         values = [r.get(name) for r in records]
+        kinds = {type(v) for v in values if v is not None}
         try:
+            if bool in kinds and len(kinds) > 1:  # Arrow would read true as 1.0 among numbers: keep it apart
+                raise pa.ArrowInvalid(f"{name} mixes booleans with other values")
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             arrays[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
@@ -309,7 +329,7 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         raise _Invalid(raw["_line_error"], None)
 
     value = raw.get("id")
-    if _missing(value):
+    if is_missing(value):
         raise _Invalid("id is missing", None)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -323,54 +343,54 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     def bad(msg: str) -> _Invalid:
         return _Invalid(msg, clip_id)
 
-    shots = _shots(raw.get("shots"), bad)
-    lora = _lora(raw.get("lora"), limits, versions, bad)
+    shots = shots_value(raw.get("shots"), bad)
+    lora = lora_value(raw.get("lora"), limits, versions, bad)
     prompt = raw.get("prompt")
-    if _missing(prompt) and shots:
+    if is_missing(prompt) and shots:
         prompt = " ".join(p for p, _ in shots)
-    prompt = _text(prompt, "prompt", bad)
+    prompt = text_value(prompt, "prompt", bad)
 
     negative = raw.get("negative_prompt")
-    negative = "" if _missing(negative) else _text(negative, "negative_prompt", bad, empty_ok=True)
+    negative = "" if is_missing(negative) else text_value(negative, "negative_prompt", bad, empty_ok=True)
 
     media = {}
     for name in ("image", "image_end", "video", "video_end"):
         value = raw.get(name)
-        if _missing(value) or (isinstance(value, str) and not value.strip()):
+        if is_missing(value) or (isinstance(value, str) and not value.strip()):
             continue
         if not isinstance(value, str):
             raise bad(f"{name} must be a URI (text), got {type(value).__name__}")
         media[name] = value.strip()
     strength = raw.get("strength")
     mode = raw.get("mode")
-    mode = infer_mode(media, shots, not _missing(strength)) if _missing(mode) else mode
+    mode = infer_mode(media, shots, not is_missing(strength)) if is_missing(mode) else mode
     if mode not in MODES:
         raise bad(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
-    _check_mode_columns(mode, media, shots, not _missing(strength), bad)
+    _check_mode_columns(mode, media, shots, not is_missing(strength), bad)
     try:  # a mode the model cannot render (i2v on a text-to-video checkpoint): this row only
         limits.check_mode(mode)
     except ValueError as e:
         raise bad(str(e)) from None
 
     direction = raw.get("direction")
-    direction = "forward" if _missing(direction) else str(direction).strip().lower()
+    direction = "forward" if is_missing(direction) else str(direction).strip().lower()
     if direction not in DIRECTIONS:
         raise bad(f"direction must be forward or backward, got {raw.get('direction')!r}")
-    strength = DEFAULT_STRENGTH if _missing(strength) else _number(strength, "strength", DEFAULT_STRENGTH, bad)
+    strength = DEFAULT_STRENGTH if is_missing(strength) else number_value(strength, "strength", DEFAULT_STRENGTH, bad)
     if mode != "remix":
         strength = 1.0
     elif not 0 <= strength <= 1:
         raise bad(f"strength={strength:g} is outside 0..1 (0 keeps the video, 1 ignores it)")
 
-    fps = _integer(raw.get("fps"), "fps", limits.default_fps, bad)
+    fps = integer_value(raw.get("fps"), "fps", limits.default_fps, bad)
     given_frames = raw.get("frames")
-    if not _missing(given_frames):
-        if not _missing(raw.get("seconds")):
+    if not is_missing(given_frames):
+        if not is_missing(raw.get("seconds")):
             raise bad("give seconds or frames, not both")
         if shots or mode == "image":
             why = "each shot has its seconds" if shots else "a still is one frame"
             raise bad(f"mode {mode} does not use frames ({why})")
-        frames = _integer(given_frames, "frames", 0, bad)
+        frames = integer_value(given_frames, "frames", 0, bad)
         if frames <= 0:
             raise bad(f"frames must be positive, got {frames}")
         seconds = frames / fps if fps > 0 else 0.0
@@ -381,30 +401,35 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
         frames = sum(f for _, f in shots)
         seconds = frames / fps
     else:
-        seconds = _number(raw.get("seconds"), "seconds", limits.default_seconds, bad)
+        seconds = number_value(raw.get("seconds"), "seconds", limits.default_seconds, bad)
         if seconds <= 0:
             raise bad(f"seconds must be positive, got {seconds:g}")
         frames = limits.min_frames if mode == "image" else limits.frames_for(seconds, fps)
     what = ("the storyboard" if shots else "the new part" if mode == "extend"
             else "the gap" if "video_end" in media else None)
-    if fps > 0 and frames > limits.max_frames and (what or _missing(given_frames)):  # else check names the maximum
+    if fps > 0 and frames > limits.max_frames and (what or is_missing(given_frames)):  # else check names the maximum
         raise bad(f"{what or f'seconds={seconds:g}'} at {fps} fps is {frames} frames; the model's maximum is "
                   f"{limits.max_frames} frames ({limits.max_frames / fps:g} s at {fps} fps)")
     # Modes that start from a picture or a clip take its size when the row gives none (0 here;
     # the inputs stage sets it from the input, snapped to the model's grid).
     from_input = mode in ("i2v", "extend", "interpolate", "remix")
-    width = _integer(raw.get("width"), "width", 0 if from_input else limits.default_width, bad)
-    height = _integer(raw.get("height"), "height", 0 if from_input else limits.default_height, bad)
+    width = integer_value(raw.get("width"), "width", 0 if from_input else limits.default_width, bad)
+    height = integer_value(raw.get("height"), "height", 0 if from_input else limits.default_height, bad)
+    for name, size in (("width", width), ("height", height)):
+        if not is_missing(raw.get(name)) and size <= 0:
+            raise bad(f"{name} must be positive, got {size}" + (" (leave it out to take the input's size)"
+                                                                  if from_input else ""))
     if from_input and (width == 0) != (height == 0):
         raise bad("give both width and height, or neither (to take the input's size)")
 
     seed = raw.get("seed")
-    seed = default_seed(clip_id) if _missing(seed) else _integer(seed, "seed", 0, bad)
+    seed = default_seed(clip_id) if is_missing(seed) else integer_value(seed, "seed", 0, bad)
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise bad(f"seed={seed} is outside {SEED_RANGE[0]}..{SEED_RANGE[1]}")
-    steps = _integer(raw.get("steps"), "steps", limits.default_steps, bad)
-    guidance = _number(raw.get("guidance"), "guidance", limits.default_guidance, bad)
-    step_cache = None if _missing(raw.get("step_cache")) else _number(raw.get("step_cache"), "step_cache", 0, bad)
+    steps = integer_value(raw.get("steps"), "steps", limits.default_steps, bad)
+    guidance = number_value(raw.get("guidance"), "guidance", limits.default_guidance, bad)
+    step_cache = raw.get("step_cache")
+    step_cache = None if is_missing(step_cache) else number_value(step_cache, "step_cache", 0, bad)
     if step_cache is not None and step_cache < 0:
         raise bad(f"step_cache={step_cache:g} must be 0 or more (the step cache's threshold)")
     check_w, check_h = (width or limits.default_width), (height or limits.default_height)
@@ -419,9 +444,9 @@ def _validate_row(i: int, raw: dict[str, Any], limits: GridLimits, passthrough: 
     return ClipSpec(i, clip_id, prompt, negative, width, height, frames, fps, seed, steps, guidance, mode, passthrough,
                     image=media.get("image", ""), image_end=media.get("image_end", ""),
                     video=media.get("video", ""), video_end=media.get("video_end", ""), direction=direction,
-                    extension_only=_flag(raw.get("extension_only"), "extension_only", bad),
+                    extension_only=flag_value(raw.get("extension_only"), "extension_only", bad),
                     strength=float(strength), shots=shots,
-                    blur_faces=_flag(raw.get("blur_faces"), "blur_faces", bad), lora=lora,
+                    blur_faces=flag_value(raw.get("blur_faces"), "blur_faces", bad), lora=lora,
                     step_cache=step_cache)
 
 
@@ -463,132 +488,3 @@ def _check_mode_columns(mode: str, media: dict[str, str], shots: tuple, has_stre
         raise bad("mode storyboard needs shots: a list of {prompt, seconds}")
     if has_strength and mode != "remix":
         raise bad(f"mode {mode} does not use strength (only remix does)")
-
-
-def _text(v: Any, name: str, bad, empty_ok: bool = False) -> str:
-    if _missing(v):
-        raise bad(f"{name} is missing")
-    if not isinstance(v, str):
-        raise bad(f"{name} must be text, got {type(v).__name__}")
-    v = " ".join(v.split())
-    if not v and not empty_ok:
-        raise bad(f"{name} is empty")
-    if len(v) > MAX_PROMPT_CHARS:
-        raise bad(f"{name} is {len(v)} characters; the limit is {MAX_PROMPT_CHARS}")
-    return v
-
-
-def _shots(v: Any, bad) -> tuple[tuple[str, float], ...]:
-    """A storyboard's shots as (prompt, seconds) pairs; () when the row has none."""
-    if _missing(v):
-        return ()
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            raise bad("shots must be a list of {prompt, seconds} (JSON text or a list column), "
-                      "got unparsable text") from None
-    if not isinstance(v, (list, tuple)):
-        raise bad(f"shots must be a list of {{prompt, seconds}}, got {type(v).__name__}")
-    if not v:
-        raise bad("shots is empty; give at least one {prompt, seconds}")
-    if len(v) > MAX_SHOTS:
-        raise bad(f"shots has {len(v)} entries; the limit is {MAX_SHOTS}")
-    out = []
-    for k, shot in enumerate(v):
-        if not isinstance(shot, dict):
-            raise bad(f"shots[{k}] must be an object {{prompt, seconds}}, got {type(shot).__name__}")
-        # (a list column read from JSON Lines gets every row's struct fields, None where unused)
-        unknown = sorted(k for k in set(shot) - {"prompt", "seconds"} if shot[k] is not None)
-        if unknown:
-            raise bad(f"shots[{k}] has unknown field(s) {', '.join(unknown)} (a shot is {{prompt, seconds}})")
-        prompt = _text(shot.get("prompt"), f"shots[{k}].prompt", bad)
-        seconds = _number(shot.get("seconds"), f"shots[{k}].seconds", math.nan, bad)  # missing: nan
-        if not seconds > 0:
-            raise bad(f"shots[{k}].seconds must be a positive number of seconds")
-        out.append((prompt, seconds))
-    return tuple(out)
-
-
-def _lora(v: Any, limits: GridLimits, versions: dict[str, list | None], bad) -> tuple[tuple[str, float, str], ...]:
-    """A row's LoRA adapters as (uri, scale, version) triples; () when it names none. `v`: a URI, an
-    object {uri, scale}, or a list of either (or its JSON text); scale defaults to 1. Each file must
-    exist (`versions` caches the look-ups of one manifest); the model must take adapters."""
-    if _missing(v) or (isinstance(v, str) and not v.strip()):
-        return ()
-    if isinstance(v, str) and v.strip()[:1] in "[{":
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            raise bad("lora must be a URI, an object {uri, scale} or a list of them; got unparsable JSON") from None
-    entries = list(v) if isinstance(v, (list, tuple)) else [v]
-    if not entries:
-        return ()
-    if not limits.takes_lora:
-        raise bad("lora: this model takes no LoRA adapters (they are for diffusers Wan folders)")
-    if len(entries) > MAX_ADAPTERS:
-        raise bad(f"lora has {len(entries)} adapters; the limit is {MAX_ADAPTERS}")
-    out = []
-    for k, entry in enumerate(entries):
-        where = f"lora[{k}]" if len(entries) > 1 else "lora"
-        if isinstance(entry, dict):
-            unknown = sorted(n for n in set(entry) - {"uri", "scale"} if entry[n] is not None)
-            if unknown:
-                raise bad(f"{where} has unknown field(s) {', '.join(unknown)} (an adapter is {{uri, scale}})")
-            uri, scale = entry.get("uri"), _number(entry.get("scale"), f"{where}.scale", 1.0, bad)
-        else:
-            uri, scale = entry, 1.0
-        if not isinstance(uri, str) or not uri.strip():
-            raise bad(f"{where} needs a uri: the adapter's safetensors file (a path or any fsspec URI)")
-        uri = uri.strip()
-        if uri not in versions:
-            try:
-                versions[uri] = file_version(uri)
-            except Exception as e:  # no credentials, an unknown protocol, a network error: this row only
-                raise bad(f"{where}: cannot reach {uri} ({one_line(e, 200)})") from None
-        if versions[uri] is None:
-            raise bad(f"{where}: file not found: {uri}")
-        out.append((uri, scale, json.dumps(versions[uri])))
-    return tuple(out)
-
-
-def _flag(v: Any, name: str, bad) -> bool:
-    if _missing(v):
-        return False
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
-        return v.strip().lower() in ("true", "yes", "1")
-    raise bad(f"{name} must be true or false, got {v!r}")
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _number(v: Any, name: str, default: float, bad) -> float:
-    if _missing(v):
-        return float(default)
-    if isinstance(v, bool):
-        raise bad(f"{name} must be a number, got a boolean")
-    if isinstance(v, str):
-        try:
-            v = float(v.strip())
-        except ValueError:
-            raise bad(f"{name} must be a number, got {v!r}") from None
-    if not isinstance(v, (int, float)):
-        raise bad(f"{name} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise bad(f"{name} must be finite, got {v}")
-    return float(v)
-
-
-def _integer(v: Any, name: str, default: int, bad) -> int:
-    if _missing(v):
-        return int(default)
-    number = _number(v, name, default, bad)
-    if number != int(number):
-        raise bad(f"{name} must be a whole number, got {number:g}")
-    return int(number)

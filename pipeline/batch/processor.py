@@ -91,6 +91,8 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
             replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
     if clips:
         replicas = min(replicas, clips)
+    if world == 1:
+        check_replica_fits(gpus_per_replica, cpus_per_replica)
     render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload, "compile": compile}
     render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if world > 1:  # the ranks reserve the devices; the render actor only drives them
@@ -124,6 +126,20 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                          "codec": codec},
               {"compute": ActorPoolStrategy(size=1), **light}),
     ]
+
+
+def check_replica_fits(gpus: float | None, cpus: float | None) -> None:
+    """UsageError (one line) when no node of the Ray cluster has the GPUs or CPUs one render
+    replica asks for: Ray would keep its actor pending for ever and the run would hang."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    short = [f"{need:g} {kind} (the largest node has {max((n.get(kind, 0) for n in nodes), default=0):g})"
+             for kind, need in (("GPU", gpus), ("CPU", cpus))
+             if need and not any(n.get(kind, 0) >= need for n in nodes)]
+    if short:
+        raise UsageError("a render replica needs " + " and ".join(short) + "; lower --gpus-per-replica / "
+                         "--cpus-per-replica, or run on a cluster that has them")
 
 
 def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[str, Any]:

@@ -67,6 +67,9 @@ def decode_image(data: bytes, column: str = "image", name: str = "the image") ->
         raise
     except UnidentifiedImageError:
         raise MediaError(f"{column}: {name} is not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:  # Pillow refuses it in open(), before our own size check
+        raise MediaError(f"{column}: {name} declares more than {MAX_IMAGE_PIXELS} pixels "
+                         "(a decompression bomb or a far too large image)") from None
     except (OSError, SyntaxError, ValueError) as e:  # a truncated or corrupt file
         raise MediaError(f"{column}: {name} is not a readable PNG, JPEG or WebP image ({one_line(e, 120)})") from None
 

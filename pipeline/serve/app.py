@@ -45,6 +45,7 @@ def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
     """`reel serve`: start (or join) Ray, deploy the app on host:port and serve until interrupted."""
     from models.interface import check_load_options, describe_model
     from pipeline.batch.driver import check_output_reachable, init_ray
+    from pipeline.batch.processor import check_replica_fits
     from pipeline.prompt.recaption import check_recaptioner_spec
 
     try:
@@ -58,6 +59,8 @@ def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
         raise UsageError(str(e)) from None
     init_ray(address)
     check_output_reachable(cfg.out)
+    if cfg.layout().world_size == 1:  # a replica no node can hold: refused, not pending for ever
+        check_replica_fits(cfg.gpus_per_replica, cfg.cpus_per_replica)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

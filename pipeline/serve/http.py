@@ -169,10 +169,10 @@ async def fields_of(request: Request) -> dict[str, Any]:
                 raise APIError(413, f"{key} is larger than {cfg.max_upload_bytes} bytes", param=key,
                                code="file_too_large")
         nested = re.fullmatch(r"(\w+)\[(\w+)\]", key)  # input_reference[image_url]=… (the SDK's form)
-        if nested:
-            fields.setdefault(nested.group(1), {})[nested.group(2)] = value
-        else:
-            fields[key] = value
+        holder, name = (fields.setdefault(nested.group(1), {}), nested.group(2)) if nested else (fields, key)
+        if not isinstance(holder, dict) or name in holder:  # a second `prompt` would silently win
+            raise APIError(400, f"the form gives {key!r} more than once; give each field once", param=key)
+        holder[name] = value
     return fields
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import ipaddress
 import json
 import math
@@ -20,7 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.batch.manifest import JSON_COLUMNS_KEY, MAX_PROMPT_CHARS, ClipSpec, validate
+from pipeline.batch.manifest import JSON_COLUMNS_KEY, ClipSpec, validate
+from pipeline.batch.row_fields import MAX_PROMPT_CHARS, check_unicode
 from pipeline.errors import one_line
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import APIError
@@ -94,7 +96,7 @@ def requested_seconds(value: Any, limits, fps: int | None = None) -> float:
     except ValueError:
         raise APIError(400, f"seconds must be a string holding a number of seconds ({allowed}), got {value!r}",
                        param="seconds") from None
-    frames = seconds * fps if math.isfinite(seconds) else -1
+    frames = seconds * fps if math.isfinite(seconds * fps) else -1  # 1e308 s x 8 fps overflows to inf
     rendered = limits.frames_for(seconds, fps) if frames > 0 else 0
     if frames <= 0 or frames != int(frames) or not 0 <= rendered - frames <= offset or rendered > limits.max_frames:
         grid = (f"frames in multiples of {step}" if not offset
@@ -146,6 +148,7 @@ def required_prompt(fields: dict[str, Any], name: str = "prompt") -> str:
         raise APIError(400, f"{name} is required: a non-empty string", param=name)
     if len(value) > MAX_PROMPT_CHARS:
         raise APIError(400, f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", param=name)
+    check_unicode(value, name, lambda reason: APIError(400, reason, param=name, code="invalid_value"))
     return value
 
 
@@ -216,24 +219,28 @@ def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float, allow_p
     """GET an http(s) URL for a request field: at most `max_bytes`, within `timeout_s`, following
     up to `max_redirects` redirects; every hop's host must resolve to public addresses unless
     `allow_private` (a server fetching for clients must not reach its own network). APIError 400
-    when it cannot be had."""
+    when it cannot be had.
 
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None  # each hop is checked below, not followed blindly
-
-    opener = urllib.request.build_opener(NoRedirect)
+    Each hop connects to the addresses that were checked, not to a second lookup of the name: a
+    name answering a public address to the check and 127.0.0.1 to the connect (DNS rebinding)
+    reaches nothing it should not. TLS still verifies the certificate against the host name.
+    Proxies from the environment are not used: through a proxy the check would not hold.
+    """
     for _ in range(max_redirects + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise APIError(400, f"{param}.image_url must be an http(s) URL", param=param)
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
-        except (socket.gaierror, UnicodeError):
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError, ValueError):
             raise APIError(400, f"{param}.image_url: cannot resolve host {parts.hostname!r}", param=param) from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
         if not allow_private and any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
             raise APIError(400, f"{param}.image_url points at a private or local address; pass the image as an "
                                 "upload or a data URL", param=param, code="invalid_url")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect,
+                                             _PinnedHTTPHandler(addresses), _PinnedHTTPSHandler(addresses))
         try:
             with opener.open(urllib.request.Request(url, headers={"User-Agent": "reelforge"}), timeout=timeout_s) as r:
                 data = r.read(max_bytes + 1)
@@ -242,13 +249,58 @@ def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float, allow_p
                 url = urllib.parse.urljoin(url, e.headers["Location"])
                 continue
             raise APIError(400, f"{param}.image_url answered HTTP {e.code}", param=param) from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise APIError(400, f"{param}.image_url cannot be fetched ({one_line(e, 200)})", param=param) from None
         if len(data) > max_bytes:
             raise APIError(400, f"{param}.image_url is larger than {max_bytes} bytes", param=param,
                            code="file_too_large")
         return data
     raise APIError(400, f"{param}.image_url redirects more than {max_redirects} times", param=param)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # each hop is resolved and checked by fetch_url, not followed blindly
+
+
+def _pinned(connection_class: type, addresses: list[str]):
+    """A factory of `connection_class` connections that open their socket to one of `addresses`
+    (tried in order) whatever the host name says; the name still goes in Host, SNI and the
+    certificate check."""
+    def connection(host: str, **kwargs):
+        conn = connection_class(host, **kwargs)
+
+        def connect(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **options):
+            error: OSError | None = None
+            for ip in addresses:
+                try:
+                    return socket.create_connection((ip, address[1]), timeout, source_address, **options)
+                except OSError as e:
+                    error = e
+            raise error or OSError("no address to connect to")
+
+        conn._create_connection = connect
+        return conn
+    return connection
+
+
+class _PinnedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, addresses: list[str]):
+        super().__init__()
+        self.addresses = addresses
+
+    def http_open(self, req):
+        return self.do_open(_pinned(http.client.HTTPConnection, self.addresses), req)
+
+
+class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, addresses: list[str]):
+        super().__init__()
+        self.addresses = addresses
+
+    def https_open(self, req):
+        return self.do_open(_pinned(http.client.HTTPSConnection, self.addresses), req,
+                            context=self._context)
 
 
 def uploaded_video(value: Any, param: str = "video") -> bytes | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.batch.manifest import MAX_PROMPT_CHARS
+from pipeline.batch.row_fields import MAX_PROMPT_CHARS
 
 _STR = {"type": "string"}
 _STEPS, _GUIDANCE = {"type": "integer", "minimum": 1}, {"type": "number", "minimum": 0}

@@ -1,6 +1,7 @@
 """GridLimits' frame grid: multiples of a step (the default model) or offset + multiples (Wan's 4k+1)."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -51,5 +52,14 @@ def test_guidance_2_only_where_the_model_takes_it():
         DEFAULT_LIKE.check(request)
     two = dataclasses.replace(DEFAULT_LIKE, has_guidance_2=True)
     two.check(request)
-    with pytest.raises(ValueError, match=r"^guidance_2=-1.0 must be a finite number >= 0$"):
+    with pytest.raises(ValueError, match=r"^guidance_2=-1 is outside 0..30$"):
         two.check(dataclasses.replace(request, guidance_2=-1.0))
+
+
+def test_guidance_is_bounded_by_what_a_sampler_can_use():
+    request = RenderRequest("p", 64, 64, 16, 8, 0, 20, 30.0)
+    DEFAULT_LIKE.check(request)
+    for guidance, shown in ((1e308, "1e+308"), (float("nan"), "nan"), (30.5, "30.5"), (-0.5, "-0.5")):
+        with pytest.raises(ValueError, match=rf"^guidance={re.escape(shown)} is outside 0..30$"):
+            DEFAULT_LIKE.check(dataclasses.replace(request, guidance=guidance))
+    assert DEFAULT_LIKE.frames_for(1e308, 8) > DEFAULT_LIKE.max_frames  # an int, not an OverflowError

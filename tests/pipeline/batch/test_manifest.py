@@ -85,11 +85,14 @@ def test_wrong_column_types_in_parquet_fail_rows_not_the_run(tmp_path):
     assert reasons(errors) == {1: "width must be a number, got 'wide'"}
 
 
-def test_nan_means_missing(tmp_path):
-    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "seed": [float("nan"), 5.0]})
+def test_null_means_missing_and_nan_is_refused(tmp_path):
+    """A null takes the default; a NaN is a value no model can use (pandas writes missing values
+    as nulls), so its row fails rather than render with a default nobody asked for."""
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["p", "q", "r"], "seed": [None, 5.0, float("nan")]})
     pq.write_table(table, tmp_path / "m.parquet")
-    specs, _ = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
+    specs, errors = validate(read_manifest(str(tmp_path / "m.parquet")), LIMITS)
     assert [s.seed for s in specs] == [default_seed("a"), 5]
+    assert reasons(errors) == {2: "seed must be a finite number, got nan (leave it empty for the default)"}
 
 
 def test_folder_of_parquet(tmp_path):
