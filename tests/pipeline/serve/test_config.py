@@ -10,6 +10,9 @@ def test_config_from_the_environment():
     assert cfg.api_key_sha256 == tuple(sorted(key_hash(k) for k in "ab"))
     assert ServeConfig.from_env({"REELFORGE_ALLOW_PRIVATE_URLS": "0"}).allow_private_urls is False
     assert ServeConfig.from_env({}, max_queued=9).max_queued == 9
+    roots = ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/loras, /srv/loras/,"}).lora_roots
+    assert roots == ("s3://b/loras/", "/srv/loras")
+    assert ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/x"}, lora_roots=["/a"]).lora_roots == ("/a",)
 
 
 def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
