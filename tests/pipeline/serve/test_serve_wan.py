@@ -152,11 +152,15 @@ def test_a_lora_outside_the_roots_is_refused_before_it_is_looked_up(wan_server, 
                  f"file://{outside}", "s3://other-bucket/loras/a.safetensors", "s3://adapters/loras/../a.safetensors",
                  "s3://adapters/loras-x/a.safetensors", "simplecache::s3://adapters/loras/a.safetensors"):
         with pytest.raises(openai.BadRequestError) as e:
-            client.videos.create(prompt=PROMPT, **SMALL, extra_body={"lora": [{"uri": lora, "scale": 0.5}]})
+            client.videos.create(prompt=PROMPT, **SMALL, extra_body={"lora": {"uri": lora, "scale": 0.5}})
         error = e.value.body
         assert (error["param"], error["code"]) == ("lora", "invalid_value"), (lora, error)
         assert "is not under a LoRA root this server allows" in error["message"] and "--lora-root" in error["message"]
         assert "\n" not in error["message"]
+    inside = write_wan_lora(f"{root}/inside.safetensors", wan_folders["wan21"], seed=2)
+    r = wan_server.http().post("/v1/videos", json={"prompt": PROMPT, **SMALL, "lora": [inside, outside]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "lora")  # a list: every adapter is checked
+    assert r.json()["error"]["message"].startswith(f"lora: {outside} is not under a LoRA root")
 
 
 def test_vllm_omni_names_are_aliases_of_ours(wan_server):
