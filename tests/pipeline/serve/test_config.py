@@ -22,3 +22,11 @@ def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
     monkeypatch.delenv("REELFORGE_API_KEY_FILE", raising=False)
     assert main(["serve", "--model", "tiny"]) == 2
     assert "no API key" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_lora_root_no_prefix_can_judge(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("REEL_API_KEYS", "k")
+    assert main(["serve", "--model", "tiny", "--lora-root", "/srv/loras", "--lora-root", "simplecache::s3://b/"]) == 2
+    assert "lora root 'simplecache::s3://b/'" in capsys.readouterr().err
