@@ -60,6 +60,7 @@ def test_lora_uris_resolve_under_the_operator_roots(tmp_path):
     assert adapters_in_roots('[{"uri": "s3://bucket/team/a.safetensors", "scale": 2}]', roots) == [
         {"uri": "s3://bucket/team/a.safetensors", "scale": 2}]
     assert adapters_in_roots({"uri": "sub/../b.safetensors"}, roots) == [{"uri": str(tmp_path / "loras/b.safetensors")}]
+    assert adapters_in_roots(f"file://{tmp_path}/loras/c", roots) == [str(tmp_path / "loras" / "c")]
     for none in (None, "", []):
         assert adapters_in_roots(none, ()) == none
     assert adapters_in_roots("[not json", ()) == "[not json"  # the manifest's message names it
