@@ -410,6 +410,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--allow-private-urls", action="store_true", default=None,
                    help="fetch input_reference image_urls that resolve to private, loopback or link-local "
                         "addresses (default: refused; set it only where clients are trusted)")
+    p.add_argument("--lora-root", action="append", dest="lora_roots", metavar="URI",
+                   help="a local folder or object-store prefix (s3://bucket/loras/) a request's lora adapters "
+                        "may come from; repeatable; relative URIs resolve under the first "
+                        "(default: REELFORGE_LORA_ROOTS, comma-separated; none: requests naming lora get 400)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -423,7 +427,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
         "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls",
-        "sp", "tp", "cfg_parallel", "dtype", "offload")}
+        "lora_roots", "sp", "tp", "cfg_parallel", "dtype", "offload")}
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:

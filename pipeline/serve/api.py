@@ -30,6 +30,7 @@ from pipeline.serve.requests import (
     EDIT_FIELDS,
     EXTEND_FIELDS,
     REMIX_FIELDS,
+    adapters_in_roots,
     canonical_fields,
     check_unknown,
     clip_spec,
@@ -123,7 +124,7 @@ class VideoAPI:
             size = size or self.limits.fit_size(w, h)  # no size asked: the image's, on the model's grid
         if size:
             row["width"], row["height"] = size
-        spec = clip_spec(video_id, row, self.limits)
+        spec = await asyncio.to_thread(self._clip_spec, video_id, row)
         return await self._admit(owner, spec, f"{spec.frames / spec.fps:g}", uploads)
 
     async def remix(self, owner: str, source_id: str, fields: dict[str, Any]) -> Job:
@@ -173,7 +174,7 @@ class VideoAPI:
             added = requested_seconds(fields["seconds"], self.limits)
             row.update(seconds=added, direction=fields.get("direction"), extension_only=fields.get("extension_only"))
             total = added
-        spec = clip_spec(video_id, row, self.limits)
+        spec = await asyncio.to_thread(self._clip_spec, video_id, row)
         if mode == "extend" and not spec.extension_only:
             total += seconds
         return await self._admit(owner, spec, f"{total:g}", {uri: data} if data is not None else {},
@@ -190,6 +191,12 @@ class VideoAPI:
             raise APIError(400, f"model {model!r} is not served here; this endpoint serves {self.model['name']!r}",
                            param="model", code="model_not_found")
         return fields
+
+    def _clip_spec(self, video_id: str, row: dict[str, Any]) -> ClipSpec:
+        """The request's validated clip, its adapters under the operator's LoRA roots; blocking (a
+        LoRA file's real path and version are looked up): run it off the event loop."""
+        row = {**row, "lora": adapters_in_roots(row.get("lora"), self.cfg.lora_roots)}
+        return clip_spec(video_id, row, self.limits)
 
     def _reference_image(self, value: Any) -> tuple[bytes, str, tuple[int, int]]:
         """(bytes, file extension, (width, height)) of an input_reference; blocking (fetches, decodes)."""

@@ -85,10 +85,13 @@ def app_from_env(args: dict[str, Any]) -> Application:
     pipeline.serve.app:app_from_env`): `build_app` of `ServeConfig.from_env()`, read when Serve
     builds the app, where it builds it (with the application's runtime_env), not when the module is
     imported. `args` (the config's `args:`) are ServeConfig fields, e.g. {"max_queued": 16}, read as
-    their REELFORGE_* variables are and winning over them."""
+    their REELFORGE_* variables are and winning over them ({"lora_roots": ["s3://bucket/loras/"]})."""
     names = {f.name for f in dataclasses.fields(ServeConfig)} - {"api_key_sha256"}
     unknown = sorted(set(args) - names)
     if unknown:
         raise ValueError(f"unknown args {unknown}: the args are ServeConfig fields, {sorted(names)}")
-    env = {**os.environ, **{f"REELFORGE_{k.upper()}": "" if v is None else str(v) for k, v in args.items()}}
+    def as_variable(value: Any) -> str:  # a list (lora_roots) as its variable's commas
+        return "" if value is None else ",".join(value) if isinstance(value, list) else str(value)
+
+    env = {**os.environ, **{f"REELFORGE_{k.upper()}": as_variable(v) for k, v in args.items()}}
     return build_app(ServeConfig.from_env(env))

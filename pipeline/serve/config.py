@@ -42,12 +42,16 @@ class ServeConfig:
     graceful_shutdown_s: float = 20.0
     allow_private_urls: bool = False  # fetch input_reference image_urls on private/loopback addresses
     fetch_timeout_s: float = 10.0  # an input_reference image_url must answer within this
+    # Where a request's `lora` adapters may come from: local folders or object-store prefixes
+    # (s3://bucket/loras/); () takes no adapters. REELFORGE_LORA_ROOTS: comma-separated.
+    lora_roots: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Replicas do not share this process's working directory: local paths become absolute.
         object.__setattr__(self, "out", storage.absolute(self.out))
         if self.store:
             object.__setattr__(self, "store", os.path.abspath(os.path.expanduser(self.store)))
+        object.__setattr__(self, "lora_roots", tuple(lora_root(r) for r in self.lora_roots))
 
     @property
     def store_path(self) -> str:
@@ -83,6 +87,9 @@ class ServeConfig:
             raw = env.get(f"REELFORGE_{f.name.upper()}")
             if raw is None or f.name == "api_key_sha256":
                 continue
+            if f.name == "lora_roots":
+                values[f.name] = tuple(r.strip() for r in raw.split(",") if r.strip())
+                continue
             kind = str(f.type)
             if kind.startswith("bool"):
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
@@ -95,6 +102,20 @@ class ServeConfig:
         values["api_key_sha256"] = tuple(sorted({key_hash(k) for k in keys}))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def lora_root(uri: str) -> str:
+    """A LoRA root as the config holds it: a local folder absolute (replicas do not share the CLI's
+    working directory; symlinks are resolved where requests are checked), an object-store prefix
+    with its scheme lower-cased and one trailing "/" (s3://bucket/loras/ admits no s3://bucket/loras-x/).
+    ValueError for an empty root or a chained fsspec URL (a::b), which no prefix comparison can judge."""
+    uri = str(uri).strip()
+    if not uri or "::" in uri or not (storage.is_local(uri) or "://" in uri):
+        raise ValueError(f"lora root {uri!r}: give a local folder or a prefix such as s3://bucket/loras/")
+    if storage.is_local(uri):
+        return storage.absolute(uri)
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme.lower()}://{rest.strip('/')}/" if rest.strip("/") else f"{scheme.lower()}://"
 
 
 def read_key_file(path: str) -> list[str]:

@@ -11,6 +11,7 @@ import http.client
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 import urllib.error
@@ -20,7 +21,9 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+from fsspec.core import split_protocol
 
+from pipeline import storage
 from pipeline.batch.manifest import JSON_COLUMNS_KEY, ClipSpec, validate
 from pipeline.batch.row_fields import MAX_PROMPT_CHARS, check_unicode
 from pipeline.errors import one_line
@@ -155,6 +158,62 @@ def required_prompt(fields: dict[str, Any], name: str = "prompt") -> str:
 def extra_columns(fields: dict[str, Any]) -> dict[str, Any]:
     """Our extra fields every render endpoint takes, as manifest columns (None: not given)."""
     return {k: fields.get(k) for k in EXTRA_FIELDS}
+
+
+def adapters_in_roots(value: Any, roots: tuple[str, ...]) -> Any:
+    """A request's `lora` (a URI, {uri, scale}, a list of them, or its JSON text) with each URI
+    resolved and checked to lie under one of the operator's `roots` (`ServeConfig.lora_roots`),
+    before any file is looked up: a client must not make the server read (or report the existence
+    of) files it was not meant to serve. A relative URI is taken under the first root. A local
+    file's real path (symlinks and `..` resolved) must lie in a root's real path, and is what
+    renders, so a link swapped in later cannot move it; an object-store URI must start with a
+    root's prefix and hold no `.` or `..` segment (stores take them literally, fsspec may not).
+    Blocking (realpath): call it off the event loop. Shapes the manifest refuses pass through
+    unchanged for its own message. APIError 400 naming `lora` otherwise."""
+    entries = value
+    if isinstance(value, str) and value.strip()[:1] in "[{":
+        try:
+            entries = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    entries = list(entries) if isinstance(entries, (list, tuple)) else [entries]
+    if all(e is None or (isinstance(e, str) and not e.strip()) for e in entries):
+        return value  # no adapter named
+    if not roots:
+        raise APIError(400, "lora: this server takes no LoRA adapters; start reel serve with --lora-root URI "
+                            "(REELFORGE_LORA_ROOTS) naming where adapters may come from", param="lora")
+    out = []
+    for entry in entries:
+        uri = entry.get("uri") if isinstance(entry, dict) else entry
+        if isinstance(uri, str) and uri.strip():
+            uri = _uri_in_roots(uri.strip(), roots)
+            entry = {**entry, "uri": uri} if isinstance(entry, dict) else uri
+        out.append(entry)
+    return out
+
+
+def _uri_in_roots(uri: str, roots: tuple[str, ...]) -> str:
+    """`uri` resolved (see `adapters_in_roots`) when it lies under one of `roots`; APIError 400 otherwise."""
+    if "://" not in uri and not uri.startswith("file:") and not os.path.isabs(uri):
+        uri = os.path.join(roots[0], uri) if storage.is_local(roots[0]) else storage.join(roots[0], uri)
+    if "::" in uri:  # a chained fsspec URL (simplecache::s3://…) names no single prefix
+        pass
+    elif storage.is_local(uri):
+        path = os.path.realpath(os.path.abspath(split_protocol(uri)[1]))
+        for root in filter(storage.is_local, roots):
+            real_root = os.path.realpath(root)
+            if os.path.commonpath([path, real_root]) == real_root:
+                return path
+    else:
+        scheme, _, rest = uri.partition("://")
+        normal = f"{scheme.lower()}://{rest}"
+        if not {".", ".."} & set(urllib.parse.unquote(rest).split("/")):
+            for root in roots:
+                if not storage.is_local(root) and normal.startswith(root):
+                    return normal
+    raise APIError(400, f"lora: {uri} is not under a LoRA root this server allows ({', '.join(roots)}); "
+                        "the operator adds roots with reel serve --lora-root URI (REELFORGE_LORA_ROOTS)",
+                   param="lora", code="invalid_value")
 
 
 def new_video_id() -> str:

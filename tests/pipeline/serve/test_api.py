@@ -316,6 +316,14 @@ def test_remix_edit_and_extend_a_stored_or_uploaded_video(server):
     assert probe_mp4(client.videos.download_content(done["id"]).read())["frames"] == 8
 
 
+def test_lora_on_a_server_without_lora_roots_is_refused(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.sdk().videos.create(prompt="p", extra_body={"lora": "/etc/passwd"})
+    assert (e.value.status_code, e.value.body["param"]) == (400, "lora")
+    assert e.value.body["message"] == ("lora: this server takes no LoRA adapters; start reel serve with --lora-root "
+                                       "URI (REELFORGE_LORA_ROOTS) naming where adapters may come from")
+
+
 def test_mode_requests_are_checked_before_they_are_queued(server):
     client, http = server.sdk(), server.http()
     with pytest.raises(openai.BadRequestError) as e:

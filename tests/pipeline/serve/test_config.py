@@ -10,6 +10,9 @@ def test_config_from_the_environment():
     assert cfg.api_key_sha256 == tuple(sorted(key_hash(k) for k in "ab"))
     assert ServeConfig.from_env({"REELFORGE_ALLOW_PRIVATE_URLS": "0"}).allow_private_urls is False
     assert ServeConfig.from_env({}, max_queued=9).max_queued == 9
+    roots = ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/loras, /srv/loras/,"}).lora_roots
+    assert roots == ("s3://b/loras/", "/srv/loras")
+    assert ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/x"}, lora_roots=["/a"]).lora_roots == ("/a",)
 
 
 def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
@@ -19,3 +22,11 @@ def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
     monkeypatch.delenv("REELFORGE_API_KEY_FILE", raising=False)
     assert main(["serve", "--model", "tiny"]) == 2
     assert "no API key" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_lora_root_no_prefix_can_judge(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("REEL_API_KEYS", "k")
+    assert main(["serve", "--model", "tiny", "--lora-root", "/srv/loras", "--lora-root", "simplecache::s3://b/"]) == 2
+    assert "lora root 'simplecache::s3://b/'" in capsys.readouterr().err

@@ -45,3 +45,29 @@ def test_image_urls_are_fetched_within_limits(tmp_path, png):
             assert e.value.status == 400 and words in e.value.message
     finally:
         httpd.shutdown()
+
+
+def test_lora_uris_resolve_under_the_operator_roots(tmp_path):
+    from pipeline.serve.config import ServeConfig
+    from pipeline.serve.errors import APIError
+    from pipeline.serve.requests import adapters_in_roots
+
+    (tmp_path / "loras").mkdir()
+    cfg = ServeConfig(lora_roots=(str(tmp_path / "loras/"), "S3://bucket/team//"))
+    roots = cfg.lora_roots
+    assert roots == (str(tmp_path / "loras"), "s3://bucket/team/")
+    assert adapters_in_roots("a.safetensors", roots) == [str(tmp_path / "loras" / "a.safetensors")]
+    assert adapters_in_roots('[{"uri": "s3://bucket/team/a.safetensors", "scale": 2}]', roots) == [
+        {"uri": "s3://bucket/team/a.safetensors", "scale": 2}]
+    assert adapters_in_roots({"uri": "sub/../b.safetensors"}, roots) == [{"uri": str(tmp_path / "loras/b.safetensors")}]
+    assert adapters_in_roots(f"file://{tmp_path}/loras/c", roots) == [str(tmp_path / "loras" / "c")]
+    for none in (None, "", []):
+        assert adapters_in_roots(none, ()) == none
+    assert adapters_in_roots("[not json", ()) == "[not json"  # the manifest's message names it
+    for uri in ("s3://bucket/team/%2e%2e/x", "s3://bucket/teamx/a", "gs://bucket/team/a", "../a"):
+        with pytest.raises(APIError, match="is not under a LoRA root"):
+            adapters_in_roots(uri, roots)
+    with pytest.raises(APIError, match="this server takes no LoRA adapters; start reel serve with --lora-root"):
+        adapters_in_roots("s3://bucket/team/a", ())
+    with pytest.raises(ValueError, match="lora root"):
+        ServeConfig(lora_roots=("simplecache::s3://bucket/",))

@@ -7,6 +7,7 @@ One app for the module (Serve start-up is slow on 2 cores); every render is 32x3
 
 import dataclasses
 import hashlib
+import os
 import socket
 import warnings
 
@@ -61,8 +62,10 @@ def wan_server(ray_session, wan_folders, tmp_path_factory):
     from pipeline.serve.config import ServeConfig, key_hash
 
     root = tmp_path_factory.mktemp("serve-wan")
+    (root / "loras").mkdir()
     cfg = ServeConfig(model=wan_folders["wan21"], out=str(root / "out"), store=str(root / "jobs.sqlite"),
-                      api_key_sha256=(key_hash(KEY),), poll_after_ms=100, graceful_shutdown_s=1)
+                      api_key_sha256=(key_hash(KEY),), poll_after_ms=100, graceful_shutdown_s=1,
+                      lora_roots=(str(root / "loras"), "s3://adapters/loras/"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -112,12 +115,12 @@ def test_create_poll_and_download_a_wan_clip_with_the_openai_client(wan_server, 
     assert meta["frames_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
 
 
-def test_a_lora_extra_field_applies_the_adapter_and_a_missing_one_is_refused(wan_server, wan_folders, tmp_path):
+def test_a_lora_extra_field_applies_an_adapter_under_the_lora_root(wan_server, wan_folders, tmp_path):
     from models.interface import LoraAdapter
     from tests.conftest import write_wan_lora
 
-    folder = wan_folders["wan21"]
-    path = write_wan_lora(tmp_path / "style.safetensors", folder, seed=1)
+    folder, root = wan_folders["wan21"], wan_server.cfg.lora_roots[0]
+    path = write_wan_lora(f"{root}/style.safetensors", folder, seed=1)
     client = wan_server.sdk()
     # one adapter as an object (the SDK sends a form: lora[uri], lora[scale]); a list goes as JSON text in a form
     created = client.videos.create(prompt=PROMPT, **SMALL, extra_body={
@@ -130,9 +133,34 @@ def test_a_lora_extra_field_applies_the_adapter_and_a_missing_one_is_refused(wan
                                                       steps=2, guidance=5.0, lora=(LoraAdapter(path, 0.6),)))
     assert meta["frames_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
 
-    r = wan_server.http().post("/v1/videos", json={"prompt": PROMPT, **SMALL, "lora": str(tmp_path / "none")})
-    error = r.json()["error"]
-    assert (r.status_code, error["param"], error["message"]) == (400, "lora", f"lora: file not found: {tmp_path}/none")
+    r = wan_server.http().post("/v1/videos", json={"prompt": PROMPT, **SMALL, "lora": "none.safetensors"})
+    error = r.json()["error"]  # relative: under the first root
+    assert (r.status_code, error["param"]) == (400, "lora")
+    assert error["message"] == f"lora: file not found: {root}/none.safetensors"
+
+
+def test_a_lora_outside_the_roots_is_refused_before_it_is_looked_up(wan_server, wan_folders, tmp_path):
+    from tests.conftest import write_wan_lora
+
+    root = wan_server.cfg.lora_roots[0]
+    outside = write_wan_lora(tmp_path / "outside.safetensors", wan_folders["wan21"], seed=1)
+    os.symlink(outside, f"{root}/link.safetensors")
+    os.symlink(tmp_path, f"{root}/linked-dir")
+    client = wan_server.sdk()
+    for lora in (outside, f"{root}/../{os.path.basename(root)}-x/a.safetensors", "../outside.safetensors",
+                 "link.safetensors", f"{root}/linked-dir/outside.safetensors", "/etc/passwd",
+                 f"file://{outside}", "s3://other-bucket/loras/a.safetensors", "s3://adapters/loras/../a.safetensors",
+                 "s3://adapters/loras-x/a.safetensors", "simplecache::s3://adapters/loras/a.safetensors"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.videos.create(prompt=PROMPT, **SMALL, extra_body={"lora": {"uri": lora, "scale": 0.5}})
+        error = e.value.body
+        assert (error["param"], error["code"]) == ("lora", "invalid_value"), (lora, error)
+        assert "is not under a LoRA root this server allows" in error["message"] and "--lora-root" in error["message"]
+        assert "\n" not in error["message"]
+    inside = write_wan_lora(f"{root}/inside.safetensors", wan_folders["wan21"], seed=2)
+    r = wan_server.http().post("/v1/videos", json={"prompt": PROMPT, **SMALL, "lora": [inside, outside]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "lora")  # a list: every adapter is checked
+    assert r.json()["error"]["message"].startswith(f"lora: {outside} is not under a LoRA root")
 
 
 def test_vllm_omni_names_are_aliases_of_ours(wan_server):
