@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import fsspec
+from models.store import store_fs
 
 CACHE_DIR = Path(os.environ.get("REELFORGE_CACHE", Path.home() / ".cache" / "reelforge"))
 #: the file inside a copy that says it is complete: the listing it was copied from
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def local_model_dir(uri: str, what: str = "model") -> str:
     """A local folder holding the model at `uri` (a local path, or a cached copy of a remote
     folder). Raises FileNotFoundError ("{what} folder not found: {uri}") when there is none."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_fs(uri)
     if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         if not fs.isdir(path):
             raise FileNotFoundError(f"{what} folder not found: {uri}")

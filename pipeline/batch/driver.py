@@ -77,6 +77,7 @@ class RunSummary:
     exit_code: int = EXIT_OK
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
+    report_error: str | None = None  # why errors/ and run.json could not be written (the store is down)
 
 
 def render_manifest(cfg: RenderConfig) -> RunSummary:
@@ -118,7 +119,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}
-    done = _completed_requests(cfg.out) if cfg.resume else {}
+    done = _completed_requests(cfg.out, cfg.resume)
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
     if summary.skipped:
@@ -152,8 +153,12 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.failed = len(summary.errors)
     summary.exit_code = EXIT_ROWS_FAILED if summary.failed else EXIT_OK
     summary.wall_seconds = time.perf_counter() - t_start
-    _write_errors(cfg.out, summary)
-    _write_run_json(cfg, summary, started, model, recaptioner, layout)
+    try:
+        _write_errors(cfg.out, summary)
+        _write_run_json(cfg, summary, started, model, recaptioner, layout)
+    except Exception as e:  # the store went away mid-run: the reasons go to stderr instead, all of them
+        summary.report_error = f"cannot write errors/ and run.json to {cfg.out}: {one_line(e, show_type=True)}"
+        summary.exit_code = EXIT_ROWS_FAILED
     return summary
 
 
@@ -161,9 +166,16 @@ def _has_media(spec: ClipSpec) -> bool:
     return bool(spec.image or spec.image_end or spec.video or spec.video_end)
 
 
-def _completed_requests(out: str) -> dict[str, str]:
-    """id → request hash of every clip whose metadata (written last) exists under `out`."""
-    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "request_sha256"])
+def _completed_requests(out: str, resume: bool) -> dict[str, str]:
+    """id → request hash of every clip whose metadata (written last) exists under `out` (nothing
+    without `resume`). An output store that cannot be reached or read is a UsageError (exit 2)
+    before anything renders, with or without resume."""
+    try:
+        storage.check_reachable(out)
+        table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=["id", "request_sha256"]) \
+            if resume else None
+    except Exception as e:  # botocore, aiohttp, OSError, pyarrow: whatever the store's client raises
+        raise UsageError(f"cannot read --out {out}: {one_line(e, show_type=True)}") from None
     if table is None:
         return {}
     return dict(zip(table.column("id").to_pylist(), table.column("request_sha256").to_pylist()))
