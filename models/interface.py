@@ -25,7 +25,7 @@ from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConf
 from models.errors import UserError
 from models.files import local_model_dir
 from models.render_types import DTYPES, MODES, GridLimits, ModelInfo, RenderOutput, RenderRequest, VideoGenerator
-from models.store import STORE_OPTIONS, store_options
+from models.store import store_options
 from models.wan.folder import (
     WanFolder,
     check_wan_layout,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "DTYPES", "MODEL_RECAPTIONERS", "MODES", "STORE_OPTIONS", "RenderOutput", "RenderRequest", "UserError",
+           "DTYPES", "MODEL_RECAPTIONERS", "MODES", "RenderOutput", "RenderRequest", "UserError",
            "VideoGenerator",
            "check_layout", "check_load_options", "check_model_layout", "describe_model", "is_wan_folder",
            "join_render_group", "load_config", "load_generator", "local_model_dir", "model_layout",

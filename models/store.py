@@ -1,9 +1,9 @@
 """How every object-store client reelforge makes talks to its store: one set of fsspec options per
-protocol, shared by `models/` (model folders, configs, weights) and `pipeline/storage.py` (manifests,
+protocol (`store_options`), shared by `models/` (model folders, configs, weights) and `pipeline/storage.py` (manifests,
 outputs, Ray Data's pyarrow filesystems) through `models.interface`.
 
 S3 (s3fs over aiobotocore) retries in botocore's *standard* mode: up to `S3_MAX_ATTEMPTS` attempts
-per request with exponential backoff and jitter (1, 2, 4, 8 … s, at most 20 s) on throttling
+per request (AWS_MAX_ATTEMPTS), with exponential backoff and jitter (1, 2, 4, 8 … s, at most 20 s) on throttling
 (503 SlowDown), 5xx answers, connection resets, refused connections and timeouts. s3fs adds its own
 retries on top for SlowDown and timeouts. Every write is a single PUT of a whole object, so a
 retried PUT either lands whole or not at all: retries never leave a partial object at a final key.
@@ -12,23 +12,27 @@ The cost: a store that is down for good takes about half a minute per request to
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fsspec
 from fsspec.core import split_protocol
 
-#: attempts per S3 request (the first one counted), botocore's standard retry mode
+#: attempts per S3 request (the first one counted) unless AWS_MAX_ATTEMPTS says otherwise
 S3_MAX_ATTEMPTS = 6
-_S3 = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
-                         "connect_timeout": 5, "read_timeout": 30}}
-#: fsspec storage options by protocol, for every client of an object store
-STORE_OPTIONS: dict[str, dict[str, Any]] = {"s3": _S3, "s3a": _S3}
 
 
 def store_options(uri: str) -> dict[str, Any]:
-    """The fsspec storage options for `uri`'s protocol (empty for local paths and other stores)."""
+    """The fsspec storage options for `uri`'s protocol (empty for local paths and other stores).
+
+    The standard AWS_RETRY_MODE (standard, adaptive) and AWS_MAX_ATTEMPTS override the defaults,
+    read on each call (botocore gives an explicit Config precedence over them otherwise)."""
     protocol, _ = split_protocol(str(uri))
-    return STORE_OPTIONS.get(protocol or "file", {})
+    if protocol not in ("s3", "s3a"):
+        return {}
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)}
+    return {"config_kwargs": {"retries": retries, "connect_timeout": 5, "read_timeout": 30}}
 
 
 def store_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.core import split_protocol
 
-from models.interface import STORE_OPTIONS
+from models.interface import store_options
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,8 +64,8 @@ _ENV_KEYS = (
 # re-lists `metadata/` to resume. s3fs/gcsfs keep a listings cache unless told not to. Retries with
 # backoff (botocore's standard mode) are the store options models/ uses too (models/store.py).
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "s3": {**STORE_OPTIONS["s3"], "use_listings_cache": False},
-    "s3a": {**STORE_OPTIONS["s3a"], "use_listings_cache": False},
+    "s3": {"use_listings_cache": False},
+    "s3a": {"use_listings_cache": False},
     "gs": {"use_listings_cache": False},
     "gcs": {"use_listings_cache": False},
 }
@@ -114,7 +114,7 @@ def is_local(uri: str) -> bool:
 
 
 def _filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-    opts = {**_DEFAULT_OPTIONS.get(protocol, {}), **options}
+    opts = {**store_options(f"{protocol}://"), **_DEFAULT_OPTIONS.get(protocol, {}), **options}
     env = tuple(os.environ.get(k) for k in _ENV_KEYS)
     key = (protocol, json.dumps(opts, sort_keys=True, default=repr), env, os.getpid())
     with _cache_lock:
@@ -321,9 +321,8 @@ def check_reachable(uri: str) -> None:
         return
     protocol = _protocol(uri)
     options = {}
-    if "config_kwargs" in _DEFAULT_OPTIONS.get(protocol, {}):
-        options["config_kwargs"] = {**_DEFAULT_OPTIONS[protocol]["config_kwargs"],
-                                    "retries": {"mode": "standard", "max_attempts": 2}}
+    if "config_kwargs" in (usual := store_options(uri)):
+        options["config_kwargs"] = {**usual["config_kwargs"], "retries": {"mode": "standard", "max_attempts": 2}}
     fs, path = resolve(uri, **options)
     try:
         fs.ls(path, detail=False)
