@@ -44,6 +44,7 @@ class FlakyStore:
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.seed, self.max_in_a_row, self.stall_seconds = rate, seed, max_in_a_row, stall_seconds
         self.counts: collections.Counter[str] = collections.Counter()  # "requests", "forwarded", and each fault
+        self.puts: collections.Counter[str] = collections.Counter()  # answered 200, by path
         self._seen: collections.Counter[str] = collections.Counter()
         self._in_a_row: collections.Counter[str] = collections.Counter()
         self._down_after: tuple[str, int] | None = None
@@ -135,6 +136,8 @@ class FlakyStore:
                 self.counts["forwarded"] += 1
                 if fault == "reset_after":
                     return _reset(writer)
+                if method == "PUT" and answer.startswith(b"HTTP/1.1 200"):
+                    self.puts[target.split("?", 1)[0]] += 1
                 writer.write(answer)
                 await writer.drain()
                 if method == "PUT" and self._down_after and self._down_after[0] in target \

@@ -13,7 +13,6 @@ Ray workers reach S3 only through the proxy, as a user's shell with AWS_ENDPOINT
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import storage
+from tests.exactly_once import check_outputs
 from tests.flaky_store import FlakyStore
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -59,18 +59,6 @@ def reel(*args: str, endpoint: str, timeout: float = 400, **env: str) -> subproc
 def write_manifest(uri: str, manifest_rows: list[dict]) -> str:
     storage.write_bytes_atomic(uri, "".join(json.dumps(r) + "\n" for r in manifest_rows).encode())
     return uri
-
-
-def check_outputs(out: str, ids: list[str]) -> list[dict]:
-    """One metadata row per id, and every video at its final key whole; returns the metadata rows."""
-    table = storage.read_parquet_dataset(storage.join(out, "metadata"))
-    meta = table.to_pylist() if table is not None else []
-    assert sorted(m["id"] for m in meta) == sorted(ids)
-    assert storage.list_names(storage.join(out, "metadata")) == sorted(f"{i}.parquet" for i in ids)
-    for m in meta:
-        video = storage.read_bytes(m["video_uri"])
-        assert len(video) == m["bytes"] and hashlib.sha256(video).hexdigest() == m["video_sha256"], m["id"]
-    return meta
 
 
 def test_twenty_rows_through_a_flaky_store_render_once_each(flaky, bucket):
