@@ -131,3 +131,24 @@ def test_a_model_folder_read_through_a_flaky_store_is_the_folder(flaky, bucket, 
         assert (copy / rel).read_bytes() == (folder / rel).read_bytes(), rel
     faults = sum(v for k, v in flaky.counts.items() if k not in ("requests", "forwarded"))
     assert faults >= 2, flaky.counts
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_an_unreachable_output_is_exit_2_in_one_line(s3_server, bucket, tmp_path, monkeypatch, capsys, resume):
+    from bench.serve_soak import free_port
+    from pipeline.cli import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(rows(1)[0]) + "\n")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    t0 = time.perf_counter()
+    code = main(["render", str(manifest), "--out", f"s3://{bucket}/renders", "--model", MODEL, "--no-progress",
+                 *([] if resume else ["--no-resume"])])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"reel render: cannot read --out s3://{bucket}/renders: EndpointConnectionError: ")
+    assert time.perf_counter() - t0 < 30  # 2 attempts, not the usual backoff
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    code = main(["render", str(manifest), "--out", "s3://no-such-bucket-here/renders", "--model", MODEL])
+    err = capsys.readouterr().err
+    assert code == 2 and "no bucket 'no-such-bucket-here'" in err and len(err.strip().splitlines()) == 1, err
