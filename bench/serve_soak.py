@@ -202,11 +202,12 @@ class Load:
 
 def upload_probe(server: ServeProcess, mb: int = 50) -> dict:
     """POST a `mb` MB multipart upload in 1 MB chunks (chunked transfer: no Content-Length to refuse it
-    by), stopping as soon as an answer arrives: the answer's status, the MB sent by then, and the API
-    ingress's RSS before and after."""
+    by), stopping as soon as an answer arrives: the answer's status, the MB sent by then (the socket
+    buffers on both sides and the Serve proxy's hold several MB before the ingress's answer comes
+    back), and the RSS of the API ingress and the Serve proxy before and after."""
     import select
 
-    before = server.rss_by_level().get("api ingress", 0.0)
+    before = server.rss_by_level()
     boundary = "soakboundary"
     head = (f"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -230,9 +231,10 @@ def upload_probe(server: ServeProcess, mb: int = 50) -> dict:
         except OSError:
             pass
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None
-    after = server.rss_by_level().get("api ingress", 0.0)
-    return {"status": status, "sent_mb": sent, "of_mb": mb, "ingress_rss_mb_before": round(before, 1),
-            "ingress_rss_mb_after": round(after, 1)}
+    after = server.rss_by_level()
+    return {"status": status, "sent_mb": sent, "of_mb": mb,
+            **{f"{level.replace(' ', '_')}_rss_mb_{when}": round(rss.get(level, 0.0), 1)
+               for level in ("api ingress", "serve proxy") for when, rss in (("before", before), ("after", after))}}
 
 
 def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
