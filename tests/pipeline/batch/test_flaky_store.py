@@ -28,6 +28,8 @@ from tests.flaky_store import FlakyStore
 
 ROOT = Path(__file__).resolve().parents[3]
 
+pytestmark = pytest.mark.faults
+
 MODEL = "default"
 PROMPTS = ["a red ball moves right on black", "a blue square drifts left", "a white circle falls",
            "a green square moves up"]

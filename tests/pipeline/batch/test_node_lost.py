@@ -24,7 +24,7 @@ from tests.exactly_once import check_outputs
 from tests.flaky_store import FlakyStore
 from tests.pipeline.batch.test_cluster_job import Cluster, _nodes
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(400)]
 
 ROOT = Path(__file__).resolve().parents[3]
 ROWS = [{"id": f"n{i}", "prompt": "a red ball moves right on black", "seed": i, "width": 32, "height": 32,

@@ -20,7 +20,7 @@ from bench.serve_soak import soak
 from pipeline import storage
 from tests.flaky_store import FlakyStore
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
