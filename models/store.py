@@ -24,6 +24,8 @@ S3_MAX_ATTEMPTS = 6
 
 def store_options(uri: str) -> dict[str, Any]:
     """The fsspec storage options for `uri`'s protocol (empty for local paths and other stores).
+    `total_max_attempts` counts the first attempt, as AWS_MAX_ATTEMPTS does (botocore's Config
+    `max_attempts` would count retries only).
 
     The standard AWS_RETRY_MODE (standard, adaptive) and AWS_MAX_ATTEMPTS override the defaults,
     read on each call (botocore gives an explicit Config precedence over them otherwise)."""
@@ -31,7 +33,7 @@ def store_options(uri: str) -> dict[str, Any]:
     if protocol not in ("s3", "s3a"):
         return {}
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
-               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)}
+               "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)}
     return {"config_kwargs": {"retries": retries, "connect_timeout": 5, "read_timeout": 30}}
 
 

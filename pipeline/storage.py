@@ -322,7 +322,7 @@ def check_reachable(uri: str) -> None:
     protocol = _protocol(uri)
     options = {}
     if "config_kwargs" in (usual := store_options(uri)):
-        options["config_kwargs"] = {**usual["config_kwargs"], "retries": {"mode": "standard", "max_attempts": 2}}
+        options["config_kwargs"] = {**usual["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 2}}
     fs, path = resolve(uri, **options)
     try:
         fs.ls(path, detail=False)

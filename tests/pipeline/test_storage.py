@@ -285,9 +285,9 @@ def test_every_s3_client_retries_in_standard_mode_and_the_aws_settings_override_
     from models.store import store_fs
 
     for fs in (storage.resolve("s3://any-bucket/x")[0], store_fs("s3://any-bucket/x")[0]):
-        assert fs.config_kwargs["retries"] == {"mode": "standard", "max_attempts": 6}
+        assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 6}
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
     for fs in (storage.resolve("s3://any-bucket/x")[0], store_fs("s3://any-bucket/x")[0]):
-        assert fs.config_kwargs["retries"] == {"mode": "adaptive", "max_attempts": 3}
+        assert fs.config_kwargs["retries"] == {"mode": "adaptive", "total_max_attempts": 3}
     assert storage.resolve("/tmp/x")[0].protocol[0] == "file"  # local paths take no store options
