@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from models.errors import UserError
+from models.store import store_fs, store_open
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_FILE = "config.json"  # the file looked for when a spec names a folder
@@ -387,7 +386,7 @@ def resolve_config_path(spec: str) -> str:
         return str(CONFIG_DIR / f"{spec}.json")
     if spec.endswith(".json"):
         return spec
-    fs, p = fsspec.core.url_to_fs(spec)
+    fs, p = store_fs(spec)
     if fs.isdir(p):
         return join_uri(spec, CONFIG_FILE)
     if fs.isfile(p):
@@ -451,7 +450,7 @@ def _read_layered(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"config 'base' chain loops: {' -> '.join(seen + (path,))}")
     try:
-        with fsspec.open(path, "r") as f:
+        with store_open(path, "r") as f:
             raw = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import fsspec
+from models.store import store_fs
 
 CACHE_DIR = Path(os.environ.get("REELFORGE_CACHE", Path.home() / ".cache" / "reelforge"))
 #: the file inside a copy that says it is complete: the listing it was copied from
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 def local_model_dir(uri: str, what: str = "model") -> str:
     """A local folder holding the model at `uri` (a local path, or a cached copy of a remote
     folder). Raises FileNotFoundError ("{what} folder not found: {uri}") when there is none."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_fs(uri)
     if _is_local(fs):
         if not fs.isdir(path):
             raise FileNotFoundError(f"{what} folder not found: {uri}")
@@ -73,7 +73,7 @@ def local_model_dir(uri: str, what: str = "model") -> str:
 def local_model_file(uri: str, what: str = "file") -> str:
     """A local path holding the file at `uri` (a local path as it is, or a cached copy of a remote
     file, made as `local_model_dir` makes folders). FileNotFoundError ("{what} not found: {uri}")."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_fs(uri)
     version = _file_entry(fs, path)
     if version is None:
         raise FileNotFoundError(f"{what} not found: {uri}")
@@ -98,7 +98,7 @@ def local_model_file(uri: str, what: str = "file") -> str:
 def file_version(uri: str) -> list | None:
     """[size, version] of the file at `uri` (version: its ETag, generation or modification time, as
     `folder_listing` takes them): what changes when the file is replaced; None when there is no file."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_fs(uri)
     return _file_entry(fs, path)
 
 

@@ -35,6 +35,7 @@ from models.render_types import (
     RenderRequest,
     VideoGenerator,
 )
+from models.store import store_options
 from models.wan.folder import (
     WanFolder,
     check_wan_layout,
@@ -53,7 +54,7 @@ __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelCon
            "RenderRequest", "UserError",
            "VideoGenerator", "check_layout", "check_load_options", "check_model_layout", "describe_model",
            "file_version", "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
-           "lora_records", "model_layout", "model_recaptioner"]
+           "lora_records", "model_layout", "model_recaptioner", "store_options"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,

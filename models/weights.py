@@ -16,7 +16,6 @@ import hashlib
 import os
 import uuid
 
-import fsspec
 import torch
 import torch.nn as nn
 from safetensors.torch import load as st_load
@@ -25,6 +24,7 @@ from safetensors.torch import save as st_save
 from models.config import ModelConfig
 from models.dit import VideoDiT
 from models.errors import UserError
+from models.store import store_fs, store_open
 from models.vae import VideoAutoencoder
 
 
@@ -55,7 +55,7 @@ def save_weights(state_dict: dict[str, torch.Tensor] | nn.Module, uri: str,
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
     data = serialize(state_dict, metadata)
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_fs(uri)
     if _is_local(fs):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -74,7 +74,7 @@ def load_weights(uri: str, expected_sha256: str | None = None) -> tuple[dict[str
     Raises WeightsError when the file is missing or unreadable, or its sha256 is not the expected one.
     """
     try:
-        with fsspec.open(uri, "rb") as f:
+        with store_open(uri, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise WeightsError(f"weights not found: {uri}") from None
@@ -127,7 +127,7 @@ def weights_sha256(config: ModelConfig) -> str:
     if config.weights_sha256:
         return config.weights_sha256.lower()
     try:
-        with fsspec.open(config.weights, "rb") as f:
+        with store_open(config.weights, "rb") as f:
             return sha256_bytes(f.read())
     except FileNotFoundError:
         raise WeightsError(f"weights not found: {config.weights}") from None

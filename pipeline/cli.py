@@ -146,9 +146,12 @@ def _render(args: argparse.Namespace) -> int:
     line = (f"rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
             f"of {summary.rows} rows in {summary.wall_seconds:.1f} s → {args.out}")
     print(line, file=sys.stderr)
-    for err in summary.errors[:10]:
+    if summary.report_error:  # errors/ was not written: every row's reason goes here
+        print(f"reel render: {summary.report_error}", file=sys.stderr)
+    shown = summary.errors if summary.report_error else summary.errors[:10]
+    for err in shown:
         print(f"  row {err.row} ({err.id or '-'}) {err.stage}: {err.reason}", file=sys.stderr)
-    if len(summary.errors) > 10:
+    if len(summary.errors) > len(shown):
         print(f"  … {len(summary.errors) - 10} more in {args.out}/errors/", file=sys.stderr)
     return summary.exit_code
 

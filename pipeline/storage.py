@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.core import split_protocol
 
+from models.interface import store_options
+
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KEY_PATTERN", "validate_key", "resolve", "join", "write_bytes_atomic", "write_json_atomic",
     "write_parquet_atomic", "read_bytes", "exists", "delete", "list_names", "read_parquet_dataset",
-    "arrow_filesystem", "is_local",
+    "arrow_filesystem", "is_local", "check_reachable",
 ]
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -59,7 +61,8 @@ _ENV_KEYS = (
     "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS",
 )
 # Listings must be fresh: other processes (Ray workers) write under the same prefixes, and a run
-# re-lists `metadata/` to resume. s3fs/gcsfs keep a listings cache unless told not to.
+# re-lists `metadata/` to resume. s3fs/gcsfs keep a listings cache unless told not to. Retries with
+# backoff (botocore's standard mode) are the store options models/ uses too (models/store.py).
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "s3": {"use_listings_cache": False},
     "s3a": {"use_listings_cache": False},
@@ -111,7 +114,7 @@ def is_local(uri: str) -> bool:
 
 
 def _filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-    opts = {**_DEFAULT_OPTIONS.get(protocol, {}), **options}
+    opts = {**store_options(f"{protocol}://"), **_DEFAULT_OPTIONS.get(protocol, {}), **options}
     env = tuple(os.environ.get(k) for k in _ENV_KEYS)
     key = (protocol, json.dumps(opts, sort_keys=True, default=repr), env, os.getpid())
     with _cache_lock:
@@ -307,6 +310,26 @@ def _children(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
             continue
         out.append({**e, "name": name})
     return out
+
+
+def check_reachable(uri: str) -> None:
+    """Raise (an OSError, a botocore error, ...) when the store holding `uri` cannot be listed: an
+    endpoint that refuses connections, a missing bucket's neighbour errors, bad credentials. A folder
+    that does not exist yet is fine. Asked with 2 attempts, not the usual retries, so a wrong endpoint
+    is reported in about a second rather than after half a minute of backoff."""
+    if is_local(uri):
+        return
+    protocol = _protocol(uri)
+    options = {}
+    if "config_kwargs" in (usual := store_options(uri)):
+        options["config_kwargs"] = {**usual["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 2}}
+    fs, path = resolve(uri, **options)
+    try:
+        fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        bucket = path.split("/", 1)[0]
+        if protocol in _OBJECT_STORES and bucket != path and not fs.exists(bucket):
+            raise FileNotFoundError(f"no bucket {bucket!r} at {protocol}://") from None
 
 
 def list_names(prefix_uri: str, suffix: str | None = None) -> list[str]:

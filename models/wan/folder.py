@@ -29,11 +29,10 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-import fsspec
-
 from models.config import LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.errors import UserError
 from models.render_types import GridLimits, ModelInfo
+from models.store import store_fs
 from models.wan.digest import weights_digest
 
 MODEL_INDEX = "model_index.json"
@@ -162,7 +161,7 @@ def is_wan_folder(spec) -> bool:
     if not isinstance(spec, (str, os.PathLike)):
         return False
     try:
-        fs, path = fsspec.core.url_to_fs(str(spec))
+        fs, path = store_fs(str(spec))
         return fs.isfile(posixpath.join(path.rstrip("/"), MODEL_INDEX))
     except (OSError, ValueError, ImportError):
         return False

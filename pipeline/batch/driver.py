@@ -84,6 +84,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: the counts are what finished before it
+    report_error: str | None = None  # why errors/ and run.json could not be written (the store is down)
 
 
 def render_manifest(cfg: RenderConfig) -> RunSummary:
@@ -130,7 +131,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}
-    done = _completed_requests(cfg.out, cfg) if cfg.resume else {}
+    done = _completed_requests(cfg.out, cfg.resume, cfg)
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
     if summary.skipped:
@@ -175,8 +176,12 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
                          else EXIT_ROWS_FAILED if summary.failed else EXIT_OK)
     summary.wall_seconds = time.perf_counter() - t_start
     with _stop_signals(ignore=True):  # a second Ctrl-C must not cut errors/ or run.json short
-        _write_errors(cfg.out, summary)
-        _write_run_json(cfg, summary, started, model, recaptioner, layout)
+        try:
+            _write_errors(cfg.out, summary)
+            _write_run_json(cfg, summary, started, model, recaptioner, layout)
+        except Exception as e:  # the store went away mid-run: the reasons go to stderr instead, all of them
+            summary.report_error = f"cannot write errors/ and run.json to {cfg.out}: {one_line(e, show_type=True)}"
+            summary.exit_code = EXIT_ROWS_FAILED
     return summary
 
 
@@ -221,16 +226,22 @@ def _has_media(spec: ClipSpec) -> bool:
     return bool(spec.image or spec.image_end or spec.video or spec.video_end)
 
 
-def _completed_requests(out: str, cfg: RenderConfig | None = None) -> dict[str, str]:
-    """id → request hash of every clip complete under `out`: its metadata (written last) exists and
-    so do its files, the video (or still) with the byte count the metadata recorded. A video
-    deleted or truncated under kept metadata is not complete: the clip renders again. The sizes
-    come from one listing per folder, so checking costs no request per clip."""
+def _completed_requests(out: str, resume: bool, cfg: RenderConfig | None = None) -> dict[str, str]:
+    """id → request hash of every clip complete under `out` (nothing without `resume`): its metadata
+    (written last) exists and so do its files, the video (or still) with the byte count the metadata
+    recorded. A video deleted or truncated under kept metadata is not complete: the clip renders again.
+    The sizes come from one listing per folder, so checking costs no request per clip. An output store
+    that cannot be reached or read is a UsageError (exit 2) before anything renders, with or without resume."""
     columns = ["id", "request_sha256", "video_uri", "image_uri", "thumbnail_uri", "bytes"]
-    table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=columns)
-    if table is None:
-        return {}
-    listed = {folder: storage.list_sizes(storage.join(out, folder)) for folder in ("videos", "images", "thumbnails")}
+    try:
+        storage.check_reachable(out)
+        table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=columns) if resume else None
+        if table is None:
+            return {}
+        listed = {folder: storage.list_sizes(storage.join(out, folder))
+                  for folder in ("videos", "images", "thumbnails")}
+    except Exception as e:  # botocore, aiohttp, OSError, pyarrow: whatever the store's client raises
+        raise UsageError(f"cannot read --out {out}: {one_line(e, show_type=True)}") from None
     done, broken = {}, 0
     for row in table.to_pylist():
         media = row["video_uri"] or row["image_uri"] or ""

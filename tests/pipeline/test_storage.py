@@ -278,3 +278,16 @@ def test_s3_arrow_filesystem_pickles(bucket):
     with fs.open_output_stream(f"{bucket}/m/b.bin") as f:
         f.write(b"hi")
     assert storage.read_bytes(f"s3://{bucket}/m/b.bin") == b"hi"
+
+
+def test_every_s3_client_retries_in_standard_mode_and_the_aws_settings_override_it(s3_server, monkeypatch):
+    """The pipeline's filesystems and models/' (model folders, configs, weights) get one retry config."""
+    from models.store import store_fs
+
+    for fs in (storage.resolve("s3://any-bucket/x")[0], store_fs("s3://any-bucket/x")[0]):
+        assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 6}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    for fs in (storage.resolve("s3://any-bucket/x")[0], store_fs("s3://any-bucket/x")[0]):
+        assert fs.config_kwargs["retries"] == {"mode": "adaptive", "total_max_attempts": 3}
+    assert storage.resolve("/tmp/x")[0].protocol[0] == "file"  # local paths take no store options

@@ -58,10 +58,10 @@ def _wait_port(host, port, proc, timeout):
 
 
 class Cluster:
-    """Head (1 CPU, dashboard + Jobs API) and one worker node (1 CPU, resource `encode`)."""
+    """Head (`cpus` CPUs, dashboard + Jobs API) and one worker node (`cpus` CPUs, resource `encode`)."""
 
-    def __init__(self, env):
-        self.env = env
+    def __init__(self, env, cpus: int = 1):
+        self.env, self.cpus = env, cpus
         self.temp_dir = tempfile.mkdtemp(prefix="rfc-", dir="/tmp")  # short: Unix socket paths max ~107 chars
         self.procs: list[subprocess.Popen] = []
         self.ip = "127.0.0.1"
@@ -85,13 +85,13 @@ class Cluster:
         self.address = f"{self.ip}:{gcs}"
         self.dashboard = f"http://{self.ip}:{dashboard}"
         head = self._start(list(map(str, [
-            "--head", "--node-ip-address", self.ip, "--port", gcs, "--num-cpus", 1, "--num-gpus", 0,
+            "--head", "--node-ip-address", self.ip, "--port", gcs, "--num-cpus", self.cpus, "--num-gpus", 0,
             "--include-dashboard", "true", "--dashboard-host", self.ip, "--dashboard-port", dashboard,
             "--ray-client-server-port", client, "--temp-dir", self.temp_dir,
             "--object-store-memory", 256 << 20, *self._node_ports()])), "head")
         _wait_port(self.ip, dashboard, head, 60)
         self._start(list(map(str, [
-            "--address", self.address, "--node-ip-address", self.ip, "--num-cpus", 1, "--num-gpus", 0,
+            "--address", self.address, "--node-ip-address", self.ip, "--num-cpus", self.cpus, "--num-gpus", 0,
             "--resources", json.dumps({"encode": 1}), "--object-store-memory", 256 << 20,
             *self._node_ports()])), "worker")
 

@@ -152,10 +152,12 @@ def test_a_group_the_cluster_cannot_hold_is_refused_in_one_line(ray_session, tmp
                    "the Ray cluster has 2 CPU")
 
 
-def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], done, timeout: float = 900) -> None:
+def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], done, timeout: float = 900,
+                                               written: dict[str, int] | None = None) -> None:
     """SIGKILL the render actor (Ray titles its process "ray::MapWorker(MapBatches(RenderUDF))…") once
-    the first MP4 is in storage; records how many MP4s there were then. Gives up when `done` (an
-    Event) is set, i.e. the run ended, however slow the machine."""
+    the first MP4 is in storage; records how many MP4s there were then (and in `written` their inode
+    numbers: a clip rendered again after the kill is written anew, under a new inode). Gives up when
+    `done` (an Event) is set, i.e. the run ended, however slow the machine."""
     import signal
 
     import psutil
@@ -168,6 +170,8 @@ def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], don
                 if "RenderUDF" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)
                     killed.append(len(videos))
+                    if written is not None:
+                        written.update({v.name: v.stat().st_ino for v in videos})
                     return
         time.sleep(0.1)
 
@@ -188,8 +192,10 @@ def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, 
 
     out = tmp_path / "out"
     killed: list[int] = []
+    written: dict[str, int] = {}
     done = threading.Event()
-    killer = threading.Thread(target=kill_the_render_actor_after_the_first_clip, args=(out, killed, done))
+    killer = threading.Thread(target=kill_the_render_actor_after_the_first_clip, args=(out, killed, done),
+                              kwargs={"written": written})
     killer.start()
     t0 = time.perf_counter()
     try:
@@ -211,7 +217,10 @@ def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, 
     assert [(g["state"], list(g["bundles"].values())) for g in groups] == [("REMOVED", [{"CPU": 0.25}] * 2)]
 
     meta = pq.read_table(out / "metadata").to_pylist()
-    assert sorted(m["id"] for m in meta) == ["ball", "wide"]
+    assert sorted(m["id"] for m in meta) == ["ball", "wide"] and {m["run_id"] for m in meta} == {run["run_id"]}
+    # exactly once: the clip complete before the kill was not rendered again (its MP4 never rewritten)
+    assert len(written) == 1 and all((out / "videos" / name).stat().st_ino == ino for name, ino in written.items())
+    assert not list((out / "videos").glob(".*.tmp"))  # no temp file left by the killed group
     diffs = {}
     for m in meta:
         request = RenderRequest(caption=m["caption"], negative_caption=m["negative_prompt"], width=m["width"],
