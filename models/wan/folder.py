@@ -13,6 +13,8 @@ repositories hold:
     vae/               config.json + diffusion_pytorch_model[.safetensors | shards]
     text_encoder/      config.json + model[.safetensors | shards] (UMT5EncoderModel)
     tokenizer/         the tokenizer's files;  scheduler/  scheduler_config.json
+    reelforge.json     optional, reelforge's own (long clips): {"max_frames": 4k+1, "window_frames": 4k+1,
+                       "context_frames": 4k}
 
 Everything a folder lacks or gets wrong (no model_index.json, another pipeline class, a missing
 component, a missing or truncated weight shard) is a `WanFolderError`, one line saying what is wrong
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -62,14 +64,21 @@ class Defaults:
 
 
 #: Per variant: diffusers' `WanPipeline.__call__` defaults (832x480, 81 frames, 50 steps, guidance 5)
-#: at Wan 2.1's 16 fps; TI2V-5B at its own 1280x704, 121 frames, 24 fps. `frames` is also the longest
-#: clip the variant accepts (the length it was trained at).
+#: at Wan 2.1's 16 fps; TI2V-5B at its own 1280x704, 121 frames, 24 fps. `frames` is also the window a
+#: long clip is sampled in (the length the variant was trained at).
 VARIANT_DEFAULTS = {
     "wan2.1-t2v": Defaults(832, 480, 81, 16, 50, 5.0),
     "wan2.2-a14b": Defaults(832, 480, 81, 16, 50, 5.0),
     "wan2.2-ti2v": Defaults(1280, 704, 121, 24, 50, 5.0),
 }
-MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
+#: up to 1920x1088 (1080p on the 16- and 32-pixel grids); past 1280x720 the VAE decodes in tiles (vae_decode.py)
+MAX_SIZE, MAX_PIXELS = 1920, 1920 * 1088
+#: reelforge's own settings a folder may carry beside diffusers' files, and the keys it may set: the longest
+#: clip (`max_frames`, default `DEFAULT_MAX_SECONDS` at the variant's fps), the frames sampled at once
+#: (`window_frames`, default the variant's trained length) and the frames each window of a long clip shares
+#: with the one before (`context_frames`, default `DEFAULT_CONTEXT_LATENTS` latent frames)
+SETTINGS_FILE, SETTINGS_KEYS = "reelforge.json", ("max_frames", "window_frames", "context_frames")
+DEFAULT_MAX_SECONDS, DEFAULT_CONTEXT_LATENTS = 20, 5
 #: what a text-to-video checkpoint renders: text→video, stills (one frame) and remixes (SDEdit); it
 #: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
 WAN_T2V_MODES = ("t2v", "image", "remix")
@@ -95,6 +104,7 @@ class WanFolder:
     transformer_config: dict  # of the first transformer present (both share the shapes)
     weight_files: tuple[str, ...]  # every safetensors file, relative to `path`, sorted
     source: str = ""  # the path or URI given; "" for `path`
+    settings: dict = field(default_factory=dict)  # reelforge.json's keys (`SETTINGS_KEYS`), checked
 
     def __post_init__(self):
         if not self.source:
@@ -192,12 +202,37 @@ def read_wan_folder(path: str, name: str | None = None, source: str | None = Non
     configs = {c: _read_json(os.path.join(path, c, "config.json"), where, path, source)
                for c in (*transformers, "vae")}
     _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where, path, source)
-    return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
+    settings = {}
+    if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
+        settings = _read_json(os.path.join(path, SETTINGS_FILE), where, path, source)
+    return check_settings(WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
                      transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
                      scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
                      transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)),
-                     source=source)
+                     source=source, settings=settings))
+
+
+def check_settings(folder: WanFolder) -> WanFolder:
+    """`folder`, once its reelforge.json is a JSON object of known keys with values the grid takes:
+    `window_frames` 4k+1 from 5 frames; `max_frames` 4k+1 and at least the window; `context_frames` a multiple
+    of 4 that leaves each window something new."""
+    where, s = f"Wan folder {folder.source}: {SETTINGS_FILE}", folder.settings
+    if not isinstance(s, dict) or set(s) - set(SETTINGS_KEYS):
+        raise WanFolderError(f"{where} must be a JSON object with keys among {', '.join(SETTINGS_KEYS)}")
+    for key, v in s.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise WanFolderError(f"{where}: {key}={v!r} must be a whole number of frames")
+    window, ft = s.get("window_frames", VARIANT_DEFAULTS[folder.variant].frames), folder.temporal_factor
+    if (window - 1) % ft or window < 1 + ft:
+        raise WanFolderError(f"{where}: window_frames={window} must be 1 + a multiple of {ft}, at least {1 + ft}")
+    if "max_frames" in s and ((s["max_frames"] - 1) % ft or s["max_frames"] < window):
+        raise WanFolderError(f"{where}: max_frames={s['max_frames']} must be 1 + a multiple of {ft}, at least the "
+                             f"window of {window} frames")
+    if "context_frames" in s and (s["context_frames"] % ft or not 0 < s["context_frames"] < window - 1):
+        raise WanFolderError(f"{where}: context_frames={s['context_frames']} must be a multiple of {ft} in "
+                             f"{ft}..{window - 1 - ft} (the frames each window shares with the one before)")
+    return folder
 
 
 def component_weight_files(path: str, component: str, source: str | None = None) -> list[str]:
@@ -247,14 +282,20 @@ def check_safetensors(file: str, where: str) -> None:
 
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
-    VAE keeps the first frame on its own), the variant's defaults, the text-to-video modes."""
+    VAE keeps the first frame on its own), the variant's defaults, the text-to-video modes. A clip
+    longer than the window (the variant's frames, or reelforge.json's) is sampled in windows sharing
+    `context_frames` (models/wan/windows.py), up to `max_frames` (reelforge.json, default 20 s at the
+    variant's fps)."""
     d = VARIANT_DEFAULTS[folder.variant]
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
     return GridLimits(
         size_multiple=size_multiple, min_size=size_multiple, max_size=MAX_SIZE // size_multiple * size_multiple,
-        max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1, max_frames=d.frames,
-        window_frames=d.frames, context_frames=0, min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
+        max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1,
+        max_frames=folder.settings.get("max_frames", DEFAULT_MAX_SECONDS * d.fps + 1),
+        window_frames=folder.settings.get("window_frames", d.frames),
+        context_frames=folder.settings.get("context_frames", DEFAULT_CONTEXT_LATENTS * ft),
+        min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
         modes=WAN_T2V_MODES,

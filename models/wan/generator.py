@@ -28,6 +28,11 @@ One model spread over a process group (sp x tp x cfg ranks: USP self-attention, 
 ranks, `models/wan/parallel.py`) is the same generator with `parallel` and `group` given: every rank
 calls `generate` with the same requests and gets the same frames back (each rank decodes them).
 
+Long and large clips: a request past the window (the variant's frames) is sampled in windows, each held to
+the latents of the one before (`models/wan/windows.py`), up to the folder's `max_frames`; a clip past one
+window or 1280x720 is decoded in tiles and time chunks, the tiles spread over the group's ranks
+(`models/wan/vae_decode.py`: diffusers' tiled decode, frame for frame).
+
 Modes: text→video; a still is a one-frame request (`frames=1`, what `WanPipeline(num_frames=1)`
 gives); a remix (`init_frames` with `strength`) is `WanVideoToVideoPipeline.__call__`'s SDEdit: the
 video preprocessed as diffusers does, encoded (the latent distribution's mode), normalised, noised
@@ -63,6 +68,8 @@ from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.wan.components import load_components
 from models.wan.folder import WanFolder, check_wan_layout, wan_grid_limits, wan_layer_widths, wan_model_info
 from models.wan.parallel import guided_prediction
+from models.wan.vae_decode import UNTILED_MAX_PIXELS, WanTiledDecoder
+from models.wan.windows import ContextHold, sample_long
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
@@ -112,6 +119,9 @@ class WanVideoGenerator:
     def check(self, request: RenderRequest) -> None:
         """The grid's rules; no given frames (a text-to-video checkpoint: `limits.modes`)."""
         self.limits.check(request)
+        if request.init_frames is not None and request.frames > self.limits.window_frames:
+            raise ValueError(f"a remix is sampled in one window: at most {self.limits.window_frames} frames, "
+                             f"got {request.frames}")
         if request.cond_frames is not None:
             raise ValueError(f"{self.info.name} takes no given frames (image→video, extension, interpolation, "
                              f"storyboards): it renders {', '.join(self.limits.modes)}")
@@ -131,7 +141,8 @@ class WanVideoGenerator:
         cond = self.encode_text(r.caption).to(self.transformer_dtype)
         uncond = self.encode_text(r.negative_caption).to(self.transformer_dtype) if cfg else None
         t1 = self._now()
-        latents = self.sample(r, cond, uncond)
+        long = r.frames > self.limits.window_frames
+        latents = sample_long(self, r, cond, uncond) if long else self.sample(r, cond, uncond)
         t2 = self._now()
         frames = self.decode(latents)
         return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2})
@@ -153,9 +164,11 @@ class WanVideoGenerator:
         channels = f.transformer_config.get("in_channels", 16)
         return (1, channels, (r.frames - 1) // f.temporal_factor + 1, r.height // fs, r.width // fs)
 
-    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None,
+               context: torch.Tensor | None = None) -> torch.Tensor:
         """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`), or from the
-        request's video noised to its strength (`WanVideoToVideoPipeline`)."""
+        request's video noised to its strength (`WanVideoToVideoPipeline`). `context`: latents the first
+        latent frames are held to (a long clip's window after the first: `ContextHold`)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -169,7 +182,10 @@ class WanVideoGenerator:
         ratio = self.folder.boundary_ratio
         boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
         guidance_2 = r.guidance if r.guidance_2 is None else r.guidance_2
+        hold = None if context is None else ContextHold(context, latents, scheduler)
         for t in timesteps:
+            if hold is not None:
+                latents = hold.before_step(latents, t)
             if boundary is None or t >= boundary:  # Wan 2.1, or the high-noise expert of Wan 2.2 A14B
                 model, guidance = self.transformer, r.guidance
             else:
@@ -179,7 +195,7 @@ class WanVideoGenerator:
             timestep = self._timestep(t, latents)
             pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-        return latents
+        return latents if hold is None else hold.after_sampling(latents)
 
     def noised_video_latents(self, r: RenderRequest, scheduler, timestep: torch.Tensor,
                              generator: torch.Generator) -> torch.Tensor:
@@ -203,12 +219,24 @@ class WanVideoGenerator:
         return tokens.flatten().unsqueeze(0).expand(latents.shape[0], -1)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 frames (T, H, W, 3) of one request's latents."""
+        """uint8 frames (T, H, W, 3) of one request's latents: the VAE's decode (`WanPipeline`'s) for a clip of
+        one window up to 1280x720, else its tiled decode in chunks, spread over the group's ranks."""
         latents = latents.to(self.device, dtype=self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.dtype)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
-        frames = self.video_processor.postprocess_video(video, output_type="np")[0]  # (T, H, W, 3) in [0, 1]
-        return frames_to_uint8(frames)
+        z = latents / inv_std + mean
+        _, _, t, h, w = z.shape
+        fs, ft = self.folder.spatial_factor, self.folder.temporal_factor
+        if (t - 1) * ft + 1 <= self.limits.window_frames and h * w * fs * fs <= UNTILED_MAX_PIXELS:
+            video = self.vae.decode(z, return_dict=False)[0]
+            return frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])
+        group = None
+        if self.mesh is not None:  # the replica's group (None there: the default world)
+            group = torch.distributed.group.WORLD if self.mesh.group is None else self.mesh.group
+        frames = np.empty(((t - 1) * ft + 1, h * fs, w * fs, 3), dtype=np.uint8)
+        for start, video in WanTiledDecoder(self.vae, group).iter_decode(z):
+            chunk = frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])
+            frames[start:start + len(chunk)] = chunk
+        return frames
 
     def _latent_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel latent mean and 1 / std, shaped (1, C, 1, 1, 1), as diffusers builds them."""

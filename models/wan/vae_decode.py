@@ -33,11 +33,14 @@ import torch.distributed as dist
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
+#: the largest frame (pixels) `WanVideoGenerator` decodes whole, as `WanPipeline` does; larger ones in tiles
+UNTILED_MAX_PIXELS = 1280 * 720
+
 
 class WanTiledDecoder:
     """A Wan VAE's tiled decode, streamed in chunks of `chunk` latent frames, its tiles spread over `group`.
 
-    `group`: the ranks that share the work (None: this process alone; a group of one rank is the same).
+    `group`: the ranks that share the work (None: this process alone, whatever group it is in).
     Every rank of the group must call `iter_decode` / `decode` with the same latents.
     """
 
@@ -46,7 +49,7 @@ class WanTiledDecoder:
             raise ValueError(f"chunk={chunk} must be at least one latent frame")
         self.vae, self.chunk = vae, chunk
         self.group = group
-        self.world = dist.get_world_size(group) if group is not None or dist.is_initialized() else 1
+        self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if self.world > 1 else 0
         self.cache_size = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size or 1
