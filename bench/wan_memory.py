@@ -1,6 +1,6 @@
 """Peak memory per rank of a Wan replica at 1920x1088 x 20 s, as the group grows: 1, 2 and 4 ranks on this CPU (gloo).
 
-    python bench/wan_memory.py [--ranks 1 2 4] [--chunks 3] [--width 128] [--patch 8]
+    python bench/wan_memory.py [--ranks 1 2 4] [--chunks 3] [--width 128] [--patch 8] [--together]
 
 The clip is Wan 2.1's at 1080p: 20 s at 16 fps = 321 frames, latents (1, 16, 81, 136, 240) (the real VAE's
 8x space, 4x time, 16 channels; 1080 padded to 1088), sampled in windows of 81 frames (21 latent frames,
@@ -126,16 +126,21 @@ def rank_main(args) -> None:
     dist.destroy_process_group()
 
 
-def run_group(args, world: int, out: Path) -> list[dict]:
+def start_group(args, world: int, out: Path) -> list[subprocess.Popen]:
+    """The `world` rank processes of one group, started."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
            "MALLOC_MMAP_THRESHOLD_": "65536"}
     common = [f"--width={args.width}", f"--patch={args.patch}", f"--chunks={args.chunks}"]
-    procs = [subprocess.Popen([sys.executable, __file__, *common, f"--rank={r}", f"--world={world}",
-                               f"--port={port}", f"--out={out}"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    return [subprocess.Popen([sys.executable, __file__, *common, f"--rank={r}", f"--world={world}",
+                              f"--port={port}", f"--out={out}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def finish_group(procs: list[subprocess.Popen], out: Path) -> list[dict]:
+    """The group's per-rank records, once its processes are done."""
     logs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit("a rank failed:\n" + "\n".join(log[-3000:] for log in logs))
@@ -148,6 +153,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=3, help="decode chunks (latent frames) measured")
     p.add_argument("--width", type=int, default=128, help="the transformer's channels (4 heads)")
     p.add_argument("--patch", type=int, default=8, help="the transformer's spatial patch size")
+    p.add_argument("--together", action="store_true", help="run the groups at the same time")
     p.add_argument("--rank", type=int)
     p.add_argument("--world", type=int)
     p.add_argument("--port", type=int)
@@ -158,11 +164,18 @@ def main() -> None:
     import tempfile
 
     rows = []
-    for world in args.ranks:
-        with tempfile.TemporaryDirectory() as out:
-            records = run_group(args, world, Path(out))
-        print(json.dumps(records), flush=True)
-        rows.append((world, records))
+    with tempfile.TemporaryDirectory() as root:
+        outs = {world: Path(root, str(world)) for world in args.ranks}
+        groups = {}
+        for world in args.ranks:  # all at once with --together (peaks are per process; times then overlap)
+            outs[world].mkdir()
+            groups[world] = start_group(args, world, outs[world])
+            if not args.together:
+                groups[world] = finish_group(groups[world], outs[world])
+        for world in args.ranks:
+            records = groups[world] if not args.together else finish_group(groups[world], outs[world])
+            print(json.dumps(records), flush=True)
+            rows.append((world, records))
     print(f"\n| ranks | tiles / rank | sample: peak RSS / rank (MB) | decode chunk 1..{args.chunks - 1}: "
           f"peak RSS / rank (MB) | sample (s) | decode chunk (s) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
