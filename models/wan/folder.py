@@ -14,8 +14,9 @@ repositories hold:
     text_encoder/      config.json + model[.safetensors | shards] (UMT5EncoderModel)
     image_encoder/     Wan 2.1 I2V / FLF2V (`WanImageToVideoPipeline`): CLIPVisionModel, + image_processor/
     tokenizer/         the tokenizer's files;  scheduler/  scheduler_config.json
-    reelforge.json     optional: {"default_steps": 4, "default_guidance": 1.0}, the sampling a few-step
-                       distilled checkpoint was made for (diffusers ignores the file)
+    reelforge.json     optional, reelforge's own: {"default_steps": 4, "default_guidance": 1.0} (the sampling a
+                       few-step distill was made for), {"max_frames": 4k+1, "window_frames": 4k+1,
+                       "context_frames": 4k} (long clips); diffusers ignores the file
 
 Everything a folder lacks or gets wrong (no model_index.json, another pipeline class, a missing
 component, a missing or truncated weight shard) is a `WanFolderError`, one line saying what is wrong
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.config import LayerWidths, ParallelConfig, ParallelConfigError, check_layout
 from models.errors import UserError
@@ -69,14 +70,23 @@ class Defaults:
 
 
 #: Per variant: diffusers' `WanPipeline.__call__` defaults (832x480, 81 frames, 50 steps, guidance 5)
-#: at Wan 2.1's 16 fps; TI2V-5B at its own 1280x704, 121 frames, 24 fps. `frames` is also the longest
-#: clip the variant accepts (the length it was trained at).
+#: at Wan 2.1's 16 fps; TI2V-5B at its own 1280x704, 121 frames, 24 fps. `frames` is also the window a
+#: long clip is sampled in (the length the variant was trained at).
 VARIANT_DEFAULTS = {
     "wan2.1-t2v": Defaults(832, 480, 81, 16, 50, 5.0),
     "wan2.2-a14b": Defaults(832, 480, 81, 16, 50, 5.0),
     "wan2.2-ti2v": Defaults(1280, 704, 121, 24, 50, 5.0),
 }
-MAX_SIZE, MAX_PIXELS = 1280, 1280 * 720
+#: up to 1920x1088 (1080p on the 16- and 32-pixel grids); past 1280x720 the VAE decodes in tiles (vae_decode.py)
+MAX_SIZE, MAX_PIXELS = 1920, 1920 * 1088
+#: reelforge's own settings a folder may carry beside diffusers' files, and the keys it may set: the steps and
+#: guidance a row that names none gets (`default_steps`, `default_guidance`: a few-step distill's), the longest
+#: clip (`max_frames`, default `DEFAULT_MAX_SECONDS` at the variant's fps), the frames sampled at once
+#: (`window_frames`, default the variant's trained length) and the frames each window of a long clip shares
+#: with the one before (`context_frames`, default `DEFAULT_CONTEXT_LATENTS` latent frames)
+SETTINGS_FILE = "reelforge.json"
+SETTINGS_KEYS = ("default_steps", "default_guidance", "max_frames", "window_frames", "context_frames")
+DEFAULT_MAX_SECONDS, DEFAULT_CONTEXT_LATENTS = 20, 5
 #: what a text-to-video checkpoint renders: text→video, stills (one frame) and remixes (SDEdit); it
 #: takes no given frames (image→video, extension, interpolation, storyboards need an I2V checkpoint)
 WAN_T2V_MODES = ("t2v", "image", "remix")
@@ -90,8 +100,6 @@ WAN_IMAGE_MODES = {
     "clip-flf2v": ("interpolate",),
 }
 MIN_FPS, MAX_FPS, MAX_STEPS = 1, 60, 200
-#: the folder's own sampling defaults (a few-step distill): steps and guidance a row that names none gets
-FOLDER_DEFAULTS = "reelforge.json"
 
 
 class WanFolderError(UserError):
@@ -113,10 +121,19 @@ class WanFolder:
     transformer_config: dict  # of the first transformer present (both share the shapes)
     weight_files: tuple[str, ...]  # every safetensors file, relative to `path`, sorted
     source: str = ""  # the path or URI given; "" for `path`
-    default_steps: int | None = None  # reelforge.json's, else the variant's
-    default_guidance: float | None = None
     pipeline_class: str = PIPELINE_CLASS
     image_processor: str = ""  # its transformers class, where there are image_encoder/ + image_processor/ (CLIP)
+    settings: dict = field(default_factory=dict)  # reelforge.json's keys (`SETTINGS_KEYS`), checked
+
+    @property
+    def default_steps(self) -> int | None:
+        """reelforge.json's steps (a few-step distill), None: the variant's."""
+        return self.settings.get("default_steps")
+
+    @property
+    def default_guidance(self) -> float | None:
+        guidance = self.settings.get("default_guidance")
+        return None if guidance is None else float(guidance)
 
     def __post_init__(self):
         if not self.source:
@@ -228,38 +245,19 @@ def read_wan_folder(path: str, name: str | None = None, source: str | None = Non
     configs = {c: _read_json(os.path.join(path, c, "config.json"), where, path, source)
                for c in (*transformers, "vae")}
     _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), where, path, source)
-    steps, guidance = _folder_defaults(path, where, source)
     _check_image_parts(where, cls, present, configs, bool(index.get("expand_timesteps", False)))
     if "image_encoder" in present:
         weights += [posixpath.join("image_encoder", f) for f in component_weight_files(path, "image_encoder", source)]
-    return WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
+    settings = {}
+    if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
+        settings = _read_json(os.path.join(path, SETTINGS_FILE), where, path, source)
+    return check_settings(WanFolder(path=path, name=str(index.get("_name_or_path") or name or folder_name(path)),
                      transformers=transformers, boundary_ratio=None if boundary is None else float(boundary),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
                      scheduler_class=index["scheduler"][1], vae_config=configs["vae"],
                      transformer_config=configs[transformers[0]], weight_files=tuple(sorted(weights)),
-                     source=source, default_steps=steps, default_guidance=guidance, pipeline_class=cls,
-                     image_processor=present.get("image_processor", "") if "image_encoder" in present else "")
-
-
-def _folder_defaults(path: str, where: str, source: str) -> tuple[int | None, float | None]:
-    """(default_steps, default_guidance) from the folder's reelforge.json (None: the file or key is absent)."""
-    file = os.path.join(path, FOLDER_DEFAULTS)
-    if not os.path.isfile(file):
-        return None, None
-    values = _read_json(file, where, path, source)
-    unknown = sorted(set(values) - {"default_steps", "default_guidance"}) if isinstance(values, dict) else None
-    if unknown is None or unknown:
-        got = f"keys {', '.join(unknown)}" if unknown else type(values).__name__
-        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} must be an object with default_steps and/or "
-                             f"default_guidance, got {got}")
-    steps, guidance = values.get("default_steps"), values.get("default_guidance")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
-        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} default_steps={steps!r} must be a whole number in "
-                             f"1..{MAX_STEPS}")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-                                 or not 0 <= guidance < 100):
-        raise WanFolderError(f"{where}: {FOLDER_DEFAULTS} default_guidance={guidance!r} must be a number >= 0")
-    return steps, None if guidance is None else float(guidance)
+                     source=source, pipeline_class=cls, settings=settings,
+                     image_processor=present.get("image_processor", "") if "image_encoder" in present else ""))
 
 
 def folder_defaults(folder: WanFolder) -> Defaults:
@@ -268,6 +266,37 @@ def folder_defaults(folder: WanFolder) -> Defaults:
     return Defaults(d.width, d.height, d.frames, d.fps,
                     d.steps if folder.default_steps is None else folder.default_steps,
                     d.guidance if folder.default_guidance is None else folder.default_guidance)
+
+
+def check_settings(folder: WanFolder) -> WanFolder:
+    """`folder`, once its reelforge.json is a JSON object of known keys with values it can take: steps in
+    1..MAX_STEPS, guidance a number;
+    `window_frames` 4k+1 from 5 frames; `max_frames` 4k+1 and at least the window; `context_frames` a multiple
+    of 4 that leaves each window something new."""
+    where, s = f"Wan folder {folder.source}: {SETTINGS_FILE}", folder.settings
+    unknown = sorted(set(s) - set(SETTINGS_KEYS)) if isinstance(s, dict) else None
+    if unknown is None or unknown:
+        got = f"keys {', '.join(unknown)}" if unknown else type(s).__name__
+        raise WanFolderError(f"{where} must be a JSON object with keys among {', '.join(SETTINGS_KEYS)}, got {got}")
+    for key, v in s.items():
+        if key == "default_guidance":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 100:
+                raise WanFolderError(f"{where}: default_guidance={v!r} must be a number in 0..100")
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise WanFolderError(f"{where}: {key}={v!r} must be a whole number"
+                                 + (" of frames" if key.endswith("_frames") else ""))
+    if "default_steps" in s and not 1 <= s["default_steps"] <= MAX_STEPS:
+        raise WanFolderError(f"{where}: default_steps={s['default_steps']} must be in 1..{MAX_STEPS}")
+    window, ft = s.get("window_frames", VARIANT_DEFAULTS[folder.variant].frames), folder.temporal_factor
+    if (window - 1) % ft or window < 1 + ft:
+        raise WanFolderError(f"{where}: window_frames={window} must be 1 + a multiple of {ft}, at least {1 + ft}")
+    if "max_frames" in s and ((s["max_frames"] - 1) % ft or s["max_frames"] < window):
+        raise WanFolderError(f"{where}: max_frames={s['max_frames']} must be 1 + a multiple of {ft}, at least the "
+                             f"window of {window} frames")
+    if "context_frames" in s and (s["context_frames"] % ft or not 0 < s["context_frames"] < window - 1):
+        raise WanFolderError(f"{where}: context_frames={s['context_frames']} must be a multiple of {ft} in "
+                             f"{ft}..{window - 1 - ft} (the frames each window shares with the one before)")
+    return folder
 
 
 def _check_image_parts(where: str, cls: str, present: dict, configs: dict, expand_timesteps: bool) -> None:
@@ -340,18 +369,22 @@ def check_safetensors(file: str, where: str) -> None:
 def wan_grid_limits(folder: WanFolder) -> GridLimits:
     """The requests a Wan folder accepts: sizes on the VAE x patch grid, 4k+1 frames (the causal
     VAE keeps the first frame on its own), the variant's defaults (steps and guidance: the folder's own
-    where reelforge.json gives them), the modes its image conditioning allows, LoRA adapters; a folder that
-    takes a picture carries one frame across a seam (`context_frames`) and takes given frames only at a
-    request's ends (`cond_at_ends`)."""
+    where reelforge.json gives them), the modes its image conditioning allows, LoRA adapters. A clip
+    longer than the window (the variant's frames, or reelforge.json's) is sampled in windows sharing
+    `context_frames` (models/wan/windows.py), up to `max_frames` (reelforge.json, default 20 s at the
+    variant's fps). A folder that takes a picture takes given frames only at a request's ends
+    (`cond_at_ends`), so its extensions carry one frame across a seam (pipeline/stages/modes.py)."""
     image = folder.image_conditioning
     d = folder_defaults(folder)
     size_multiple = folder.spatial_factor * max(folder.patch_size[1:])
     ft = folder.temporal_factor
     return GridLimits(
         size_multiple=size_multiple, min_size=size_multiple, max_size=MAX_SIZE // size_multiple * size_multiple,
-        max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1, max_frames=d.frames,
-        window_frames=d.frames, context_frames=1 if image else 0, min_fps=MIN_FPS, max_fps=MAX_FPS,
-        max_steps=MAX_STEPS,
+        max_pixels=MAX_PIXELS, frame_multiple=ft, frame_offset=1,
+        max_frames=folder.settings.get("max_frames", DEFAULT_MAX_SECONDS * d.fps + 1),
+        window_frames=folder.settings.get("window_frames", d.frames),
+        context_frames=folder.settings.get("context_frames", DEFAULT_CONTEXT_LATENTS * ft),
+        min_fps=MIN_FPS, max_fps=MAX_FPS, max_steps=MAX_STEPS,
         default_width=d.width, default_height=d.height, default_fps=d.fps, default_seconds=d.frames / d.fps,
         default_steps=d.steps, default_guidance=d.guidance, has_guidance_2="transformer_2" in folder.transformers,
         modes=WAN_IMAGE_MODES[image] if image else WAN_T2V_MODES, cond_at_ends=bool(image), takes_lora=True,

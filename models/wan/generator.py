@@ -32,6 +32,11 @@ LoRA: a request's `lora` adapters are loaded by diffusers' `WanLoraLoaderMixin` 
 `set_adapters` before it samples, and unloaded before a request that names others or none
 (`models/wan/lora.py`): the frames are `WanPipeline.load_lora_weights` + `set_adapters`'s.
 
+Long and large clips: a request past the window (the variant's frames) is sampled in windows, each held to
+the latents of the one before (`models/wan/windows.py`), up to the folder's `max_frames`; a clip past one
+window or 1280x720 is decoded in tiles and time chunks, the tiles spread over the group's ranks
+(`models/wan/vae_decode.py`: diffusers' tiled decode, frame for frame).
+
 Modes: text→video; a still is a one-frame request (`frames=1`, what `WanPipeline(num_frames=1)`
 gives); a remix (`init_frames` with `strength`) is `WanVideoToVideoPipeline.__call__`'s SDEdit: the
 video preprocessed as diffusers does, encoded (the latent distribution's mode), normalised, noised
@@ -75,6 +80,8 @@ from models.wan.image_conditioning import ImageConditioning, check_conditioning,
 from models.wan.lora import WanAdapters
 from models.wan.parallel import guided_prediction
 from models.wan.step_cache import WanStepCache
+from models.wan.vae_decode import UNTILED_MAX_PIXELS, WanTiledDecoder
+from models.wan.windows import ContextHold, sample_long
 
 #: text tokens the transformer attends to (WanPipeline's `max_sequence_length`)
 MAX_SEQUENCE_LENGTH = 512
@@ -140,6 +147,12 @@ class WanVideoGenerator:
             raise ValueError(f"lora: LoRA adapters are not applied over tensor parallelism (tp={self.mesh.tp}); "
                              f"render these rows with --tp 1")
         check_conditioning(self.folder.image_conditioning, self.info.name, request, self.limits.modes)
+        if request.init_frames is not None and request.frames > self.limits.window_frames:
+            raise ValueError(f"a remix is sampled in one window: at most {self.limits.window_frames} frames, "
+                             f"got {request.frames}")
+        if request.cond_frames is not None and request.frames > self.limits.window_frames:
+            raise ValueError(f"a clip from given frames is sampled in one window: at most "
+                             f"{self.limits.window_frames} frames, got {request.frames}")
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
@@ -165,7 +178,10 @@ class WanVideoGenerator:
         with contextlib.ExitStack() as hooks:
             for cache in caches.values():
                 hooks.enter_context(cache)
-            latents = self.sample(r, cond, uncond, pictures, caches)
+            if r.frames > self.limits.window_frames:
+                latents = sample_long(self, r, cond, uncond, caches=caches)
+            else:
+                latents = self.sample(r, cond, uncond, pictures, caches)
         t2 = self._now()
         frames = self.decode(latents)
         computed = sum(c.step_cache.steps_computed for c in caches.values()) if caches else None
@@ -205,10 +221,11 @@ class WanVideoGenerator:
 
     def sample(self, r: RenderRequest, cond: torch.Tensor, uncond: torch.Tensor | None,
                pictures: ImageConditioning | None = None,
-               caches: dict[int, WanStepCache] | None = None) -> torch.Tensor:
+               caches: dict[int, WanStepCache] | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
         """The denoised latents (fp32) of one request: from the seed's noise (`WanPipeline`; with `pictures`
         `WanImageToVideoPipeline`), or from the request's video noised to its strength (`WanVideoToVideoPipeline`);
-        `caches`: `step_caches`'."""
+        `caches`: `step_caches`'. `context`: latents the first latent frames are held to (a long clip's window
+        after the first: `ContextHold`)."""
         caches = caches or {}
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
@@ -223,7 +240,10 @@ class WanVideoGenerator:
         ratio = self.folder.boundary_ratio
         boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
         guidance_2 = r.guidance if r.guidance_2 is None else r.guidance_2
+        hold = None if context is None else ContextHold(context, latents, scheduler)
         for t in timesteps:
+            if hold is not None:
+                latents = hold.before_step(latents, t)
             if boundary is None or t >= boundary:  # Wan 2.1, or the high-noise expert of Wan 2.2 A14B
                 model, guidance = self.transformer, r.guidance
             else:
@@ -240,6 +260,8 @@ class WanVideoGenerator:
                 cache.step_cache.start_step()
             pred = guided_prediction(model, x, timestep, cond, uncond, guidance, self.mesh, states, cache)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        if hold is not None:
+            latents = hold.after_sampling(latents)
         return latents if pictures is None else pictures.finish(latents)
 
     def noised_video_latents(self, r: RenderRequest, scheduler, timestep: torch.Tensor,
@@ -264,12 +286,24 @@ class WanVideoGenerator:
         return tokens.flatten().unsqueeze(0).expand(latents.shape[0], -1)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 frames (T, H, W, 3) of one request's latents."""
+        """uint8 frames (T, H, W, 3) of one request's latents: the VAE's decode (`WanPipeline`'s) for a clip of
+        one window up to 1280x720, else its tiled decode in chunks, spread over the group's ranks."""
         latents = latents.to(self.device, dtype=self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.dtype)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
-        frames = self.video_processor.postprocess_video(video, output_type="np")[0]  # (T, H, W, 3) in [0, 1]
-        return frames_to_uint8(frames)
+        z = latents / inv_std + mean
+        _, _, t, h, w = z.shape
+        fs, ft = self.folder.spatial_factor, self.folder.temporal_factor
+        if (t - 1) * ft + 1 <= self.limits.window_frames and h * w * fs * fs <= UNTILED_MAX_PIXELS:
+            video = self.vae.decode(z, return_dict=False)[0]
+            return frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])
+        group = None
+        if self.mesh is not None:  # the replica's group (None there: the default world)
+            group = torch.distributed.group.WORLD if self.mesh.group is None else self.mesh.group
+        frames = np.empty(((t - 1) * ft + 1, h * fs, w * fs, 3), dtype=np.uint8)
+        for start, video in WanTiledDecoder(self.vae, group).iter_decode(z):
+            chunk = frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])
+            frames[start:start + len(chunk)] = chunk
+        return frames
 
     def _latent_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel latent mean and 1 / std, shaped (1, C, 1, 1, 1), as diffusers builds them."""

@@ -147,7 +147,9 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
     A model that takes given frames only at a request's ends: `_between_ends`."""
     if limits.cond_at_ends and after is not None:
         return _between_ends(run, base, limits, before, after)
-    fm, ctx = limits.frame_multiple, limits.context_frames or limits.frame_multiple
+    # a model that takes given frames only at a request's ends carries one frame across the seam
+    fm = limits.frame_multiple
+    ctx = 1 if limits.cond_at_ends else limits.context_frames or fm
     head = before[-ctx:] if before is not None else before
     tail = after[:ctx] if after is not None else after
     pre = limits.frames_at_least(len(head)) if head is not None else 0
@@ -170,7 +172,7 @@ def _between(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | 
 def _between_ends(run, base: RenderRequest, limits: GridLimits, before: np.ndarray | None,
                   after: np.ndarray) -> np.ndarray:
     """`_between` on a model that takes given frames only as a request's first and last frame (an
-    image-to-video Wan checkpoint; `limits.context_frames` is 1, so a forward extension is `_between`'s
+    image-to-video Wan checkpoint; `_between` carries one frame across the seam, so a forward extension is its
     own: the clip's last frame opens the request). Between two clips: the first's last frame opens the
     request, the second's first frame closes it (first-and-last-frame conditioning), and the new part is
     the frames between, `base.frames` rounded up to the grid less the two ends (so up to 3 frames more

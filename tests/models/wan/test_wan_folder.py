@@ -106,7 +106,7 @@ def test_describe_model_reads_configs_and_the_digest_only(wan_folders):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code, wan_folders["ti2v"]], capture_output=True, text=True, env=env,
                          check=True).stdout
-    assert out.split("\n")[0] == "Tiny-ti2v-Diffusers 121 []"
+    assert out.split("\n")[0] == "Tiny-ti2v-Diffusers 481 []"
 
 
 def test_the_digest_is_of_the_weight_files_and_cached(folder, wan_folders, monkeypatch):

@@ -66,14 +66,15 @@ def test_limits_info_and_refusals(generators, wan_folders):
     assert (limits.default_width, limits.default_height, limits.default_fps, limits.default_steps,
             limits.default_guidance, limits.frame_multiple, limits.frame_offset, limits.size_multiple) == (
         832, 480, 16, 50, 5.0, 4, 1, 16)
-    assert limits.frames_for(limits.default_seconds, limits.default_fps) == 81 == limits.max_frames
+    assert limits.frames_for(limits.default_seconds, limits.default_fps) == 81 == limits.window_frames
+    assert limits.max_frames == 321  # 20 s at 16 fps, in windows (models/wan/windows.py)
     ti2v = generators["ti2v"].limits
-    assert (ti2v.default_width, ti2v.default_height, ti2v.max_frames, ti2v.default_fps, ti2v.size_multiple) == (
-        1280, 704, 121, 24, 32)
+    assert (ti2v.default_width, ti2v.default_height, ti2v.window_frames, ti2v.max_frames, ti2v.default_fps,
+            ti2v.size_multiple) == (1280, 704, 121, 481, 24, 32)
     assert generators["a14b"].limits.has_guidance_2 and not limits.has_guidance_2
 
     with pytest.raises(ValueError, match=r"^frames=8 is not on the model's grid; nearest allowed is 9 "
-                                         r"\(1 \+ a multiple of 4, from 1 to 81\)$"):
+                                         r"\(1 \+ a multiple of 4, from 1 to 321\)$"):
         gen.generate([dataclasses.replace(REQUEST, frames=8)])
     with pytest.raises(ValueError, match="^guidance_2 is for a model with a low-noise expert"):
         gen.generate([dataclasses.replace(REQUEST, guidance_2=2.0)])

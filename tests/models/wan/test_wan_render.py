@@ -26,15 +26,18 @@ def _cli_env(tmp_path) -> dict[str, str]:
 def test_reel_render_a_wan_folder(wan_folders, tmp_path):
     folder = wan_folders["wan21"]
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "wan-clip", "prompt": "a red circle moves right", "width": 32,
-                                    "height": 32, "frames": 5, "steps": 2, "seed": 3}) + "\n")
+    # and a row past the 81-frame window: two windows of 21 latent frames (models/wan/windows.py)
+    manifest.write_text("".join(json.dumps({"id": name, "prompt": "a red circle moves right", "width": 32,
+                                            "height": 32, "frames": frames, "steps": 2, "seed": 3}) + "\n"
+                                for name, frames in (("wan-clip", 5), ("wan-long", 85))))
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", str(manifest), "--out", str(out),
                           "--model", folder, "--no-progress"], capture_output=True, text=True, env=_cli_env(tmp_path),
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
 
-    [meta] = pads.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
+    meta, long = sorted(pads.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist(),
+                        key=lambda m: m["id"])
     info = describe_model(folder)[0]
     assert meta["model"] == {"name": "Tiny-wan21-Diffusers", "version": "diffusers",
                              "weights_sha256": info.weights_sha256}
@@ -43,7 +46,10 @@ def test_reel_render_a_wan_folder(wan_folders, tmp_path):
     assert meta["seconds"] == 5 / 16 and meta["guidance"] == 5.0
     video = probe_mp4((out / "videos" / "wan-clip.mp4").read_bytes())
     assert (video["width"], video["height"], video["frames"]) == (32, 32, 5)
-    assert json.loads((out / "run.json").read_text())["counts"]["rendered"] == 1
+    assert (long["id"], long["frames"], long["seconds"]) == ("wan-long", 85, 85 / 16)
+    video = probe_mp4((out / "videos" / "wan-long.mp4").read_bytes())
+    assert (video["width"], video["height"], video["frames"]) == (32, 32, 85)
+    assert json.loads((out / "run.json").read_text())["counts"]["rendered"] == 2
 
 
 def test_a_layout_a_wan_folder_cannot_take_is_refused_before_ray_starts(wan_folders, tmp_path, capsys):

@@ -184,11 +184,11 @@ def test_vllm_omni_names_are_aliases_of_ours(wan_server):
     ({"guidance": 5, "guidance_scale": 1.5}, "guidance_scale", "guidance=5 and guidance_scale=1.5 disagree"),
     ({"frames": 5, "num_frames": 9}, "num_frames", "frames=5 and num_frames=9 disagree"),
     ({"frames": 6}, "frames", "frames=6 is not on the model's grid; nearest allowed is 5 "
-                              "(1 + a multiple of 4, from 1 to 81)"),
+                              "(1 + a multiple of 4, from 1 to 321)"),
     ({"num_frames": 8}, "frames", "frames=8 is not on the model's grid; nearest allowed is 9"),
-    ({"frames": 85}, "frames", "frames=85 is not on the model's grid; nearest allowed is 81"),
+    ({"frames": 325}, "frames", "frames=325 is not on the model's grid; nearest allowed is 321"),
     ({"seconds": "0.3"}, "seconds", "seconds='0.3' is not a length this model renders: multiples of 0.25 s up to "
-                                    "5 s (at 16 fps, 1 + 4k frames: N s renders N x 16 + 1)"),
+                                    "20 s (at 16 fps, 1 + 4k frames: N s renders N x 16 + 1)"),
     ({"seconds": "0.25", "frames": 5}, "frames", "give seconds or frames, not both"),
     ({"fps": 0, "frames": 5}, "fps", "fps=0 is outside"),
 ])
