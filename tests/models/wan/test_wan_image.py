@@ -97,7 +97,7 @@ def test_folders_say_what_they_render(image_folders):
     assert modes == {"i2v": ("i2v", "extend"), "flf2v": ("interpolate",), "i2v-a14b": ("i2v", "extend", "interpolate"),
                      "ti2v": ("t2v", "image", "remix", "i2v", "extend", "storyboard")}
     limits = describe_model(image_folders["i2v"][0])[1]
-    assert (limits.context_frames, limits.cond_at_ends) == (1, True)
+    assert limits.cond_at_ends  # one frame across a seam (pipeline/stages/modes.py), whatever its long-clip context
     folder = read_wan_folder(image_folders["i2v"][0])
     assert (folder.image_conditioning, folder.pipeline_class) == ("clip", "WanImageToVideoPipeline")
     assert any(f.startswith("image_encoder/") for f in folder.weight_files)  # in the digest
