@@ -5,6 +5,8 @@
 Both sides recaption, sample, encode and write every row to a local folder. The pipeline's time
 counts everything after `ray.init` (actor start-up and model load included); the loop's counts
 its model load too. Ray's own start-up is printed apart. Target: pipeline ≥ 0.9 × loop.
+`pace` says where each side's time went: the first clip's arrival (model loads, actor start-up)
+and the steady clips per second after it (from the metadata files' times).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ def bare_loop(manifest: str, out: str, model: str) -> float:
     return time.perf_counter() - t0
 
 
+def pace(out: str, start: float, seconds: float) -> dict[str, float]:
+    """Where a side's time went: the first clip's arrival (start-up: model loads, actor starts)
+    and the clips per second after it (the steady pace), from the metadata files' times."""
+    done = sorted(p.stat().st_mtime - start for p in Path(out, "metadata").glob("*.parquet"))
+    steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else float("nan")
+    return {"first_clip_s": round(done[0], 2), "steady_clips_per_s": round(steady, 3),
+            "last_clip_s": round(done[-1], 2), "total_s": round(seconds, 2)}
+
+
 def stage_medians(out: str) -> dict[str, float]:
     """Median seconds per stage over the clips written under `out` (from their metadata)."""
     from pipeline import storage
@@ -90,29 +101,40 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
     return elapsed, startup
 
 
+def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict:
+    """The loop, then the pipeline, on the same rows; their times, paces and stage medians."""
+    loop_out, pipe_out = f"{tmp}/loop{n}", f"{tmp}/pipeline{n}"
+    loop_start = time.time()
+    loop_s = bare_loop(manifest, loop_out, args.model)
+    pipe_s, startup_s = pipeline(manifest, pipe_out, args.model, args.replicas, args.threads, args.cpus_per_replica)
+    pipe_start = time.time() - pipe_s  # render_manifest's start (ray.init excluded)
+    return {
+        "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
+        "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
+        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3), "ray_init_seconds": round(startup_s, 2),
+        "pace": {"loop": pace(loop_out, loop_start, loop_s), "pipeline": pace(pipe_out, pipe_start, pipe_s)},
+        "median_stage_seconds": {"loop": stage_medians(loop_out), "pipeline": stage_medians(pipe_out)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--model", default="default")
     parser.add_argument("--replicas", type=int, help="render replicas (default: reel render's)")
     parser.add_argument("--threads", type=int, help="torch threads per replica (default: reel render's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of loop-then-pipeline (on a shared machine: compare within a round)")
     parser.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (default: reel render's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         manifest = f"{tmp}/bench.parquet"
         pq.write_table(pa.Table.from_pylist(manifest_rows(args.rows)), manifest)
-        loop_s = bare_loop(manifest, f"{tmp}/loop", args.model)
-        pipe_s, startup_s = pipeline(manifest, f"{tmp}/pipeline", args.model, args.replicas, args.threads,
-                                     args.cpus_per_replica)
-        medians = {"loop": stage_medians(f"{tmp}/loop"), "pipeline": stage_medians(f"{tmp}/pipeline")}
-    result = {
-        "rows": args.rows, "model": args.model, "cpus": os.cpu_count(),
-        "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
-        "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
-        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3), "ray_init_seconds": round(startup_s, 2),
-        "median_stage_seconds": medians,
-    }
+        rounds = [one_round(tmp, manifest, args, n) for n in range(args.repeat)]
+    ratios = [r["ratio_pipeline_over_loop"] for r in rounds]
+    result = {"rows": args.rows, "model": args.model, "cpus": os.cpu_count(), "rounds": rounds,
+              "median_ratio_pipeline_over_loop": round(statistics.median(ratios), 3)}
     print(json.dumps(result, indent=2))
 
 
