@@ -71,6 +71,57 @@ def pace(out: str, start: float, seconds: float) -> dict[str, float]:
             "last_clip_s": round(done[-1], 2), "total_s": round(seconds, 2)}
 
 
+class CpuMeter:
+    """CPU seconds spent by this process and everything it started (Ray's raylet, GCS and workers,
+    their ffmpeg children), by process title, sampled every half second while running: where a
+    side's CPU went, which on a shared machine says more than its wall time does."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.base = self._own()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _own(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _sample(self) -> None:
+        import psutil
+
+        for proc in self.me.children(recursive=True):
+            try:
+                t = proc.cpu_times()
+                title = " ".join(proc.cmdline()[:1]) or proc.name()
+            except psutil.Error:
+                continue
+            title = title.rsplit("/", 1)[-1]
+            for kind in ("RecaptionUDF", "InputsUDF", "RenderUDF", "WriteUDF", "default_worker"):
+                if kind in title:
+                    title = kind
+            self.seen[proc.pid] = (title, t.user + t.system + t.children_user + t.children_system)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self._sample()
+
+    def done(self) -> dict[str, float]:
+        self._sample()
+        self.stop.set()
+        self.thread.join()
+        totals: dict[str, float] = {"driver": self._own() - self.base}
+        for title, seconds in self.seen.values():
+            totals[title] = totals.get(title, 0.0) + seconds
+        totals = {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        return {"total": round(sum(totals.values()), 1), **totals}
+
+
 def stage_medians(out: str) -> dict[str, float]:
     """Median seconds per stage over the clips written under `out` (from their metadata)."""
     from pipeline import storage
@@ -104,15 +155,18 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
 def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict:
     """The loop, then the pipeline, on the same rows; their times, paces and stage medians."""
     loop_out, pipe_out = f"{tmp}/loop{n}", f"{tmp}/pipeline{n}"
-    loop_start = time.time()
+    loop_start, meter = time.time(), CpuMeter()
     loop_s = bare_loop(manifest, loop_out, args.model)
+    loop_cpu, meter = meter.done(), CpuMeter()
     pipe_s, startup_s = pipeline(manifest, pipe_out, args.model, args.replicas, args.threads, args.cpus_per_replica)
+    pipe_cpu = meter.done()
     pipe_start = time.time() - pipe_s  # render_manifest's start (ray.init excluded)
     return {
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
         "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
         "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3), "ray_init_seconds": round(startup_s, 2),
         "pace": {"loop": pace(loop_out, loop_start, loop_s), "pipeline": pace(pipe_out, pipe_start, pipe_s)},
+        "cpu_seconds": {"loop": loop_cpu, "pipeline": pipe_cpu},
         "median_stage_seconds": {"loop": stage_medians(loop_out), "pipeline": stage_medians(pipe_out)},
     }
 
