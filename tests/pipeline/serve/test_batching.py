@@ -84,7 +84,7 @@ def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_frames(ba
         meta = storage.read_parquet_dataset(storage.join(meta_dir, f"{video.id}.parquet")).to_pylist()[0]
         [out] = generator.generate([RenderRequest(meta["caption"], meta["width"], meta["height"], meta["frames"],
                                                   meta["fps"], seed, meta["steps"], meta["guidance"])])
-        alone[seed] = embed_watermark(out.frames).astype(float)  # as every output carries it
+        alone[seed] = embed_watermark(out.frames)  # as every output carries it
         served = decode_mp4(client.videos.download_content(video.id).read()).astype(float)
         assert served.shape == alone[seed].shape
         served_clips[seed] = served
