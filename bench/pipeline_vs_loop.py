@@ -133,7 +133,7 @@ def stage_medians(out: str) -> dict[str, float]:
 
 
 def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads: int | None,
-             cpus: float | None) -> tuple[float, float]:
+             cpus: float | None, fuse: bool | None = None) -> tuple[float, float]:
     import ray
 
     from pipeline.batch.driver import RenderConfig, render_manifest
@@ -144,7 +144,7 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = render_manifest(RenderConfig(manifest, out, model=model, progress=False, replicas=replicas,
-                                           threads_per_replica=threads,
+                                           threads_per_replica=threads, fuse=fuse,
                                            **({"cpus_per_replica": cpus} if cpus else {})))
     elapsed = time.perf_counter() - t1
     assert summary.rendered == summary.rows, summary.errors[:3]
@@ -160,6 +160,13 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
     loop_cpu, meter = meter.done(), CpuMeter()
     pipe_s, startup_s = pipeline(manifest, pipe_out, args.model, args.replicas, args.threads, args.cpus_per_replica)
     pipe_cpu = meter.done()
+    apart = {}
+    if args.apart:  # the light stages in actors of their own, as before they were fused on CPUs
+        apart_out, meter = f"{tmp}/apart{n}", CpuMeter()
+        apart_s, _ = pipeline(manifest, apart_out, args.model, args.replicas, args.threads, args.cpus_per_replica,
+                              fuse=False)
+        apart = {"apart_seconds": round(apart_s, 2), "ratio_apart_over_loop": round(loop_s / apart_s, 3),
+                 "apart_pace": pace(apart_out, time.time() - apart_s, apart_s), "apart_cpu_seconds": meter.done()}
     pipe_start = time.time() - pipe_s  # render_manifest's start (ray.init excluded)
     return {
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
@@ -168,6 +175,7 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
         "pace": {"loop": pace(loop_out, loop_start, loop_s), "pipeline": pace(pipe_out, pipe_start, pipe_s)},
         "cpu_seconds": {"loop": loop_cpu, "pipeline": pipe_cpu},
         "median_stage_seconds": {"loop": stage_medians(loop_out), "pipeline": stage_medians(pipe_out)},
+        **apart,
     }
 
 
@@ -179,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per replica (default: reel render's)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of loop-then-pipeline (on a shared machine: compare within a round)")
+    parser.add_argument("--apart", action="store_true",
+                        help="also run the pipeline with the light stages in actors of their own (unfused)")
     parser.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (default: reel render's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

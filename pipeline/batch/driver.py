@@ -61,6 +61,7 @@ class RenderConfig:
     parallel: dict[str, int] = field(default_factory=dict)
     dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
+    fuse: bool | None = None  # light stages inside the render replicas; None: on CPU-only runs (build_stages)
 
     def __post_init__(self):
         self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
@@ -136,7 +137,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
-            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload)
+            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, fuse=cfg.fuse)
         try:
             for row in stream(items, stages, cfg.progress):
                 if row.get("error"):
