@@ -93,5 +93,5 @@ def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_frames(ba
     for seed, served in served_clips.items():  # each served MP4 is its request's clip sampled alone, encoded
         gaps = {other: np.abs(served - frames).mean() for other, frames in encoded.items()
                 if frames.shape == served.shape}
-        print(seed, gaps)
-        assert gaps[seed] < 0.5 and all(gap > gaps[seed] for other, gap in gaps.items() if other != seed)
+        # measured: 0 to 0.001 from its own clip (the batch's rounding), about 11 from the other seeds'
+        assert gaps[seed] < 0.5 and all(gap > 5 for other, gap in gaps.items() if other != seed)
