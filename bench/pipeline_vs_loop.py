@@ -159,7 +159,7 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
     loop_s = bare_loop(manifest, loop_out, args.model)
     loop_cpu, meter = meter.done(), CpuMeter()
     pipe_s, startup_s = pipeline(manifest, pipe_out, args.model, args.replicas, args.threads, args.cpus_per_replica)
-    pipe_cpu = meter.done()
+    pipe_start, pipe_cpu = time.time() - pipe_s, meter.done()  # render_manifest's start (ray.init excluded)
     apart = {}
     if args.apart:  # the light stages in actors of their own, as before they were fused on CPUs
         apart_out, meter = f"{tmp}/apart{n}", CpuMeter()
@@ -167,7 +167,6 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
                               fuse=False)
         apart = {"apart_seconds": round(apart_s, 2), "ratio_apart_over_loop": round(loop_s / apart_s, 3),
                  "apart_pace": pace(apart_out, time.time() - apart_s, apart_s), "apart_cpu_seconds": meter.done()}
-    pipe_start = time.time() - pipe_s  # render_manifest's start (ray.init excluded)
     return {
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
         "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
