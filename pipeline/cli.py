@@ -355,8 +355,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--threads", dest="threads_per_replica", type=int, metavar="T",
                    help="torch threads per render replica (default: 1)")
     p.add_argument("--max-batch-size", type=int, metavar="N",
-                   help="concurrent text-to-video requests of one shape a replica samples as one batch (default: 8; "
-                        "1: one at a time)")
+                   help="concurrent text-to-video requests of one shape a replica samples as one batch (default: 8 "
+                        "on GPU replicas, 1 (one at a time) on CPU ones)")
     p.add_argument("--batch-wait-ms", type=int, metavar="MS",
                    help="how long a replica waits for a batch to fill (default: 50)")
     p.add_argument("--max-queued", type=int, metavar="N", help="queued videos before creates get 429 (default: 64)")

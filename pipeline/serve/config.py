@@ -35,8 +35,10 @@ class ServeConfig:
     dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
     # Batched serving: a render replica samples up to max_batch_size concurrent text→video requests
-    # of one shape and settings as one batch, waiting up to batch_wait_ms for the batch to fill
-    max_batch_size: int = 8
+    # of one shape and settings as one batch, waiting up to batch_wait_ms for the batch to fill;
+    # None: 8 on GPU replicas, 1 (one at a time) on CPU ones, where a batch costs the same per
+    # clip and only adds waiting (docs/THROUGHPUT.md)
+    max_batch_size: int | None = None
     batch_wait_ms: int = 50
     ingress_cpus: float = 0.1
     max_queued: int = 64  # jobs waiting for a render slot; beyond: 429
@@ -48,7 +50,7 @@ class ServeConfig:
     fetch_timeout_s: float = 10.0  # an input_reference image_url must answer within this
 
     def __post_init__(self):
-        if self.max_batch_size < 1 or self.batch_wait_ms < 0:
+        if (self.max_batch_size is not None and self.max_batch_size < 1) or self.batch_wait_ms < 0:
             raise ValueError(f"max_batch_size must be at least 1 and batch_wait_ms at least 0, got "
                              f"{self.max_batch_size} and {self.batch_wait_ms}")
         # Replicas do not share this process's working directory: local paths become absolute.
@@ -76,9 +78,14 @@ class ServeConfig:
         return self.recaptioner or model_recaptioner or "plain"
 
     @property
+    def batch_size(self) -> int:
+        """The most clips a render replica samples as one batch (`max_batch_size`, or its default)."""
+        return self.max_batch_size or (8 if self.gpus_per_replica else 1)
+
+    @property
     def render_slots(self) -> int:
         """Renders the dispatcher keeps in flight: a batch's worth per (maximum) render replica."""
-        return max(1, self.max_replicas or self.replicas) * max(1, self.max_batch_size)
+        return max(1, self.max_replicas or self.replicas) * self.batch_size
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServeConfig:

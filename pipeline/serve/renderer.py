@@ -52,7 +52,7 @@ def recorded_clip(metadata_uri: str) -> dict[str, Any]:
 @serve.deployment(name="Renderer", max_ongoing_requests=8)
 class Renderer:
     """One render replica: the batch stages' per-row methods for each clip; the sampling of clips
-    that arrive together batched (`cfg.max_batch_size` of them; 1: one at a time). `build_app` sets
+    that arrive together batched (`cfg.batch_size` of them; 1: one at a time). `build_app` sets
     `max_ongoing_requests` to the batch size."""
 
     def __init__(self, cfg: ServeConfig):
@@ -73,7 +73,7 @@ class Renderer:
                  "weights_sha256": generator.info.weights_sha256}
         run_id = dt.datetime.now(dt.timezone.utc).strftime("serve-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
         self.writer = ClipWriter(cfg.out, model, run_id)
-        self.render_together.set_max_batch_size(cfg.max_batch_size)
+        self.render_together.set_max_batch_size(cfg.batch_size)
         self.render_together.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
 
     def ping(self) -> str:

@@ -88,7 +88,6 @@ def server(ray_session, s3_server, tmp_path_factory):
         model="tiny", out=f"s3://{bucket}/online", store=str(tmp_path_factory.mktemp("serve") / "jobs.sqlite"),
         api_key_sha256=tuple(key_hash(k) for k in (KEY, OTHER_KEY, FUZZ_KEY)), max_queued=4,
         max_inflight_per_key=3, max_upload_bytes=64 << 10, poll_after_ms=100, graceful_shutdown_s=1,
-        max_batch_size=1,  # one clip at a time: the queue tests know what is queued (test_batching.py batches)
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,7 +20,7 @@ def test_batch_settings_and_the_dispatchers_slots():
     cfg = ServeConfig.from_env({"REELFORGE_MAX_BATCH_SIZE": "4", "REELFORGE_BATCH_WAIT_MS": "20",
                                 "REELFORGE_REPLICAS": "3"})
     assert (cfg.max_batch_size, cfg.batch_wait_ms, cfg.render_slots) == (4, 20, 12)  # a batch's worth per replica
-    assert ServeConfig().render_slots == 8 and ServeConfig(max_batch_size=1).render_slots == 1
+    assert ServeConfig().render_slots == 1 and ServeConfig(gpus_per_replica=1).render_slots == 8  # CPU: off
     with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
         ServeConfig(max_batch_size=0)
 
