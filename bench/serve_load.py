@@ -6,6 +6,13 @@
 
 Prints create and status latencies (p50 / p99), the 429 rejections, and how long the accepted
 videos took to complete. No assertions: a benchmark prints figures.
+
+    .venv/bin/python bench/serve_load.py --key bench --throughput --clients 8 --clips 32
+
+measures batched serving instead, with the real `openai` client: `--clips` videos one at a time
+(one client: create_and_poll, then the next), then the same number from `--clients` concurrent
+clients; prints each side's clips per second and p50 / p99 latency (create to completed), their
+ratios, and the server's `reel_render_batch_size` histogram (how full the batches were).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ def line(name: str, seconds: list[float]) -> str:
 
 async def main(a: argparse.Namespace) -> None:
     headers = {"Authorization": f"Bearer {a.key}"}
-    body = {"prompt": "a red ball moves right on black", "seconds": a.seconds, "size": a.size, "steps": a.steps}
+    body = {"prompt": "a red ball moves right on black", "seconds": a.seconds, "size": a.size, "steps": a.steps or 4}
     limits = httpx.Limits(max_connections=a.concurrency)
     async with httpx.AsyncClient(base_url=a.url, headers=headers, timeout=60, limits=limits) as client:
         create_s: list[float] = []
@@ -80,6 +87,41 @@ async def main(a: argparse.Namespace) -> None:
           + (f"; {statistics.mean(create_s) * 1000:.1f} ms mean create" if create_s else ""))
 
 
+def throughput(a: argparse.Namespace) -> None:
+    """One client at a time against `a.clients` at once, the same number of clips each way."""
+    import concurrent.futures
+    import warnings
+
+    import openai
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the SDK marks videos.* deprecated
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=a.key, max_retries=0, timeout=600)
+    extra = {"steps": a.steps} if a.steps else {}
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        video = client.videos.create_and_poll(prompt=f"a red ball moves right {i}", seconds=a.seconds, size=a.size,
+                                              extra_body={"seed": i, **extra}, poll_interval_ms=a.poll_ms)
+        if video.status != "completed":
+            raise SystemExit(f"video {video.id} {video.status}: {video.error}")
+        return time.perf_counter() - t0
+
+    one(10**6)  # warm: the first render pays for lazy loads
+    results = {}
+    for name, workers in (("one at a time", 1), (f"{a.clients} clients", a.clients)):
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            latencies = list(pool.map(one, range(a.clips * len(results), a.clips * (len(results) + 1))))
+        wall = time.perf_counter() - t0
+        results[name] = (a.clips / wall, percentile(latencies, 50), percentile(latencies, 99))
+        print(f"{name:<14} {a.clips} clips in {wall:6.1f} s: {a.clips / wall:6.3f} clips/s   latency p50 "
+              f"{results[name][1]:6.2f} s   p99 {results[name][2]:6.2f} s", flush=True)
+    (base, base_p50, _), (batched, p50, _) = results.values()
+    print(f"throughput ratio {batched / base:.2f}x   p50 latency ratio {p50 / base_p50:.2f}x")
+    metrics = httpx.get(f"{a.url}/metrics", headers={"Authorization": f"Bearer {a.key}"}).text
+    print("\n".join(line for line in metrics.splitlines() if line.startswith("reel_render_batch_size")))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -89,6 +131,14 @@ if __name__ == "__main__":
     p.add_argument("--concurrency", type=int, default=16, help="polls in flight at once (default: %(default)s)")
     p.add_argument("--seconds", default="2")
     p.add_argument("--size", default="64x64")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, help="sampling steps (default: 4; --throughput: the model's own)")
     p.add_argument("--timeout", type=float, default=300, help="give up waiting for renders after this many seconds")
-    asyncio.run(main(p.parse_args()))
+    p.add_argument("--throughput", action="store_true", help="one client at a time against --clients at once")
+    p.add_argument("--clients", type=int, default=8, help="--throughput: concurrent clients (default: %(default)s)")
+    p.add_argument("--clips", type=int, default=32, help="--throughput: clips each way (default: %(default)s)")
+    p.add_argument("--poll-ms", type=int, default=50, help="--throughput: client poll interval (default: %(default)s)")
+    args = p.parse_args()
+    if args.throughput:
+        throughput(args)
+    else:
+        asyncio.run(main(args))

@@ -120,6 +120,61 @@ class DiffusionVideoGenerator:
             self.check(request)
         return [self._generate_one(request) for request in requests]
 
+    @torch.no_grad()
+    def generate_together(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
+        """Like `generate`, but requests of one `batch_key` are sampled as one batch (serving's
+        batcher: one DiT forward per step for all of them, where a GPU has width to spare).
+
+        Each request keeps its own seeded noise, caption and negative caption, so its frames are
+        `generate`'s to rounding: a batch of other shapes rounds differently in the matrix products
+        (measured on this CPU: at most one level of 255 apart). Requests that cannot share a batch
+        (given frames, a remix, more than one window, a step cache) are sampled alone. Each output's timings carry
+        `batch`, the number of requests its batch held.
+        """
+        for request in requests:
+            self.check(request)
+        outputs: list[RenderOutput | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.batch_key(r) or ("alone", i), []).append(i)
+        for key, members in groups.items():
+            if key[0] == "alone":
+                out = outputs[members[0]] = self._generate_one(requests[members[0]])
+                out.timings["batch"] = 1
+            else:
+                for i, out in zip(members, self._generate_batch([requests[i] for i in members])):
+                    outputs[i] = out
+        return outputs
+
+    def batch_key(self, r: RenderRequest) -> tuple | None:
+        """What requests must share to be sampled in one batch (None: this one samples alone)."""
+        if (r.cond_frames is not None or r.init_frames is not None or r.strength != 1.0 or len(self.windows(r)) > 1
+                or r.step_cache is not None):  # the step cache decides per request
+            return None
+        return ("t2v", r.width, r.height, r.frames, r.steps, r.guidance)
+
+    def _generate_batch(self, rs: Sequence[RenderRequest]) -> list[RenderOutput]:
+        """Single-window text→video requests of one `batch_key`, sampled together."""
+        t0 = self._now()
+        text, text_mask = self.text_encoder.encode([r.caption for r in rs])
+        uncond, uncond_mask = self.text_encoder.encode([r.negative_caption for r in rs])
+        t1 = self._now()
+        shape = (1, *self.vae.latent_shape(rs[0].frames, rs[0].height, rs[0].width))
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(r.seed))
+                           for r in rs])
+        with self._autocast():
+            latents = self.sampler.sample(self.dit, noise.to(self.device), text, text_mask, uncond, uncond_mask,
+                                          steps=rs[0].steps, guidance=rs[0].guidance)
+        t2 = self._now()
+        outputs = []
+        for i in range(len(rs)):
+            t3 = self._now()
+            frames = self.decode_frames(latents[i:i + 1])
+            outputs.append(RenderOutput(frames=frames, timings={
+                "text": (t1 - t0) / len(rs), "sample": (t2 - t1) / len(rs), "decode": self._now() - t3,
+                "batch": len(rs)}))
+        return outputs
+
     def _generate_one(self, r: RenderRequest) -> RenderOutput:
         t0 = self._now()
         text, text_mask = self.text_encoder.encode([r.caption])

@@ -404,6 +404,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--gpus-per-replica", type=float, metavar="G", help="GPUs per render replica (default: 0)")
     p.add_argument("--threads", dest="threads_per_replica", type=int, metavar="T",
                    help="torch threads per render replica (default: 1)")
+    p.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="concurrent text-to-video requests of one shape a replica samples as one batch (default: 8 "
+                        "on GPU replicas, 1 (one at a time) on CPU ones)")
+    p.add_argument("--batch-wait-ms", type=int, metavar="MS",
+                   help="how long a replica waits for a batch to fill (default: 50)")
     p.add_argument("--max-queued", type=int, metavar="N", help="queued videos before creates get 429 (default: 64)")
     p.add_argument("--max-inflight-per-key", type=int, metavar="N",
                    help="queued + rendering videos per API key before 429 (default: 8)")
@@ -430,7 +435,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
         "gpus_per_replica", "threads_per_replica", "max_queued", "max_inflight_per_key", "allow_private_urls",
-        "lora_roots", "sp", "tp", "cfg_parallel", "dtype", "offload")}
+        "lora_roots", "max_batch_size", "batch_wait_ms", "sp", "tp", "cfg_parallel", "dtype", "offload")}
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:

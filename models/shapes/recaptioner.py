@@ -116,9 +116,16 @@ class ShapesRecaptioner:
     name = "shapes-1"
 
     def __init__(self, *, embeddings: bool = True):
-        self.index = lx.vocabulary_index() if embeddings else None
+        self.embeddings = embeddings
         self.known_words = lx.tokenizer_vocabulary()
         self._single = sorted(w for w in lx.LEXICON_WORDS if len(w) >= 3)
+
+    @property
+    def index(self) -> lx.VocabularyIndex | None:
+        """The MiniLM vocabulary index (None: embeddings off), built on the first word the lexicon
+        lacks: most prompts never need it, and building it costs ~5 CPU s (torch, transformers, the
+        lexicon's embeddings) in every process that recaptions, the start of a render among them."""
+        return lx.vocabulary_index() if self.embeddings else None
 
     # -- public ---------------------------------------------------------------------------------
     def recaption(self, prompt: str, seed: int, context: str = "") -> str:
@@ -207,7 +214,7 @@ class ShapesRecaptioner:
             else:
                 w = fixed[i][0]
                 entry = None
-                if self.index is not None and w.isalpha() and len(w) >= 3 and w not in _FILLER:
+                if self.embeddings and w.isalpha() and len(w) >= 3 and w not in _FILLER:
                     entry = self.index.lookup(w)
                 items.append(_Item((w,), entry, "embedding" if entry else "none"))
                 i += 1
@@ -423,7 +430,7 @@ class ShapesRecaptioner:
                 out.notes.append(f"shape: kept {out.shape!r}, ignored {sorted(others)}")
             return
         k = object_noun
-        if k is None or k >= len(items) or self.index is None:
+        if k is None or k >= len(items) or not self.embeddings:
             return
         it = items[k]
         w = it.words[0]

@@ -67,6 +67,7 @@ class RenderConfig:
     dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
     compile: bool = False  # torch.compile the DiT's blocks (frames equal to rounding; not in the request)
+    fuse: bool | None = None  # light stages inside the render replicas; None: on CPU-only runs (build_stages)
 
     def __post_init__(self):
         self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
@@ -152,7 +153,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             run_id=run_id, blur_faces=cfg.blur_faces, c2pa=c2pa, codec=cfg.codec, layout=layout, clips=len(items),
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
-            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, compile=cfg.compile)
+            threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, compile=cfg.compile,
+            fuse=cfg.fuse)
         try:
             with _stop_signals():
                 for row in stream(items, stages, cfg.progress):

@@ -21,7 +21,8 @@ from models.interface import GridLimits, ParallelConfig, ParallelConfigError
 from pipeline.batch.manifest import ClipSpec
 from pipeline.errors import UsageError
 from pipeline.media.provenance import C2paConfig
-from pipeline.stages.base import Stage
+from pipeline.prompt.recaption import LLM_PREFIXES
+from pipeline.stages.base import FusedUDF, Stage
 from pipeline.stages.inputs import InputsUDF
 from pipeline.stages.prompt import RecaptionUDF
 from pipeline.stages.render import RenderUDF
@@ -53,7 +54,7 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                  inputs_limits: GridLimits | None = None, replicas: int | None = None,
                  gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,
                  threads_per_replica: int | None = None, dtype: str | None = None,
-                 offload: bool = False, compile: bool = False) -> list[Stage]:
+                 offload: bool = False, compile: bool = False, fuse: bool | None = None) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
     `model_spec` is the model to load (with `dtype`, `offload` and `compile`: `load_generator`'s), `model` its
@@ -72,6 +73,11 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
     one bundle per rank holding the replica's CPUs and GPUs (1 GPU + 1 CPU a rank with GPUs;
     without, the replica's 0.5 CPU split over them), named after the run and the actor. One
     replica per `world` GPUs, or one without GPUs: a CPU group already runs a process per rank.
+
+    `fuse` (None: when the replicas are single-rank CPU replicas and the recaptioner is not an LLM)
+    runs the light stages inside the render replicas, one `FusedUDF` stage: on a machine of a few
+    cores, separate light actors only take cores, start-up and object-store copies from the
+    replicas (measured: docs/THROUGHPUT.md). GPU replicas keep them apart, so a GPU only samples.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -110,12 +116,12 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
     # Small fractional CPUs for the light stages: on a 2-core machine whole-CPU actors starve
     # Ray Data's own read and output tasks and the job deadlocks (docs/PIPELINE.md, "Resources on small
     # machines").
-    light = {"num_cpus": 0.25}
-    inputs = [Stage(InputsUDF, {"limits": inputs_limits}, {"compute": ActorPoolStrategy(size=1), **light})]
-    return [
-        Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": policy},
-              {"compute": ActorPoolStrategy(size=1), **light}),
-        *(inputs if inputs_limits is not None else []),
+    def light() -> dict[str, Any]:
+        return {"compute": ActorPoolStrategy(size=1), "num_cpus": 0.25}
+
+    stages = [
+        Stage(RecaptionUDF, {"recaptioner": recaptioner, "policy": policy}, light()),
+        *([Stage(InputsUDF, {"limits": inputs_limits}, light())] if inputs_limits is not None else []),
         Stage(RenderUDF, render,
               {"compute": ActorPoolStrategy(min_size=1, max_size=replicas, initial_size=replicas), "batch_size": 1,
                # Ray Data restarts a replica that dies (node lost, OOM kill) and retries its
@@ -123,9 +129,15 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                # a group replica comes back into its placement group and starts its ranks again.
                **render_resources}),
         Stage(WriteUDF, {"out": out, "model": model, "run_id": run_id, "blur_faces": blur_faces, "c2pa": c2pa,
-                         "codec": codec},
-              {"compute": ActorPoolStrategy(size=1), **light}),
+                         "codec": codec}, light()),
     ]
+    if fuse is None:
+        fuse = not gpus_per_replica and world == 1 and not recaptioner.startswith(LLM_PREFIXES)
+    if fuse:
+        replica = next(s for s in stages if s.udf is RenderUDF)
+        return [Stage(FusedUDF, {"stages": [(s.udf, s.constructor_kwargs) for s in stages]},
+                      replica.map_batches_kwargs)]
+    return stages
 
 
 def check_replica_fits(gpus: float | None, cpus: float | None) -> None:

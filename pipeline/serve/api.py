@@ -305,6 +305,7 @@ class VideoAPI:
         self.metrics.renders.labels(outcome="rendered" if last.get("rendered") else "already_rendered").inc()
         if last.get("rendered"):
             self.metrics.render_seconds.observe(last["seconds"])
+            self.metrics.batch_size.observe(last.get("batch", 1))
             self.recent_render_seconds.append(last["seconds"])
         # The clip's length as rendered (an extension or edit of an upload is known exactly only now).
         seconds = {"seconds": f"{last['frames'] / job.spec['fps']:g}"} if last.get("frames") else {}

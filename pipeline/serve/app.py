@@ -37,7 +37,8 @@ def build_app(cfg: ServeConfig) -> Application:
     resources = replica_deployment_options(
         cfg.model, layout, use_gpus=use_gpus, cpus_per_replica=None if group and use_gpus else cfg.cpus_per_replica,
         gpus_per_replica=None if group else cfg.gpus_per_replica)
-    renderer = Renderer.options(**scaling, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s, **resources).bind(cfg)
+    renderer = Renderer.options(**scaling, max_ongoing_requests=cfg.batch_size,
+                                graceful_shutdown_timeout_s=cfg.graceful_shutdown_s, **resources).bind(cfg)
     return VideoAPI.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(cfg, renderer)
 
 

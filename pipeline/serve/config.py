@@ -34,6 +34,12 @@ class ServeConfig:
     cfg_parallel: bool | None = None  # guidance's two passes on two ranks
     dtype: str | None = None  # the model's precision (float32, bfloat16, float16); None: bf16 on GPUs, fp32 on CPUs
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
+    # Batched serving: a render replica samples up to max_batch_size concurrent text→video requests
+    # of one shape and settings as one batch, waiting up to batch_wait_ms for the batch to fill;
+    # None: 8 on GPU replicas, 1 (one at a time) on CPU ones, where a batch costs the same per
+    # clip and only adds waiting (docs/THROUGHPUT.md)
+    max_batch_size: int | None = None
+    batch_wait_ms: int = 50
     ingress_cpus: float = 0.1
     max_queued: int = 64  # jobs waiting for a render slot; beyond: 429
     max_inflight_per_key: int = 8  # queued + in-progress jobs per API key; beyond: 429
@@ -47,6 +53,9 @@ class ServeConfig:
     lora_roots: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if (self.max_batch_size is not None and self.max_batch_size < 1) or self.batch_wait_ms < 0:
+            raise ValueError(f"max_batch_size must be at least 1 and batch_wait_ms at least 0, got "
+                             f"{self.max_batch_size} and {self.batch_wait_ms}")
         # Replicas do not share this process's working directory: local paths become absolute.
         object.__setattr__(self, "out", storage.absolute(self.out))
         if self.store:
@@ -73,9 +82,14 @@ class ServeConfig:
         return self.recaptioner or model_recaptioner or "plain"
 
     @property
+    def batch_size(self) -> int:
+        """The most clips a render replica samples as one batch (`max_batch_size`, or its default)."""
+        return self.max_batch_size or (8 if self.gpus_per_replica else 1)
+
+    @property
     def render_slots(self) -> int:
-        """Renders the dispatcher keeps in flight: one per (maximum) render replica."""
-        return max(1, self.max_replicas or self.replicas)
+        """Renders the dispatcher keeps in flight: a batch's worth per (maximum) render replica."""
+        return max(1, self.max_replicas or self.replicas) * self.batch_size
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServeConfig:

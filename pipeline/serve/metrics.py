@@ -16,6 +16,8 @@ class Metrics:
         self.in_progress = Gauge("reel_videos_in_progress", "Videos rendering now", registry=r)
         self.render_seconds = Histogram("reel_render_seconds", "Seconds from render start to stored clip", registry=r,
                                         buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
+        self.batch_size = Histogram("reel_render_batch_size", "Clips sampled in the same batch as each rendered one",
+                                    registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
         self.renders = Counter("reel_renders", "Jobs finished by the render deployment, by outcome",
                                ["outcome"], registry=r)
         self.failures = Counter("reel_render_failures", "Videos that failed to render", registry=r)

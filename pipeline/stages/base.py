@@ -60,3 +60,22 @@ def optional_number(value: Any) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return float(value)
+
+
+class FusedUDF:
+    """Several stages in one actor: each batch goes through their UDFs in order, every stage with its
+    own per-row error handling, as it would through separate actors.
+
+    `build_stages` fuses the light stages (recaption, inputs, write) into the render replicas of a
+    CPU-only run: there they only compete with the replicas for the same cores, and each separate
+    actor costs a process start (the shapes recaptioner's torch and transformers), a Ray Data hop and
+    a copy of every clip's frames through the object store (docs/THROUGHPUT.md).
+    """
+
+    def __init__(self, stages: list[tuple[type, dict[str, Any]]]):
+        self.udfs = [udf(**kwargs) for udf, kwargs in stages]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        for udf in self.udfs:
+            batch = udf(batch)
+        return batch

@@ -77,16 +77,21 @@ def inputs_from_bytes(data: bytes | None) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def base_request(row: dict[str, Any]) -> RenderRequest:
+    """A validated row's request as text→video (the modes add their given frames to it)."""
+    return RenderRequest(
+        caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
+        width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]), fps=int(row["fps"]),
+        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]),
+        lora=row_adapters(row), step_cache=optional_number(row.get("step_cache")))
+
+
 def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str, np.ndarray]
                 ) -> tuple[np.ndarray, dict[str, float], list[dict[str, Any]], int | None]:
     """(frames uint8 T×H×W×3, seconds per stage, per-shot records, steps computed with the step cache or
     None) of one validated row."""
     limits = generator.limits
-    base = RenderRequest(
-        caption=row["caption"], negative_caption=row.get("negative_prompt") or "",
-        width=int(row["width"]), height=int(row["height"]), frames=int(row["frames"]), fps=int(row["fps"]),
-        seed=int(row["seed"]), steps=int(row["steps"]), guidance=float(row["guidance"]),
-        lora=row_adapters(row), step_cache=optional_number(row.get("step_cache")))
+    base = base_request(row)
     timings: dict[str, float] = {}
     shots: list[dict[str, Any]] = []
     computed: list[int] = []

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.stages.base import add_timing, each_row
-from pipeline.stages.modes import inputs_from_bytes, render_clip, row_adapters
+from pipeline.stages.modes import base_request, inputs_from_bytes, render_clip, row_adapters
 
 
 class RenderUDF:
@@ -49,6 +49,40 @@ class RenderUDF:
 
     def render_row(self, row: dict[str, Any]) -> None:
         frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
+        self._fill(row, frames, timings, shots, steps_computed)
+
+    def render_rows(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
+        """`render_row` for several rows, text→video rows of one shape and settings sampled as one
+        batch (the generator's `generate_together`; serving's batcher calls this). Returns each
+        row's exception, or None where it rendered; one row's failure leaves the others alone."""
+        errors: list[Exception | None] = [None] * len(rows)
+        together = getattr(self.generator, "generate_together", None)
+        batched: list[int] = []
+        for i, row in enumerate(rows):
+            if together is not None and row["mode"] == "t2v":
+                try:
+                    self.generator.check(base_request(row))
+                    batched.append(i)
+                except Exception as e:
+                    errors[i] = e
+                continue
+            try:
+                self.render_row(row)
+            except Exception as e:
+                errors[i] = e
+        if batched:
+            try:
+                outputs = together([base_request(rows[i]) for i in batched])
+            except Exception as e:  # the whole batch failed (a device error): each of its rows did
+                return [e if i in batched else err for i, err in enumerate(errors)]
+            for i, out in zip(batched, outputs):
+                self._fill(rows[i], out.frames, out.timings, [], out.steps_computed)
+        return errors
+
+    def _fill(self, row: dict[str, Any], frames: np.ndarray, timings: dict[str, float],
+              shots: list[dict[str, Any]], steps_computed: int | None = None) -> None:
+        """The rendered frames, precision, shots, timings, LoRA records and the step cache's steps computed
+        into the row (as the write stage reads them)."""
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         row["frames_data"] = frames.tobytes()
         row["frames_shape"] = json.dumps(list(frames.shape))

@@ -111,3 +111,22 @@ def test_default_model_renders_the_default_clip():
                                 steps=2, guidance=limits.default_guidance)])
     assert out.frames.shape == (16, 64, 64, 3)
     assert sum(p.numel() for p in g.dit.parameters()) > 1_000_000  # sized for CPUs: docs/MODEL_CARD.md
+
+
+def test_requests_of_one_shape_are_sampled_together_with_their_own_frames(tiny_generator):
+    """generate_together: same-shape text→video requests share one batch (and report its size), other
+    shapes and requests with given frames are sampled apart, and every clip is generate's own clip
+    to rounding (the batch's matrix products round differently: at most one level)."""
+    g = tiny_generator
+    given = np.full((1, 64, 64, 3), 200, np.uint8)
+    requests = [request(seed=1), request(seed=2, caption="A blue square.", negative_caption="blur"),
+                request(seed=3, width=96), request(seed=4, cond_frames=given, cond_index=(0,)), request(seed=5)]
+    together = g.generate_together(requests)
+    assert [out.timings["batch"] for out in together] == [3, 3, 1, 1, 3]
+    for r, out in zip(requests, together):
+        [alone] = g.generate([r])
+        assert out.frames.shape == alone.frames.shape
+        assert np.abs(out.frames.astype(int) - alone.frames.astype(int)).max() <= 1
+    assert not np.array_equal(together[0].frames, together[4].frames)  # each its own noise
+    with pytest.raises(ValueError):  # all or nothing, as generate
+        g.generate_together([request(), request(width=70)])

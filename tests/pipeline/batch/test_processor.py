@@ -15,6 +15,7 @@ from pipeline.batch.manifest import ClipSpec, write_manifest
 from pipeline.batch.processor import build_stages, clip_item
 from pipeline.cli import main
 from pipeline.errors import UsageError
+from pipeline.stages.base import FusedUDF
 from pipeline.stages.inputs import InputsUDF
 from pipeline.stages.prompt import RecaptionUDF
 from pipeline.stages.render import RenderUDF
@@ -26,8 +27,16 @@ WRITER = {"out": "/tmp/never-written", "model": {"name": "tiny", "version": "0",
 
 
 def test_stages_and_their_resources_on_a_cpu_cluster(ray_session):
-    """The session's Ray has 2 CPUs and no GPU: two 1-thread replicas of 0.5 CPU, light stages at 0.25."""
-    stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=5, **WRITER)
+    """The session's Ray has 2 CPUs and no GPU: two 1-thread replicas of 0.5 CPU, light stages at 0.25
+    when apart; by default the light stages run inside the CPU replicas (one fused stage)."""
+    [fused] = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=5, **WRITER)
+    apart = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=5, fuse=False, **WRITER)
+    assert fused.udf is FusedUDF and fused.map_batches_kwargs == apart[1].map_batches_kwargs
+    assert fused.constructor_kwargs["stages"] == [(s.udf, s.constructor_kwargs) for s in apart]
+    llm = build_stages(model_spec=MODEL, recaptioner="openai:m@http://127.0.0.1:9", policy=None, **WRITER)
+    assert [s.udf for s in llm] == [RecaptionUDF, RenderUDF, WriteUDF]  # an LLM is not loaded into every replica
+
+    stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=5, fuse=False, **WRITER)
     assert [s.udf for s in stages] == [RecaptionUDF, RenderUDF, WriteUDF]
     recaption, render, write = stages
     assert recaption.constructor_kwargs == {"recaptioner": "plain", "policy": None}
@@ -41,12 +50,12 @@ def test_stages_and_their_resources_on_a_cpu_cluster(ray_session):
 
     # media rows add the inputs stage; fewer clips or more threads make fewer replicas
     stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=1, inputs_limits="limits",
-                          **WRITER)
+                          fuse=False, **WRITER)
     assert [s.udf for s in stages] == [RecaptionUDF, InputsUDF, RenderUDF, WriteUDF]
     assert stages[1].constructor_kwargs == {"limits": "limits"}
     assert stages[2].map_batches_kwargs["compute"].max_size == 1
     stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, threads_per_replica=2, **WRITER)
-    assert stages[1].map_batches_kwargs["compute"].max_size == 1
+    assert stages[0].map_batches_kwargs["compute"].max_size == 1
 
 
 def test_a_group_replica_the_cluster_cannot_hold_is_refused_in_one_line(ray_session):
@@ -80,9 +89,10 @@ def test_render_replica_killed_mid_job_is_replaced(ray_session, tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             if (out / "videos").exists() and any((out / "videos").iterdir()):
-                # Ray titles an actor's process "ray::MapWorker(MapBatches(RenderUDF))…"
+                # Ray titles an actor's process "ray::MapWorker(MapBatches(FusedUDF))…" (the render
+                # replica with the light stages in it, on this CPU-only cluster)
                 for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "RenderUDF" in " ".join(proc.info["cmdline"] or []):
+                    if "MapBatches(FusedUDF)" in " ".join(proc.info["cmdline"] or []):
                         videos_before_kill = len(list((out / "videos").iterdir()))
                         os.kill(proc.info["pid"], signal.SIGKILL)
                         killed.append(videos_before_kill)

@@ -1,5 +1,7 @@
 """`ServeConfig` from REELFORGE_* variables and API keys; `reel serve` without a key."""
 
+import pytest
+
 
 def test_config_from_the_environment():
     from pipeline.serve.config import ServeConfig, key_hash
@@ -13,6 +15,17 @@ def test_config_from_the_environment():
     roots = ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/loras, /srv/loras/,"}).lora_roots
     assert roots == ("s3://b/loras/", "/srv/loras")
     assert ServeConfig.from_env({"REELFORGE_LORA_ROOTS": "s3://b/x"}, lora_roots=["/a"]).lora_roots == ("/a",)
+
+
+def test_batch_settings_and_the_dispatchers_slots():
+    from pipeline.serve.config import ServeConfig
+
+    cfg = ServeConfig.from_env({"REELFORGE_MAX_BATCH_SIZE": "4", "REELFORGE_BATCH_WAIT_MS": "20",
+                                "REELFORGE_REPLICAS": "3"})
+    assert (cfg.max_batch_size, cfg.batch_wait_ms, cfg.render_slots) == (4, 20, 12)  # a batch's worth per replica
+    assert ServeConfig().render_slots == 1 and ServeConfig(gpus_per_replica=1).render_slots == 8  # CPU: off
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        ServeConfig(max_batch_size=0)
 
 
 def test_serve_refuses_to_start_without_api_keys(monkeypatch, capsys):
