@@ -425,7 +425,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.batch.driver import local_ray_on_loopback
+    from pipeline.batch.local_ray import local_ray_on_loopback
     from pipeline.errors import UsageError
 
     local_ray_on_loopback(args.address or os.environ.get("RAY_ADDRESS"))  # before serve.app imports ray

@@ -15,10 +15,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
-import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ import pyarrow as pa
 
 from models.interface import ParallelConfig
 from pipeline import storage
+from pipeline.batch.local_ray import init_ray
 from pipeline.batch.manifest import ClipSpec, ManifestError, RowError, read_manifest, validate
 from pipeline.batch.processor import build_stages, clip_item, render_layout, render_placement_prefix, stream
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, UsageError, UserError, one_line
@@ -165,7 +164,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: record what finished (a rerun resumes), then stop
             summary.interrupted = True
             # what the writers finished, also clips whose rows had not reached this loop yet
-            finished = _completed_requests(cfg.out)
+            finished = _completed_requests(cfg.out, True)
             summary.rendered = sum(finished.get(s.id) == hashes[s.id] for s in todo)
         finally:
             if layout.world_size > 1:  # the render actors' placement groups outlive them
@@ -297,153 +296,6 @@ def _write_run_json(cfg: RenderConfig, summary: RunSummary, started: dt.datetime
         "wall_seconds": round(summary.wall_seconds, 3),
         "ray_startup_seconds": round(summary.startup_seconds, 3),
     })
-
-
-def init_ray(address: str | None) -> None:
-    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local Ray for this process.
-
-    A cluster address that does not answer is a UsageError at once (Ray itself retries the GCS
-    for minutes). A local Ray listens on loopback only (`local_ray_on_loopback`) and is watched
-    (`_watch_local_ray`): when this process dies, even by SIGKILL, its Ray processes go too.
-    """
-    address = address or os.environ.get("RAY_ADDRESS")
-    local_ray_on_loopback(address)
-    if address:
-        _check_ray_address(address)
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, TimeoutError, RuntimeError) as e:
-            raise UsageError(f"cannot join the Ray cluster at {address}: {one_line(e, 300)}") from None
-    else:
-        # A local Ray for this run: no dashboard, an object store sized for clips not datasets.
-        # address="local": a new one even when `ray start` left a cluster on this machine (plain
-        # ray.init() would join that one, and refuse the object store size).
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        ray.init(address="local", include_dashboard=False, object_store_memory=min(2 << 30, int(total * 0.3)),
-                 logging_level=logging.WARNING, log_to_driver=False)
-        _watch_local_ray()
-
-
-def local_ray_on_loopback(address: str | None) -> None:
-    """For a local run (no cluster address), have the Ray started here take 127.0.0.1 as its node
-    address, so its GCS, raylet, object manager, workers and agents listen on loopback only
-    instead of every interface. Ray chooses the node address when `ray` is imported
-    (`ray_constants.ENABLE_RAY_CLUSTER`, read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: off, the
-    node is 127.0.0.1, as Ray does on macOS; `ray.init(_node_ip_address="127.0.0.1")` is turned
-    back into the routable address), so call this before the first `import ray`; after it, no-op.
-    """
-    if not address and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def _check_ray_address(address: str) -> None:
-    """A HOST:PORT cluster address must accept a TCP connection within 5 s (`auto` and `ray://`
-    are Ray's to resolve): Ray would otherwise retry an address with nothing behind it for minutes."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as e:
-        raise UsageError(f"cannot reach the Ray cluster at {address} ({one_line(e, 200)}); start it with "
-                         "`ray start --head`, or leave --address out for a local Ray") from None
-
-
-#: The watchdog of a local Ray (`_watch_local_ray`): it remembers every process under this driver
-#: while the driver lives (a first look before the driver goes on, then one every 2 s), and when
-#: the driver's end of its stdin pipe closes (exit, crash, SIGKILL) also the processes whose
-#: RAY_RAYLET_PID names a raylet it knew; it gives them a moment to go, then sends SIGTERM and
-#: SIGKILL to those left (same start time: no stranger that reused a pid).
-_WATCHDOG = r"""
-import os, select, signal, sys, time
-driver, mine = int(sys.argv[1]), os.getpid()
-def stat(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[19]  # parent pid, start time
-def tree():
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != mine:
-            try:
-                parents[int(name)] = stat(int(name))
-            except OSError:
-                pass
-    found, todo = {}, [driver]
-    while todo:
-        top = todo.pop()
-        for pid, (ppid, started) in parents.items():
-            if ppid == top and pid not in found:
-                found[pid] = started
-                todo.append(pid)
-    return found
-known = tree()
-print("watching", flush=True)  # the driver waits for this: the tree is known before it can die
-sys.stdout.close()
-while not select.select([sys.stdin], [], [], 2.0)[0]:
-    known.update(tree())
-# Ray's agents are started by the raylet, with its pid in RAY_RAYLET_PID: those started after the
-# last look at the tree are found by that, wherever they were reparented.
-for name in os.listdir("/proc"):
-    try:
-        with open(f"/proc/{name}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-        raylet = next((int(e[15:]) for e in env if e.startswith(b"RAY_RAYLET_PID=")), None)
-        if raylet in known and int(name) not in known:
-            known[int(name)] = stat(int(name))[1]
-    except (OSError, ValueError):
-        pass
-def alive():
-    out = {}
-    for pid, started in known.items():
-        try:
-            if stat(pid)[1] == started:
-                out[pid] = started
-        except OSError:
-            pass
-    return out
-deadline = time.monotonic() + 3
-while alive() and time.monotonic() < deadline:
-    time.sleep(0.2)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    for pid in alive():
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    time.sleep(1)
-"""
-
-
-def _watch_local_ray() -> None:
-    """Start the watchdog of this process's local Ray (Linux). Ray's dashboard and runtime-env
-    agents notice at once when their raylet dies with the driver, but then report the death to
-    the GCS, which died too, and wait out that call's hard-coded 60 s timeout before they exit
-    (ray/_private/utils.py, `publish_error_to_driver`): a SIGKILLed `reel render` or `reel serve`
-    left them running for over a minute, holding ports and memory. The watchdog ends them."""
-    import subprocess
-
-    if not os.path.isdir("/proc/self"):
-        return
-    import select
-
-    read_end, write_end = os.pipe()
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=read_end,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(read_end)
-    _WATCHDOG_PIPE.append(write_end)  # held open for the life of this process; its close is the signal
-    if select.select([watchdog.stdout], [], [], 30)[0]:  # its first look at the Ray processes is done
-        watchdog.stdout.readline()
-    watchdog.stdout.close()
-
-
-_WATCHDOG_PIPE: list[int] = []
 
 
 def check_output_reachable(out: str) -> None:

@@ -45,7 +45,8 @@ def build_app(cfg: ServeConfig) -> Application:
 def run(cfg: ServeConfig, *, host: str, port: int, address: str | None) -> None:
     """`reel serve`: start (or join) Ray, deploy the app on host:port and serve until interrupted."""
     from models.interface import check_load_options, describe_model
-    from pipeline.batch.driver import check_output_reachable, init_ray
+    from pipeline.batch.driver import check_output_reachable
+    from pipeline.batch.local_ray import init_ray
     from pipeline.batch.processor import check_replica_fits
     from pipeline.prompt.recaption import check_recaptioner_spec
 

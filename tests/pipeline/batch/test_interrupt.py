@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from pipeline.batch.ray_watchdog import descendants, process_stat
+
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
 
 REEL = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -31,36 +33,11 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
-def stat(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[19]  # parent pid, start time
-
-
-def descendants(root):
-    """{pid: start time} of every process under `root`."""
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parents[int(name)] = stat(int(name))
-            except OSError:
-                pass
-    found, todo = {}, [root]
-    while todo:
-        top = todo.pop()
-        for pid, (ppid, started) in parents.items():
-            if ppid == top and pid not in found:
-                found[pid] = started
-                todo.append(pid)
-    return found
-
-
 def alive(processes):
     out = []
     for pid, started in processes.items():
         try:
-            if stat(pid)[1] == started and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z":
+            if process_stat(pid)[1] == started and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z":
                 out.append(pid)
         except OSError:
             pass
@@ -92,7 +69,7 @@ def listening_addresses(pids):
 
 
 def test_a_sigkilled_driver_takes_its_local_ray_with_it_and_ray_listens_on_loopback(tmp_path):
-    script = ("import sys, time\nfrom pipeline.batch.driver import init_ray\ninit_ray(None)\n"
+    script = ("import sys, time\nfrom pipeline.batch.local_ray import init_ray\ninit_ray(None)\n"
               "print('up', flush=True)\ntime.sleep(300)\n")
     driver = subprocess.Popen([sys.executable, "-c", script], env=environment(), stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
