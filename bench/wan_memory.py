@@ -182,10 +182,11 @@ def main() -> None:
     for world, records in rows:
         tiles = records[0]["tiles"]
         sample = max(r["sample_peak_mb"] for r in records)
-        decode = max(r[f"chunk{k}_peak_mb"] for r in records for k in range(1, args.chunks))
         sample_s = max(r["sample_s"] for r in records)
-        chunk_s = max(r[f"chunk{k}_s"] for r in records for k in range(1, args.chunks)) if args.chunks > 1 else 0
-        print(f"| {world} | {-(-tiles // world)} | {sample:.0f} | {decode:.0f} | {sample_s:.1f} | {chunk_s:.1f} |")
+        chunks = range(1, args.chunks)  # the first chunk's peak holds one-off allocations; none with --chunks 0/1
+        decode = f"{max(r[f'chunk{k}_peak_mb'] for r in records for k in chunks):.0f}" if chunks else "-"
+        chunk_s = f"{max(r[f'chunk{k}_s'] for r in records for k in chunks):.1f}" if chunks else "-"
+        print(f"| {world} | {-(-tiles // world)} | {sample:.0f} | {decode} | {sample_s:.1f} | {chunk_s} |")
 
 
 if __name__ == "__main__":
