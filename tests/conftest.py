@@ -186,12 +186,17 @@ def wan_image_pipelines(tmp_path_factory):
     first use: the reference the image-conditioned Wan tests compare against."""
     from diffusers import WanImageToVideoPipeline
 
-    root = tmp_path_factory.mktemp("wan-image")
+    return _built_folders(tmp_path_factory.mktemp("wan-image"), IMAGE_VARIANTS, build_wan_image_folder,
+                          WanImageToVideoPipeline)
+
+
+def _built_folders(root, variants, build, pipeline_class) -> dict:
+    """{variant: (folder, `pipeline_class.from_pretrained(folder)`)} of tiny folders `build` makes under `root`."""
     out = {}
-    for v in IMAGE_VARIANTS:
+    for v in variants:
         folder = str(root / f"Tiny-{v}-Diffusers")
-        build_wan_image_folder(folder, v)
-        out[v] = (folder, WanImageToVideoPipeline.from_pretrained(folder))
+        build(folder, v)
+        out[v] = (folder, pipeline_class.from_pretrained(folder))
     return out
 
 
@@ -201,13 +206,7 @@ def wan_pipelines(tmp_path_factory):
     own loading of the folder, the reference every Wan test compares against."""
     from diffusers import WanPipeline
 
-    root = tmp_path_factory.mktemp("wan")
-    out = {}
-    for v in VARIANTS:
-        folder = str(root / f"Tiny-{v}-Diffusers")
-        build_wan_folder(folder, v)
-        out[v] = (folder, WanPipeline.from_pretrained(folder))
-    return out
+    return _built_folders(tmp_path_factory.mktemp("wan"), VARIANTS, build_wan_folder, WanPipeline)
 
 
 @pytest.fixture(scope="session")

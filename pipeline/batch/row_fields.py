@@ -76,18 +76,24 @@ def shots_value(v: Any, bad) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def lora_entries(v: Any) -> list:
+    """The adapter entries a `lora` value names: a URI, an object {uri, scale}, a list of either, or its
+    JSON text, as a list (of what each entry is, unchecked); [] for none. ValueError for unparsable JSON."""
+    if is_missing(v) or (isinstance(v, str) and not v.strip()):
+        return []
+    if isinstance(v, str) and v.strip()[:1] in "[{":
+        v = json.loads(v)  # json.JSONDecodeError is a ValueError
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
 def lora_value(v: Any, limits: GridLimits, versions: dict[str, list | None], bad) -> tuple[tuple[str, float, str], ...]:
     """A row's LoRA adapters as (uri, scale, version) triples; () when it names none. `v`: a URI, an
     object {uri, scale}, or a list of either (or its JSON text); scale defaults to 1. Each file must
     exist (`versions` caches the look-ups of one manifest); the model must take adapters."""
-    if is_missing(v) or (isinstance(v, str) and not v.strip()):
-        return ()
-    if isinstance(v, str) and v.strip()[:1] in "[{":
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            raise bad("lora must be a URI, an object {uri, scale} or a list of them; got unparsable JSON") from None
-    entries = list(v) if isinstance(v, (list, tuple)) else [v]
+    try:
+        entries = lora_entries(v)
+    except json.JSONDecodeError:
+        raise bad("lora must be a URI, an object {uri, scale} or a list of them; got unparsable JSON") from None
     if not entries:
         return ()
     if not limits.takes_lora:

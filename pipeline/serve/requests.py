@@ -25,7 +25,7 @@ from fsspec.core import split_protocol
 
 from pipeline import storage
 from pipeline.batch.manifest import JSON_COLUMNS_KEY, ClipSpec, validate
-from pipeline.batch.row_fields import MAX_PROMPT_CHARS, check_unicode
+from pipeline.batch.row_fields import MAX_PROMPT_CHARS, check_unicode, lora_entries
 from pipeline.errors import one_line
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import APIError
@@ -170,13 +170,10 @@ def adapters_in_roots(value: Any, roots: tuple[str, ...]) -> Any:
     root's prefix and hold no `.` or `..` segment (stores take them literally, fsspec may not).
     Blocking (realpath): call it off the event loop. Shapes the manifest refuses pass through
     unchanged for its own message. APIError 400 naming `lora` otherwise."""
-    entries = value
-    if isinstance(value, str) and value.strip()[:1] in "[{":
-        try:
-            entries = json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    entries = list(entries) if isinstance(entries, (list, tuple)) else [entries]
+    try:
+        entries = lora_entries(value)
+    except json.JSONDecodeError:
+        return value
     if all(e is None or (isinstance(e, str) and not e.strip()) for e in entries):
         return value  # no adapter named
     if not roots:
