@@ -1,6 +1,6 @@
 """Benchmark: the Ray Data pipeline against a bare Python loop over the same generator and rows.
 
-    python bench/pipeline_vs_loop.py [--rows 64] [--model default]
+    python bench/pipeline_vs_loop.py [--rows 64] [--model default] [--apart] [--disaggregate]
 
 Both sides recaption, sample, encode and write every row to a local folder. The pipeline's time
 counts everything after `ray.init` (actor start-up and model load included); the loop's counts
@@ -133,7 +133,7 @@ def stage_medians(out: str) -> dict[str, float]:
 
 
 def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads: int | None,
-             cpus: float | None, fuse: bool | None = None) -> tuple[float, float]:
+             cpus: float | None, **options) -> tuple[float, float]:
     import ray
 
     from pipeline.batch.driver import RenderConfig, render_manifest
@@ -144,7 +144,7 @@ def pipeline(manifest: str, out: str, model: str, replicas: int | None, threads:
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = render_manifest(RenderConfig(manifest, out, model=model, progress=False, replicas=replicas,
-                                           threads_per_replica=threads, fuse=fuse,
+                                           threads_per_replica=threads, **options,
                                            **({"cpus_per_replica": cpus} if cpus else {})))
     elapsed = time.perf_counter() - t1
     assert summary.rendered == summary.rows, summary.errors[:3]
@@ -167,6 +167,15 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
                               fuse=False)
         apart = {"apart_seconds": round(apart_s, 2), "ratio_apart_over_loop": round(loop_s / apart_s, 3),
                  "apart_pace": pace(apart_out, time.time() - apart_s, apart_s), "apart_cpu_seconds": meter.done()}
+    if args.disaggregate:  # text encoding and decoding in actor pools of their own (reel render --disaggregate)
+        split_out, meter = f"{tmp}/disaggregated{n}", CpuMeter()
+        split_s, _ = pipeline(manifest, split_out, args.model, args.replicas, args.threads, args.cpus_per_replica,
+                              disaggregate=True)
+        apart.update({"disaggregated_seconds": round(split_s, 2),
+                      "ratio_disaggregated_over_loop": round(loop_s / split_s, 3),
+                      "disaggregated_pace": pace(split_out, time.time() - split_s, split_s),
+                      "disaggregated_cpu_seconds": meter.done(),
+                      "disaggregated_median_stage_seconds": stage_medians(split_out)})
     return {
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
         "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),
@@ -188,6 +197,8 @@ def main() -> None:
                         help="rounds of loop-then-pipeline (on a shared machine: compare within a round)")
     parser.add_argument("--apart", action="store_true",
                         help="also run the pipeline with the light stages in actors of their own (unfused)")
+    parser.add_argument("--disaggregate", action="store_true",
+                        help="also run the pipeline with text encoding and decoding in pools of their own")
     parser.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica (default: reel render's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

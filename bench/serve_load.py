@@ -87,6 +87,28 @@ async def main(a: argparse.Namespace) -> None:
           + (f"; {statistics.mean(create_s) * 1000:.1f} ms mean create" if create_s else ""))
 
 
+def host_cpu() -> tuple[float, float] | None:
+    """(busy, total) jiffies of this machine so far (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
+    """How many of this machine's cores were busy on average between two `host_cpu` readings (server, clients and
+    all: meaningful when the server runs here), e.g. "1.93 of 2"."""
+    import os
+
+    if before is None or after is None or after[1] == before[1]:
+        return "n/a"
+    cores = os.cpu_count() or 1
+    return f"{(after[0] - before[0]) / (after[1] - before[1]) * cores:.2f} of {cores}"
+
+
 def throughput(a: argparse.Namespace) -> None:
     """One client at a time against `a.clients` at once, the same number of clips each way."""
     import concurrent.futures
@@ -109,13 +131,15 @@ def throughput(a: argparse.Namespace) -> None:
     one(10**6)  # warm: the first render pays for lazy loads
     results = {}
     for name, workers in (("one at a time", 1), (f"{a.clients} clients", a.clients)):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), host_cpu()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             latencies = list(pool.map(one, range(a.clips * len(results), a.clips * (len(results) + 1))))
         wall = time.perf_counter() - t0
+        busy = busy_cores(cpu0, host_cpu())
         results[name] = (a.clips / wall, percentile(latencies, 50), percentile(latencies, 99))
         print(f"{name:<14} {a.clips} clips in {wall:6.1f} s: {a.clips / wall:6.3f} clips/s   latency p50 "
-              f"{results[name][1]:6.2f} s   p99 {results[name][2]:6.2f} s", flush=True)
+              f"{results[name][1]:6.2f} s   p99 {results[name][2]:6.2f} s   this machine's cores busy {busy}",
+              flush=True)
     (base, base_p50, _), (batched, p50, _) = results.values()
     print(f"throughput ratio {batched / base:.2f}x   p50 latency ratio {p50 / base_p50:.2f}x")
     metrics = httpx.get(f"{a.url}/metrics", headers={"Authorization": f"Bearer {a.key}"}).text

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from models.config import ConfigError, ModelConfig, ParallelConfig
+from models.handoff import HandsOver, TextStates, check_parts
 from models.render_types import GridLimits, ModelInfo, RenderOutput, RenderRequest
 from models.sampler import FlowMatchSampler
 from models.step_cache import StepCache
@@ -85,17 +86,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class DiffusionVideoGenerator:
-    """A `VideoGenerator`: text encoder + `VideoDiT` + rectified-flow sampler + `VideoAutoencoder`."""
+class DiffusionVideoGenerator(HandsOver):
+    """A `VideoGenerator`: text encoder + `VideoDiT` + rectified-flow sampler + `VideoAutoencoder`.
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: str | None = None):
+    `parts` (`models/handoff.py`; None: all): what to load of it, for a render whose stages run apart: "text"
+    (`encode_captions`), "dit" with "vae" (`generate_latents` from captions' states handed over), "vae"
+    (`decode_latents`).
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: str | None = None,
+                 parts: tuple[str, ...] | None = None):
         self.config = config
+        self.parts = check_parts(parts)
         self.device = torch.device(device) if device is not None else default_device()
         self.limits = grid_limits(config)
         modules, sha = load_modules(config)
-        self.vae = modules["vae"].to(self.device).requires_grad_(False)
-        self.dit = modules["dit"].to(self.device).requires_grad_(False)
-        self.text_encoder = TextEncoder(config.text, self.device)
+        self.vae = modules["vae"].to(self.device).requires_grad_(False) if "vae" in self.parts else None
+        self.dit = modules["dit"].to(self.device).requires_grad_(False) if "dit" in self.parts else None
+        self.text_encoder = TextEncoder(config.text, self.device) if "text" in self.parts else None
         self.sampler = FlowMatchSampler(config.sampler.steps, config.sampler.guidance, config.sampler.shift)
         self.info = ModelInfo(name=config.name, version=config.version, weights_sha256=sha)
         # the weights stay fp32; `dtype` is the autocast precision (None: bfloat16 on GPUs, none on CPUs)
@@ -111,14 +119,63 @@ class DiffusionVideoGenerator:
         """`torch.compile` each transformer block in place (`nn.Module.compile`: the weights and their names
         stay; every block has the same code, so one compiled graph serves them all)."""
         dit = getattr(self.dit, "dit", self.dit)  # a ParallelVideoDiT wraps the model
-        for block in dit.blocks:
+        for block in dit.blocks if dit is not None else ():
             block.compile()
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
+    def generate(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None
+                 ) -> list[RenderOutput]:
+        self.require("dit", "sample a clip")
         for request in requests:  # all or nothing: reject before spending time on any
             self.check(request)
-        return [self._generate_one(request) for request in requests]
+        with self.text_from(text_states):
+            return [self._generate_one(request) for request in requests]
+
+    # --- the stages apart (models/handoff.py) ---------------------------------------------------
+
+    def encode_captions(self, captions: Sequence[str]) -> TextStates:
+        """{caption: (states, mask)} on the CPU, each caption encoded on its own (as `generate` encodes it)."""
+        self.require("text", "encode captions")
+        return {c: tuple(t.cpu() for t in self.text_encoder.encode([c])) for c in dict.fromkeys(captions)}
+
+    def hands_over(self, r: RenderRequest) -> bool:
+        """A request sampled in one window from noise or a remix: its frames are its latents' decode. (Given
+        frames are returned as given, and a long clip's windows are conditioned on the frames decoded
+        before them: those decode where they sample.)"""
+        return r.cond_frames is None and r.strength > 0 and len(self.windows(r)) == 1
+
+    @torch.no_grad()
+    def generate_latents(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None
+                         ) -> list[RenderOutput]:
+        self.require("dit", "sample a clip")
+        for r in requests:
+            self.check(r)
+            if not self.hands_over(r):
+                raise ValueError("this request decodes where it samples (given frames, or more than one window)")
+        outputs = []
+        with self.text_from(text_states):
+            for r in requests:
+                t0 = self._now()
+                (text, text_mask), (uncond, uncond_mask) = self.caption_states([r.caption]), \
+                    self.caption_states([r.negative_caption])
+                timings = {"text": self._now() - t0, "sample": 0.0}
+                cache = None if r.step_cache is None else self.new_step_cache(r.step_cache)
+                latents = self._window_latents(r, text, text_mask, uncond, uncond_mask, timings, cache)
+                outputs.append(RenderOutput(frames=None, latents=latents.cpu(), timings=timings,
+                                            steps_computed=None if cache is None else cache.steps_computed))
+        return outputs
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        self.require("vae", "decode latents")
+        return self.decode_frames(latents.to(self.device))
+
+    def caption_states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of the captions: the ones handed over (`text_from`), else this generator's encoder's."""
+        given = [self.given_states(c) for c in captions]
+        if given[0] is None:
+            return self.text_encoder.encode(list(captions))
+        return torch.cat([g[0] for g in given]), torch.cat([g[1] for g in given])
 
     @torch.no_grad()
     def generate_together(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
@@ -131,6 +188,7 @@ class DiffusionVideoGenerator:
         (given frames, a remix, more than one window, a step cache) are sampled alone. Each output's timings carry
         `batch`, the number of requests its batch held.
         """
+        self.require("dit", "sample a clip")
         for request in requests:
             self.check(request)
         outputs: list[RenderOutput | None] = [None] * len(requests)
@@ -156,8 +214,8 @@ class DiffusionVideoGenerator:
     def _generate_batch(self, rs: Sequence[RenderRequest]) -> list[RenderOutput]:
         """Single-window text→video requests of one `batch_key`, sampled together."""
         t0 = self._now()
-        text, text_mask = self.text_encoder.encode([r.caption for r in rs])
-        uncond, uncond_mask = self.text_encoder.encode([r.negative_caption for r in rs])
+        text, text_mask = self.caption_states([r.caption for r in rs])
+        uncond, uncond_mask = self.caption_states([r.negative_caption for r in rs])
         t1 = self._now()
         shape = (1, *self.vae.latent_shape(rs[0].frames, rs[0].height, rs[0].width))
         noise = torch.cat([torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(r.seed))
@@ -177,8 +235,8 @@ class DiffusionVideoGenerator:
 
     def _generate_one(self, r: RenderRequest) -> RenderOutput:
         t0 = self._now()
-        text, text_mask = self.text_encoder.encode([r.caption])
-        uncond, uncond_mask = self.text_encoder.encode([r.negative_caption])
+        text, text_mask = self.caption_states([r.caption])
+        uncond, uncond_mask = self.caption_states([r.negative_caption])
         timings = {"text": self._now() - t0, "sample": 0.0, "decode": 0.0}
         caches: list[StepCache] = []
         if r.strength == 0.0:  # a remix at strength 0 is the input itself
@@ -228,6 +286,15 @@ class DiffusionVideoGenerator:
     def _sample_window(self, r: RenderRequest, text, text_mask, uncond, uncond_mask,
                        timings: dict[str, float], step_cache: StepCache | None = None) -> np.ndarray:
         """Frames (uint8 T×H×W×3) of one window; adds its seconds to `timings`."""
+        latents = self._window_latents(r, text, text_mask, uncond, uncond_mask, timings, step_cache)
+        t2 = self._now()
+        frames = self.decode_frames(latents)
+        timings["decode"] += self._now() - t2
+        return frames
+
+    def _window_latents(self, r: RenderRequest, text, text_mask, uncond, uncond_mask,
+                        timings: dict[str, float], step_cache: StepCache | None = None) -> torch.Tensor:
+        """The sampled latents (1, C, T', H', W') of one window; adds its seconds to `timings`["sample"]."""
         t1 = self._now()
         shape = (1, *self.vae.latent_shape(r.frames, r.height, r.width))
         noise = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(r.seed))
@@ -240,11 +307,8 @@ class DiffusionVideoGenerator:
                 cond_latents=cond_latents, cond_mask=cond_mask, steps=r.steps, guidance=r.guidance,
                 init_latents=init, strength=r.strength if remix else 1.0, step_cache=step_cache,
             )
-        t2 = self._now()
-        frames = self.decode_frames(latents)
-        timings["sample"] += t2 - t1
-        timings["decode"] += self._now() - t2
-        return frames
+        timings["sample"] += self._now() - t1
+        return latents
 
     def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 frames (T, H, W, 3) of one window's latents (1, C, T', H', W')."""
@@ -300,13 +364,16 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
     DECODE_TILE = (4, 64, 64)
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, group=None,
-                 device: torch.device | str | None = None, dtype: str | None = None):
+                 device: torch.device | str | None = None, dtype: str | None = None,
+                 parts: tuple[str, ...] | None = None):
         from models.config import check_layout
         from models.parallel import ParallelSampler, build_mesh, parallelize
         from models.vae import decoder_receptive_field
 
         check_layout(parallel, config.dit, guidance=config.sampler.guidance)  # before loading weights
-        super().__init__(config, device, dtype)
+        if "dit" not in check_parts(parts):
+            raise ValueError("a parallel group samples: its parts must include 'dit'")
+        super().__init__(config, device, dtype, parts)
         self.mesh = build_mesh(parallel, config.dit, group=group, guidance=config.sampler.guidance)
         self.dit = parallelize(self.dit, self.mesh)
         s = config.sampler

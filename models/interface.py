@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 from models.config import ConfigError, ModelConfig, ParallelConfig, ParallelConfigError, check_layout, load_config
 from models.errors import UserError
 from models.files import file_version, local_model_dir
+from models.handoff import PARTS, from_bytes, to_bytes
 from models.render_types import (
     DEFAULT_STEP_CACHE,
     DTYPES,
     MODES,
+    DisaggregatedGenerator,
     GridLimits,
     LoraAdapter,
     ModelInfo,
@@ -50,17 +52,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConfigError", "GridLimits", "ModelConfig", "ModelInfo", "ParallelConfig", "ParallelConfigError",
-           "DEFAULT_STEP_CACHE", "DTYPES", "LoraAdapter", "MODEL_RECAPTIONERS", "MODES", "RenderOutput",
-           "RenderRequest", "UserError",
-           "VideoGenerator", "check_layout", "check_load_options", "check_model_layout", "describe_model",
-           "file_version", "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
-           "lora_records", "model_layout", "model_recaptioner", "store_options"]
+           "DEFAULT_STEP_CACHE", "DTYPES", "DisaggregatedGenerator", "LoraAdapter", "PARTS", "MODEL_RECAPTIONERS",
+           "MODES", "RenderOutput", "RenderRequest", "UserError", "VideoGenerator", "check_layout",
+           "check_load_options", "check_model_layout", "describe_model", "file_version", "from_bytes",
+           "is_wan_folder", "join_render_group", "load_config", "load_generator", "local_model_dir",
+           "lora_records", "model_layout", "model_recaptioner", "store_options", "to_bytes"]
 
 
 def load_generator(spec: str | ModelConfig = "default", device: torch.device | str | None = None,
                    num_threads: int | None = None, parallel: ParallelConfig | None = None,
                    group=None, dtype: str | None = None, offload: bool = False,
-                   compile: bool = False) -> VideoGenerator:
+                   compile: bool = False, parts: tuple[str, ...] | None = None) -> VideoGenerator:
     """A ready generator for a config (shipped name, .json path, folder or URI, or a ModelConfig),
     or for a folder / URI holding a diffusers Wan pipeline (model_index.json: `models/wan/`).
 
@@ -72,6 +74,8 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
     takes; None: bf16 on GPUs, fp32 on CPUs). The generator's `precision` names the one it runs in.
     `compile`: the DiT's blocks go through `torch.compile` (compiled at the first render of each shape;
     the frames equal the eager ones to float rounding).
+    `parts`: what to load for a render whose stages run apart (`models/handoff.py`): "text" to encode
+    captions, "dit" + "vae" to sample latents from states handed over, "vae" to decode them; None: all.
     """
     import torch
 
@@ -84,15 +88,16 @@ def load_generator(spec: str | ModelConfig = "default", device: torch.device | s
 
         from models.wan.generator import WanVideoGenerator
 
-        gen = WanVideoGenerator(folder, device=device, parallel=parallel, group=group, dtype=dtype, offload=offload)
+        gen = WanVideoGenerator(folder, device=device, parallel=parallel, group=group, dtype=dtype, offload=offload,
+                                parts=parts)
     else:
         from models.generator import DiffusionVideoGenerator, ParallelVideoGenerator
 
         config = spec if isinstance(spec, ModelConfig) else load_config(spec)
         if parallel is not None:
-            gen = ParallelVideoGenerator(config, parallel, group=group, device=device, dtype=dtype)
+            gen = ParallelVideoGenerator(config, parallel, group=group, device=device, dtype=dtype, parts=parts)
         else:
-            gen = DiffusionVideoGenerator(config, device=device, dtype=dtype)
+            gen = DiffusionVideoGenerator(config, device=device, dtype=dtype, parts=parts)
     if compile:
         gen.compile_blocks()
     return gen

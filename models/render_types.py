@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -232,12 +232,14 @@ class RenderOutput:
     """Frames of one clip (uint8, T×H×W×3) and seconds spent per stage (text, sample, decode).
 
     `steps_computed`: with a step cache, the sampling steps that ran every block (summed over a long
-    clip's windows); None without one.
+    clip's windows); None without one. `latents`: what `generate_latents` gives instead of frames (a CPU
+    tensor its `decode_latents` turns into them; `models/handoff.py`); `frames` is None then.
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     timings: dict[str, float]
     steps_computed: int | None = None
+    latents: Any = None
 
 
 @runtime_checkable
@@ -246,7 +248,30 @@ class VideoGenerator(Protocol):
     limits: GridLimits
     precision: str  # the dtype it computes in ("float32", "bfloat16", …): what a clip's metadata records
 
-    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
+    def generate(self, requests: Sequence[RenderRequest], text_states: dict | None = None) -> list[RenderOutput]:
         """Sample each request. The same request gives the same frames on the same machine,
-        whatever else is in the batch."""
+        whatever else is in the batch. `text_states`: its captions' states, handed over by another process's
+        `encode_captions` (a disaggregated render, `models/handoff.py`), instead of this one's text encoder."""
+        ...
+
+
+class DisaggregatedGenerator(VideoGenerator, Protocol):
+    """A `VideoGenerator` whose stages can run apart (`models/handoff.py`): loaded with some of its `parts`, it
+    encodes captions, samples latents, or decodes them; the pieces give `generate`'s frames exactly."""
+
+    def encode_captions(self, captions: Sequence[str]) -> dict:
+        """{caption: its text states, CPU tensors}, each caption encoded on its own."""
+        ...
+
+    def hands_over(self, request: RenderRequest) -> bool:
+        """Whether `generate_latents` takes the request (its frames are its latents' decode alone)."""
+        ...
+
+    def generate_latents(self, requests: Sequence[RenderRequest], text_states: dict | None = None
+                         ) -> list[RenderOutput]:
+        """`generate` up to the decoder: outputs with `latents` (CPU tensors) and no frames."""
+        ...
+
+    def decode_latents(self, latents: Any) -> np.ndarray:
+        """uint8 frames (T, H, W, 3) of one request's latents from `generate_latents`."""
         ...

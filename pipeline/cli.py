@@ -130,6 +130,7 @@ def _render(args: argparse.Namespace) -> int:
         threads_per_replica=args.threads, progress=args.progress, policy=args.policy,
         blur_faces=args.blur_faces, parallel=_parallel_overrides(args), codec=args.codec,
         dtype=args.dtype, offload=args.offload, step_cache=args.step_cache, compile=args.compile,
+        disaggregate=args.disaggregate, stage_gpus=args.stage_gpus,
     )
     try:
         summary = render_manifest(cfg)
@@ -182,6 +183,14 @@ def _add_speed_options(p: argparse.ArgumentParser, render: bool = True) -> None:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the DiT's blocks in each replica (compiled at its first clip of each "
                             "size: minutes on CPUs, worth it on GPUs for long runs); frames equal to rounding")
+        p.add_argument("--disaggregate", action="store_true",
+                       help="text encoding and VAE decoding in actor pools of their own, so the render replicas "
+                            "hold the DiT alone and only sample (for a text encoder or decode that does not fit "
+                            "beside the DiT; docs/THROUGHPUT.md); the same frames. Off by default: on CPUs every "
+                            "stage competes for the same cores")
+        p.add_argument("--stage-gpus", type=float, default=0.0, metavar="G",
+                       help="with --disaggregate: GPUs each text-encoding and decoding actor reserves (default 0: "
+                            "CPU actors; 0.5 puts both on one GPU beside the DiT replicas' own)")
 
 
 def _add_precision_options(p: argparse.ArgumentParser, offload_default: bool | None = False) -> None:

@@ -35,9 +35,9 @@ from models.wan.folder import WanFolder, WanFolderError
 
 @dataclass
 class WanComponents:
-    tokenizer: object
-    text_encoder: UMT5EncoderModel
-    vae: AutoencoderKLWan
+    tokenizer: object | None
+    text_encoder: UMT5EncoderModel | None
+    vae: AutoencoderKLWan | None
     experts: dict[str, WanTransformer3DModel]  # "transformer" and/or "transformer_2"
     scheduler: SchedulerMixin
     image_encoder: CLIPVisionModel | None = None  # Wan 2.1 I2V / FLF2V: fp32, as diffusers' examples load it
@@ -45,24 +45,32 @@ class WanComponents:
 
 
 def load_components(folder: WanFolder, device: torch.device, dtype: torch.dtype,
-                    offload: bool = False) -> WanComponents:
+                    offload: bool = False, parts: tuple[str, ...] = ("text", "dit", "vae")) -> WanComponents:
     """Every part of the folder, in eval mode, gradients off; text encoder and transformers in `dtype`
     (the transformers' fp32 modules kept), the VAE in fp32. All on `device`; with `offload` the text
-    encoder and transformers stay on the CPU (the generator moves each to the device while it runs)."""
+    encoder and transformers stay on the CPU (the generator moves each to the device while it runs).
+
+    `parts` (`models/handoff.py`): "text" the tokenizer and text encoder, "dit" the transformers and the image
+    encoder, "vae" the VAE; what is not asked for is None (no experts without "dit")."""
     path = folder.path
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
-    text_encoder = _load(folder, "text_encoder", UMT5EncoderModel, dtype=dtype)
-    vae = _load(folder, "vae", AutoencoderKLWan, torch_dtype=torch.float32)
-    experts = {name: _load(folder, name, WanTransformer3DModel, torch_dtype=dtype) for name in folder.transformers}
+    tokenizer = text_encoder = vae = None
+    if "text" in parts:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
+        text_encoder = _load(folder, "text_encoder", UMT5EncoderModel, dtype=dtype)
+    if "vae" in parts:
+        vae = _load(folder, "vae", AutoencoderKLWan, torch_dtype=torch.float32)
+    experts = {name: _load(folder, name, WanTransformer3DModel, torch_dtype=dtype)
+               for name in (folder.transformers if "dit" in parts else ())}
     image_encoder = image_processor = None
-    if folder.image_processor:  # the class model_index.json names, as the pipeline loads it
+    if folder.image_processor and "dit" in parts:  # the class model_index.json names, as the pipeline loads it
         image_encoder = _load(folder, "image_encoder", CLIPVisionModel, torch_dtype=torch.float32)
         image_processor = getattr(transformers, folder.image_processor).from_pretrained(
             os.path.join(path, "image_processor"), local_files_only=True)
     offloaded = [m for m in (text_encoder, image_encoder, *experts.values()) if m is not None]
-    for module in (vae, *offloaded):
+    kept = [vae] if vae is not None else []
+    for module in (*kept, *offloaded):
         module.eval().requires_grad_(False)
-    for module in (vae,) if offload else (vae, *offloaded):
+    for module in kept if offload else (*kept, *offloaded):
         module.to(device)
     return WanComponents(tokenizer, text_encoder, vae, experts, load_scheduler(folder), image_encoder, image_processor)
 

@@ -72,6 +72,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from models.config import ParallelConfig
+from models.handoff import HandsOver, TextStates, check_parts
 from models.render_types import DTYPES, RenderOutput, RenderRequest
 from models.step_cache import StepCache
 from models.wan.components import load_components
@@ -87,17 +88,21 @@ from models.wan.windows import ContextHold, sample_long
 MAX_SEQUENCE_LENGTH = 512
 
 
-class WanVideoGenerator:
+class WanVideoGenerator(HandsOver):
     """A `VideoGenerator` over a checked `WanFolder` (see the module's docstring).
 
     `parallel`: this process is one rank of a group running that layout over `group` (None: the
     default world, joined first); a layout the folder cannot take is refused before any weight loads.
+    `parts` (`models/handoff.py`; None: all): what to load for a render whose stages run apart: "text" (the
+    tokenizer and umT5: `encode_captions`), "dit" + "vae" (the experts, the image encoder and the VAE:
+    `generate_latents` from text states handed over), "vae" (`decode_latents`).
     """
 
     def __init__(self, folder: WanFolder, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, offload: bool = False,
-                 parallel: ParallelConfig | None = None, group=None):
+                 parallel: ParallelConfig | None = None, group=None, parts: tuple[str, ...] | None = None):
         self.folder = folder
+        self.parts = check_parts(parts)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
@@ -111,13 +116,14 @@ class WanVideoGenerator:
         self.info = wan_model_info(folder)
         if parallel is not None:
             check_wan_layout(parallel, folder)
-        parts = load_components(folder, self.device, self.dtype, offload=offload)
+        parts = load_components(folder, self.device, self.dtype, offload=offload, parts=self.parts)
         self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
         self.scheduler = parts.scheduler  # a fresh copy samples each request
         self.image_encoder, self.image_processor = parts.image_encoder, parts.image_processor
         self.transformer, self.transformer_2 = parts.experts.get("transformer"), parts.experts.get("transformer_2")
         first = self.transformer if self.transformer is not None else self.transformer_2
-        self.transformer_dtype = first.dtype  # of the text states and the transformers' input, as in WanPipeline
+        # of the text states and the transformers' input, as in WanPipeline (None: a text or decode stage)
+        self.transformer_dtype = first.dtype if first is not None else None
         self.video_processor = VideoProcessor(vae_scale_factor=folder.spatial_factor)
         self.mesh = None  # the process groups of a parallel layout
         self.shards = {}  # per expert (by id): its sp token split
@@ -155,16 +161,42 @@ class WanVideoGenerator:
                              f"{self.limits.window_frames} frames, got {request.frames}")
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
+    def generate(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None,
+                 decode: bool = True) -> list[RenderOutput]:
+        self.require("dit", "sample a clip")
         for request in requests:  # all or nothing: reject before spending time on any
             self.check(request)
+            if not decode and not self.hands_over(request):
+                raise ValueError("a remix at a strength that leaves no step has no latents to hand over")
         outputs = []
-        for request in requests:
-            self.adapters.activate(request.lora)  # loads only when they differ from the last request's
-            outputs.append(self._generate_one(request))
+        with self.text_from(text_states):
+            for request in requests:
+                self.adapters.activate(request.lora)  # loads only when they differ from the last request's
+                outputs.append(self._generate_one(request, decode))
         return outputs
 
-    def _generate_one(self, r: RenderRequest) -> RenderOutput:
+    # --- the stages apart (models/handoff.py) ---------------------------------------------------
+
+    def encode_captions(self, captions: Sequence[str]) -> TextStates:
+        """{caption: (states,)} on the CPU, each as `generate` encodes it (umT5, zeros past its tokens)."""
+        self.require("text", "encode captions")
+        return {c: (self.encode_text(c).cpu(),) for c in dict.fromkeys(captions)}
+
+    def hands_over(self, r: RenderRequest) -> bool:
+        """Every request but a remix that takes no step (its frames are the video itself): a clip's frames are
+        its latents' decode, long clips' and given pictures' included."""
+        return not (r.init_frames is not None and int(r.steps * r.strength) == 0)
+
+    def generate_latents(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None
+                         ) -> list[RenderOutput]:
+        return self.generate(requests, text_states, decode=False)
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        self.require("vae", "decode latents")
+        return self.decode(latents)
+
+    def _generate_one(self, r: RenderRequest, decode: bool = True) -> RenderOutput:
         if r.init_frames is not None and int(r.steps * r.strength) == 0:  # a remix that takes no step: the video
             return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8),
                                 timings={"text": 0.0, "sample": 0.0, "decode": 0.0})
@@ -183,8 +215,11 @@ class WanVideoGenerator:
             else:
                 latents = self.sample(r, cond, uncond, pictures, caches)
         t2 = self._now()
-        frames = self.decode(latents)
         computed = sum(c.step_cache.steps_computed for c in caches.values()) if caches else None
+        if not decode:
+            return RenderOutput(frames=None, latents=latents.cpu(), timings={"text": t1 - t0, "sample": t2 - t1},
+                                steps_computed=computed)
+        frames = self.decode(latents)
         return RenderOutput(frames=frames, timings={"text": t1 - t0, "sample": t2 - t1, "decode": self._now() - t2},
                             steps_computed=computed)
 
@@ -203,7 +238,10 @@ class WanVideoGenerator:
                 for expert in (self.transformer, self.transformer_2) if expert is not None}
 
     def encode_text(self, text: str) -> torch.Tensor:
-        """(1, 512, dim) states of a cleaned prompt, zeros past its tokens."""
+        """(1, 512, dim) states of a cleaned prompt, zeros past its tokens (or the ones handed over for it)."""
+        given = self.given_states(text)
+        if given is not None:
+            return given[0]
         tokens = self.tokenizer([prompt_clean(text)], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")

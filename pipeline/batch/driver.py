@@ -67,6 +67,8 @@ class RenderConfig:
     offload: bool = False  # a Wan folder's text encoder and idle expert on the CPU between uses
     compile: bool = False  # torch.compile the DiT's blocks (frames equal to rounding; not in the request)
     fuse: bool | None = None  # light stages inside the render replicas; None: on CPU-only runs (build_stages)
+    disaggregate: bool = False  # text encoding and VAE decoding in actor pools of their own (pipeline/stages/apart.py)
+    stage_gpus: float = 0.0  # with disaggregate: GPUs each text / decode actor reserves (0: CPU actors)
 
     def __post_init__(self):
         self.out = storage.absolute(self.out)  # the metadata's URIs must not depend on the cwd
@@ -153,7 +155,7 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
             inputs_limits=limits if any(_has_media(s) for s in todo) else None, replicas=cfg.replicas,
             gpus_per_replica=cfg.gpus_per_replica, cpus_per_replica=cfg.cpus_per_replica,
             threads_per_replica=cfg.threads_per_replica, dtype=cfg.dtype, offload=cfg.offload, compile=cfg.compile,
-            fuse=cfg.fuse)
+            fuse=cfg.fuse, disaggregate=cfg.disaggregate, stage_gpus=cfg.stage_gpus)
         try:
             with _stop_signals():
                 for row in stream(items, stages, cfg.progress):
@@ -216,9 +218,12 @@ def check_options(cfg: RenderConfig) -> None:
         if value is not None and value < low:
             raise UsageError(f"{name} must be {low} or more, got {value}")
     for name, value, zero_ok in (("--cpus-per-replica", cfg.cpus_per_replica, False),
-                                 ("--gpus-per-replica", cfg.gpus_per_replica, True)):
+                                 ("--gpus-per-replica", cfg.gpus_per_replica, True),
+                                 ("--stage-gpus", cfg.stage_gpus, True)):
         if value is not None and not (value > 0 or (zero_ok and value == 0)):  # NaN fails too
             raise UsageError(f"{name} must be {'0 or ' if zero_ok else ''}a positive number, got {value:g}")
+    if cfg.stage_gpus and not cfg.disaggregate:
+        raise UsageError("--stage-gpus is for the text and decode stages of --disaggregate; add --disaggregate")
     if storage.is_local(cfg.out) and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is an existing file; name a folder (it is created when missing)")
 

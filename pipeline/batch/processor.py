@@ -3,6 +3,8 @@ under, and the stream of rows through them.
 
     recaption (CPU actor) → (inputs, CPU actor) → render (replicas: GPU or CPU actors) → write (CPU actor)
 
+(with `--disaggregate`, render is text → sample → decode: `pipeline/stages/apart.py`)
+
 `build_stages` sizes the render replicas from the cluster (`pipeline.stages.replica.replica_resources`
 gives the per-replica defaults), `stream` runs the rows through the stages on Ray Data and yields
 them as they come out, `clip_item` is the row a validated clip starts as.
@@ -22,6 +24,7 @@ from pipeline.batch.manifest import ClipSpec
 from pipeline.errors import UsageError
 from pipeline.media.provenance import C2paConfig
 from pipeline.prompt.recaption import LLM_PREFIXES
+from pipeline.stages.apart import DecodeUDF, TextStatesUDF
 from pipeline.stages.base import FusedUDF, Stage
 from pipeline.stages.inputs import InputsUDF
 from pipeline.stages.prompt import RecaptionUDF
@@ -54,7 +57,8 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
                  inputs_limits: GridLimits | None = None, replicas: int | None = None,
                  gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,
                  threads_per_replica: int | None = None, dtype: str | None = None,
-                 offload: bool = False, compile: bool = False, fuse: bool | None = None) -> list[Stage]:
+                 offload: bool = False, compile: bool = False, fuse: bool | None = None,
+                 disaggregate: bool = False, stage_gpus: float = 0.0) -> list[Stage]:
     """The processor: recaption → (inputs) → render → write, each with the resources it runs under.
 
     `model_spec` is the model to load (with `dtype`, `offload` and `compile`: `load_generator`'s), `model` its
@@ -78,6 +82,12 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
     runs the light stages inside the render replicas, one `FusedUDF` stage: on a machine of a few
     cores, separate light actors only take cores, start-up and object-store copies from the
     replicas (measured: docs/THROUGHPUT.md). GPU replicas keep them apart, so a GPU only samples.
+
+    `disaggregate` runs text encoding and VAE decoding in actor pools of their own (`pipeline/stages/apart.py`),
+    each actor reserving `stage_gpus` GPUs (0: a CPU actor) and loading only its part of the model; the render
+    replicas load the DiT without the text encoder and only sample. Off by default: it pays where the text
+    encoder or the decode does not fit beside the DiT, or where another device is free to decode while the DiT
+    samples (docs/THROUGHPUT.md); on CPUs every stage competes for the same cores.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -90,16 +100,20 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
     use_gpus = bool(gpus) if gpus_per_replica is None else bool(gpus_per_replica)
     cpus_per_replica, gpus_per_replica = replica_resources(world, use_gpus, cpus_per_replica, gpus_per_replica)
     threads = threads_per_replica if threads_per_replica is not None else (None if gpus_per_replica else 1)
+    if disaggregate and fuse:
+        raise UsageError("--disaggregate runs the text and decode stages in pools of their own: it cannot fuse them "
+                         "into the render replicas")
     if not replicas:
-        if gpus_per_replica:
-            replicas = max(1, int(gpus // gpus_per_replica))
+        if gpus_per_replica:  # the text and decode pools' first actors take their GPUs first
+            replicas = max(1, int((gpus - (2 * stage_gpus if disaggregate else 0)) // gpus_per_replica))
         else:
             replicas = max(1, int(resources.get("CPU", 1) // threads)) if world == 1 else 1
     if clips:
         replicas = min(replicas, clips)
     if world == 1:
         check_replica_fits(gpus_per_replica, cpus_per_replica)
-    render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload, "compile": compile}
+    render = {"model": model_spec, "num_threads": threads, "dtype": dtype, "offload": offload, "compile": compile,
+              **({"disaggregated": True} if disaggregate else {})}
     render_resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if world > 1:  # the ranks reserve the devices; the render actor only drives them
         try:
@@ -131,6 +145,13 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
         Stage(WriteUDF, {"out": out, "model": model, "run_id": run_id, "blur_faces": blur_faces, "c2pa": c2pa,
                          "codec": codec}, light()),
     ]
+    if disaggregate:
+        part = {"model": model_spec, "num_threads": threads, "dtype": dtype}
+        pool = {"compute": ActorPoolStrategy(min_size=1, max_size=replicas), "num_cpus": 1 if stage_gpus else 0.25,
+                "num_gpus": stage_gpus}
+        at = next(i for i, s in enumerate(stages) if s.udf is RenderUDF)
+        stages[at:at + 1] = [Stage(TextStatesUDF, part, dict(pool)), stages[at], Stage(DecodeUDF, part, dict(pool))]
+        return stages
     if fuse is None:
         fuse = not gpus_per_replica and world == 1 and not recaptioner.startswith(LLM_PREFIXES)
     if fuse:
@@ -161,7 +182,7 @@ def clip_item(spec: ClipSpec, request_sha256: str, passthrough: bytes) -> dict[s
     item.update(request_sha256=request_sha256, passthrough=passthrough, caption="", recaptioner="",
                 timings="{}", error="", stage="", video_uri="", frames_data=b"", frames_shape="",
                 shots=json.dumps(item["shots"]) if item["shots"] else "", shot_captions="", shot_records="",
-                inputs=b"", dtype="", lora_records="",
+                inputs=b"", dtype="", lora_records="", text_states=b"", latents=b"",
                 lora=json.dumps([{"uri": a[0], "scale": a[1]} for a in item["lora"]]) if item["lora"] else "")
     return item
 

@@ -86,10 +86,36 @@ def base_request(row: dict[str, Any]) -> RenderRequest:
         lora=row_adapters(row), step_cache=optional_number(row.get("step_cache")))
 
 
-def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str, np.ndarray]
+def single_request(row: dict[str, Any], inputs: dict[str, np.ndarray], limits: GridLimits) -> RenderRequest | None:
+    """The one request a row's clip is, where its frames are that request's (`single_request_frames`):
+    text→video, a still, image→video, interpolation between two pictures. None for the modes that render
+    several requests or join given frames to the new ones (extension, interpolation between clips, remix,
+    storyboards)."""
+    base = base_request(row)
+    mode = row["mode"]
+    if mode == "t2v":
+        return base
+    if mode == "image":
+        return replace(base, frames=limits.min_frames)
+    if mode == "i2v":
+        return replace(base, cond_frames=inputs["image"], cond_index=(0,))
+    if mode == "interpolate" and "image" in inputs:
+        ends = np.concatenate([inputs["image"], inputs["image_end"]])
+        return replace(base, cond_frames=ends, cond_index=(0, base.frames - 1))
+    return None
+
+
+def single_request_frames(row: dict[str, Any], frames: np.ndarray) -> np.ndarray:
+    """The clip of a row from its `single_request`'s frames (a still keeps the first)."""
+    return frames[:1] if row["mode"] == "image" else frames
+
+
+def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str, np.ndarray],
+                text_states: dict | None = None
                 ) -> tuple[np.ndarray, dict[str, float], list[dict[str, Any]], int | None]:
     """(frames uint8 T×H×W×3, seconds per stage, per-shot records, steps computed with the step cache or
-    None) of one validated row."""
+    None) of one validated row. `text_states`: its captions' states, handed over by a text stage
+    (`models/handoff.py`), for a generator loaded without its text encoder."""
     limits = generator.limits
     base = base_request(row)
     timings: dict[str, float] = {}
@@ -97,7 +123,7 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
     computed: list[int] = []
 
     def run(request: RenderRequest) -> np.ndarray:
-        out = generator.generate([request])[0]
+        out = generator.generate([request], text_states=text_states)[0]
         for k, v in out.timings.items():
             timings[k] = timings.get(k, 0.0) + v
         if out.steps_computed is not None:
@@ -105,15 +131,9 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
         return out.frames
 
     mode = row["mode"]
-    if mode == "t2v":
-        frames = run(base)
-    elif mode == "image":
-        frames = run(replace(base, frames=limits.min_frames))[:1]
-    elif mode == "i2v":
-        frames = run(replace(base, cond_frames=inputs["image"], cond_index=(0,)))
-    elif mode == "interpolate" and "image" in inputs:
-        ends = np.concatenate([inputs["image"], inputs["image_end"]])
-        frames = run(replace(base, cond_frames=ends, cond_index=(0, base.frames - 1)))
+    single = single_request(row, inputs, limits)
+    if single is not None:
+        frames = single_request_frames(row, run(single))
     elif mode == "interpolate":
         first, last = inputs["video"], inputs["video_end"]
         gap = _between(run, base, limits, first, last)
@@ -134,6 +154,11 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
         raise ValueError(f"unknown mode {mode!r}")
     return frames, timings, shots, sum(computed) if computed else None
 
+
+def row_captions(row: dict[str, Any]) -> list[str]:
+    """Every caption a row's requests carry: its caption (or each shot's), and its negative caption."""
+    shots = json.loads(row.get("shot_captions") or "[]") if row["mode"] == "storyboard" else []
+    return [*(shots or [row["caption"]]), row.get("negative_prompt") or ""]
 
 
 def row_adapters(row: dict[str, Any]) -> tuple[LoraAdapter, ...]:

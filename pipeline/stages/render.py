@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.stages.base import add_timing, each_row
-from pipeline.stages.modes import base_request, inputs_from_bytes, render_clip, row_adapters
+from pipeline.stages.modes import (
+    base_request,
+    inputs_from_bytes,
+    render_clip,
+    row_adapters,
+    single_request,
+)
 
 
 class RenderUDF:
@@ -25,11 +31,19 @@ class RenderUDF:
     `dtype` / `offload` / `compile`: the precision, CPU offload and torch.compile of the DiT's blocks the model
     loads with (`load_generator`); the
     precision it runs in goes into each row (`dtype`, recorded in the metadata).
+
+    `disaggregated`: the sampling stage of a render whose stages run apart (`pipeline/stages/apart.py`): the
+    model loads without its text encoder and samples from the text states the text stage left in each row;
+    a row whose clip is one request the generator hands over (`single_request`, `hands_over`) leaves its
+    latents for the decode stage instead of frames. Other rows decode here.
     """
 
     def __init__(self, model: str, num_threads: int | None = None, parallel=None,
                  rank_bundle: dict[str, float] | None = None, placement_prefix: str | None = None,
-                 dtype: str | None = None, offload: bool = False, compile: bool = False):
+                 dtype: str | None = None, offload: bool = False, compile: bool = False,
+                 disaggregated: bool = False):
+        self.disaggregated = disaggregated
+        parts = ("dit", "vae") if disaggregated else None
         if parallel is not None and parallel.world_size > 1:
             import ray
 
@@ -40,16 +54,30 @@ class RenderUDF:
             self.generator = ModelParallelReplica(model, parallel, rank_bundle=rank_bundle, num_threads=num_threads,
                                                   placement_name=name,
                                                   load_options={"dtype": dtype, "offload": offload,
-                                                                "compile": compile})
+                                                                "compile": compile, "parts": parts})
         else:
             from models.interface import load_generator  # torch loads in the actor, not the driver
 
             self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, offload=offload,
-                                            compile=compile)
+                                            compile=compile, parts=parts)
 
     def render_row(self, row: dict[str, Any]) -> None:
-        frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs_from_bytes(row.get("inputs")))
-        self._fill(row, frames, timings, shots, steps_computed)
+        inputs = inputs_from_bytes(row.get("inputs"))
+        if not self.disaggregated:
+            self._fill(row, *render_clip(self.generator, row, inputs))
+            return
+        from models.interface import from_bytes, to_bytes
+
+        states = from_bytes(row["text_states"])
+        row["text_states"] = b""  # the text stage's work is done: the row travels on without it
+        request = single_request(row, inputs, self.generator.limits)
+        if request is not None and self.generator.hands_over(request):
+            [out] = self.generator.generate_latents([request], text_states=states)
+            row["latents"] = to_bytes(out.latents)
+            self._fill(row, None, without_text(out.timings), [], out.steps_computed)
+        else:
+            frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs, text_states=states)
+            self._fill(row, frames, without_text(timings), shots, steps_computed)
 
     def render_rows(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
         """`render_row` for several rows, text→video rows of one shape and settings sampled as one
@@ -79,13 +107,12 @@ class RenderUDF:
                 self._fill(rows[i], out.frames, out.timings, [], out.steps_computed)
         return errors
 
-    def _fill(self, row: dict[str, Any], frames: np.ndarray, timings: dict[str, float],
+    def _fill(self, row: dict[str, Any], frames: np.ndarray | None, timings: dict[str, float],
               shots: list[dict[str, Any]], steps_computed: int | None = None) -> None:
-        """The rendered frames, precision, shots, timings, LoRA records and the step cache's steps computed
-        into the row (as the write stage reads them)."""
-        frames = np.ascontiguousarray(frames, dtype=np.uint8)
-        row["frames_data"] = frames.tobytes()
-        row["frames_shape"] = json.dumps(list(frames.shape))
+        """The rendered frames (None: the decode stage's to come), precision, shots, timings, LoRA records and the
+        step cache's steps computed into the row (as the write stage reads them)."""
+        if frames is not None:
+            put_frames(row, frames)
         row["inputs"] = b""
         row["dtype"] = self.generator.precision
         if shots:
@@ -101,6 +128,18 @@ class RenderUDF:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return each_row(batch, "render", self.render_row)
+
+
+def without_text(timings: dict[str, float]) -> dict[str, float]:
+    """A sampling stage's timings without "text": the text stage's own seconds stand for it."""
+    return {k: v for k, v in timings.items() if k != "text"}
+
+
+def put_frames(row: dict[str, Any], frames: np.ndarray) -> None:
+    """A clip's frames into its row, as `row_frames` reads them."""
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    row["frames_data"] = frames.tobytes()
+    row["frames_shape"] = json.dumps(list(frames.shape))
 
 
 def row_frames(row: dict[str, Any]) -> np.ndarray:

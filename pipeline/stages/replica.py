@@ -191,10 +191,16 @@ class RenderRank:
         return {"node_id": ray.get_runtime_context().get_node_id(), "info": g.info, "limits": g.limits,
                 "precision": g.precision}
 
-    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput] | None:
-        """Sample the requests with the other ranks; rank 0 returns the outputs (the same on every rank)."""
-        outputs = self.generator.generate(requests)
+    def generate(self, requests: Sequence[RenderRequest], text_states: dict | None = None,
+                 latents: bool = False) -> list[RenderOutput] | None:
+        """Sample the requests with the other ranks; rank 0 returns the outputs (the same on every rank).
+        `latents`: `generate_latents` (a disaggregated render's sampling stage)."""
+        sample = self.generator.generate_latents if latents else self.generator.generate
+        outputs = sample(requests, text_states=text_states)
         return outputs if self.rank == 0 else None
+
+    def hands_over(self, request: RenderRequest) -> bool:
+        return self.generator.hands_over(request)
 
 
 class ModelParallelReplica:
@@ -276,10 +282,12 @@ class ModelParallelReplica:
 
     # --- the generator interface ----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[RenderRequest]) -> list[RenderOutput]:
-        """Every rank samples the same requests; rank 0's outputs are the result."""
-        shared = ray.put(list(requests))
-        calls = [rank.generate.remote(shared) for rank in self.ranks]
+    def generate(self, requests: Sequence[RenderRequest], text_states: dict | None = None,
+                 latents: bool = False) -> list[RenderOutput]:
+        """Every rank samples the same requests (with the text states handed over, if any); rank 0's outputs
+        are the result. `latents`: `generate_latents`'."""
+        shared, states = ray.put(list(requests)), ray.put(text_states)  # once for all the ranks
+        calls = [rank.generate.remote(shared, states, latents=latents) for rank in self.ranks]
         errors: dict[int, Exception] = {}  # rank -> what it raised
         pending = list(calls)
         while pending:
@@ -302,6 +310,13 @@ class ModelParallelReplica:
         if isinstance(error, RayTaskError):  # the rank's own exception (a bad request: one line)
             raise error.cause from None
         raise error
+
+    def generate_latents(self, requests: Sequence[RenderRequest], text_states: dict | None = None
+                         ) -> list[RenderOutput]:
+        return self.generate(requests, text_states, latents=True)
+
+    def hands_over(self, request: RenderRequest) -> bool:
+        return ray.get(self.ranks[0].hands_over.remote(request))
 
     def _restart(self) -> None:
         for rank in self.ranks:

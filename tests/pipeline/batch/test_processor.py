@@ -15,6 +15,7 @@ from pipeline.batch.manifest import ClipSpec, write_manifest
 from pipeline.batch.processor import build_stages, clip_item
 from pipeline.cli import main
 from pipeline.errors import UsageError
+from pipeline.stages.apart import DecodeUDF, TextStatesUDF
 from pipeline.stages.base import FusedUDF
 from pipeline.stages.inputs import InputsUDF
 from pipeline.stages.prompt import RecaptionUDF
@@ -56,6 +57,26 @@ def test_stages_and_their_resources_on_a_cpu_cluster(ray_session):
     assert stages[2].map_batches_kwargs["compute"].max_size == 1
     stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, threads_per_replica=2, **WRITER)
     assert stages[0].map_batches_kwargs["compute"].max_size == 1
+
+
+def test_disaggregated_stages_and_their_resources(ray_session, tmp_path, capsys):
+    """--disaggregate: text encoding and decoding in pools of their own (CPU actors of 0.25 CPU here, as many as
+    the replicas at most), loading only their part of the model; the replicas sample without a text encoder."""
+    stages = build_stages(model_spec=MODEL, recaptioner="plain", policy=None, clips=5, disaggregate=True, **WRITER)
+    assert [s.udf for s in stages] == [RecaptionUDF, TextStatesUDF, RenderUDF, DecodeUDF, WriteUDF]
+    text, render, decode = stages[1:4]
+    assert render.constructor_kwargs["disaggregated"] is True
+    assert text.constructor_kwargs == decode.constructor_kwargs == {"model": MODEL, "num_threads": 1, "dtype": None}
+    for stage in (text, decode):
+        pool = stage.map_batches_kwargs["compute"]
+        assert (pool.min_size, pool.max_size) == (1, 2)
+        assert (stage.map_batches_kwargs["num_cpus"], stage.map_batches_kwargs["num_gpus"]) == (0.25, 0)
+    with pytest.raises(UsageError, match="cannot fuse them into the render replicas"):
+        build_stages(model_spec=MODEL, recaptioner="plain", policy=None, disaggregate=True, fuse=True, **WRITER)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a red circle"}\n')
+    assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--stage-gpus", "0.5", "--no-progress"]) == 2
+    assert "--stage-gpus is for the text and decode stages of --disaggregate" in capsys.readouterr().err
 
 
 def test_a_group_replica_the_cluster_cannot_hold_is_refused_in_one_line(ray_session):

@@ -83,3 +83,29 @@ def test_reel_serve_refuses_a_precision_the_model_cannot_take_before_ray(tmp_pat
                  "--dtype", "float16"]) == 2
     assert capsys.readouterr().err.strip() == (
         "reel serve: dtype float16 is not one this model renders in (float32, bfloat16)")
+
+
+def test_a_wan_folder_renders_the_same_frames_with_its_stages_apart(ray_session, wan_folders, tmp_path):
+    """`--disaggregate` on a Wan folder: umT5 in the text actor, the VAE in the decode actor, the sampling
+    replica without a text encoder; a text→video row, a still and a remix (all handed over as latents) give the
+    stages-together run's frames, to the bit."""
+    from pipeline import storage
+    from pipeline.batch.driver import RenderConfig, render_manifest
+
+    video = np.full((9, 32, 32, 3), 90, np.uint8)
+    (tmp_path / "in.mp4").write_bytes(encode_mp4(video, 16))
+    rows = [{"id": "t2v", "prompt": "a red circle", "width": 32, "height": 32, "frames": 5, "steps": 2},
+            {"id": "still", "prompt": "a cat", "mode": "image", "width": 32, "height": 32, "steps": 2},
+            {"id": "remix", "prompt": "a blue square", "video": str(tmp_path / "in.mp4"), "strength": 0.5,
+             "steps": 2}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hashes = {}
+    for apart in (False, True):
+        out = str(tmp_path / f"out-{apart}")
+        summary = render_manifest(RenderConfig(manifest=str(manifest), out=out, model=wan_folders["wan21"],
+                                               progress=False, disaggregate=apart))
+        assert summary.rendered == 3, summary.errors
+        meta = storage.read_parquet_dataset(f"{out}/metadata").to_pylist()
+        hashes[apart] = {m["id"]: m["frames_sha256"] for m in meta}
+    assert hashes[True] == hashes[False]

@@ -99,7 +99,7 @@ def run(ray_session, s3_server, tmp_path_factory):
     meta = {m["id"]: m for m in storage.read_parquet_dataset(f"{out}/metadata").to_pylist()}
     errors = {e.id: e for e in summary.errors}
     return {"dir": d, "out": out, "summary": summary, "meta": meta, "errors": errors, "video": video,
-            "moving": moving, "photo": photo}
+            "moving": moving, "photo": photo, "manifest": manifest}
 
 
 def _jpeg(frame: np.ndarray) -> bytes:
@@ -110,6 +110,21 @@ def _jpeg(frame: np.ndarray) -> bytes:
 
 def _frames(run, clip_id: str) -> np.ndarray:
     return decode_mp4(storage.read_bytes(run["meta"][clip_id]["video_uri"]))
+
+
+def test_every_mode_gives_the_same_frames_with_the_stages_apart(run, tmp_path):
+    """`reel render --disaggregate`: captions encoded by a text actor, latents decoded by a decode actor (the
+    rows that are one request the generator hands over), the others decoded where they sample. Every clip's
+    frames are the stages-together run's, to the bit (the metadata's frames_sha256), the bad rows fail alike, and
+    the timings keep the text, sample and decode seconds."""
+    out = str(tmp_path / "apart")
+    summary = render_manifest(RenderConfig(manifest=run["manifest"], out=out, progress=False, disaggregate=True))
+    meta = {m["id"]: m for m in storage.read_parquet_dataset(f"{out}/metadata").to_pylist()}
+    assert {k: m["frames_sha256"] for k, m in meta.items()} == {k: m["frames_sha256"] for k, m in run["meta"].items()}
+    assert {e.id: (e.stage, e.reason) for e in summary.errors} == {
+        k: (e.stage, e.reason) for k, e in run["errors"].items()}
+    for clip in ("t2v", "still", "story"):  # decoded by the decode actor (t2v, still) and by the replica (story)
+        assert all(meta[clip]["timings"][k] > 0 for k in ("text", "sample", "decode")), meta[clip]["timings"]
 
 
 def test_good_rows_render_and_bad_rows_fail_alone_with_one_line_reasons(run):

@@ -176,6 +176,31 @@ def kill_the_render_actor_after_the_first_clip(out: Path, killed: list[int], don
         time.sleep(0.1)
 
 
+def test_a_group_replica_samples_from_text_states_handed_over(ray_session, windowed_model, reference_generator):
+    """The sampling stage of `--disaggregate` as a group of 2 ranks (no text encoder in them): a one-window
+    request comes back as latents that a decode-only generator turns into the single-process frames; a
+    3-window one decodes in the group (its windows condition on decoded frames), from the same handed-over states."""
+    from models.interface import load_generator
+    from pipeline.stages.render import RenderUDF
+
+    replica = RenderUDF(windowed_model, num_threads=1, parallel=ParallelConfig(sp=2), rank_bundle={"CPU": 0.25},
+                        disaggregated=True).generator
+    try:
+        text = load_generator(windowed_model, device="cpu", parts=("text",))
+        decoder = load_generator(windowed_model, device="cpu", parts=("vae",))
+        short, long = REQUESTS
+        states = text.encode_captions([c for r in REQUESTS for c in (r.caption, r.negative_caption)])
+        assert replica.hands_over(short) and not replica.hands_over(long)
+        [out] = replica.generate_latents([short], text_states=states)
+        got = {"short": decoder.decode_latents(out.latents),
+               "long": replica.generate([long], text_states=states)[0].frames}
+    finally:
+        replica.shutdown()
+    for name, r in (("short", short), ("long", long)):
+        want = reference_generator.generate([r])[0].frames
+        assert got[name].shape == want.shape and np.abs(got[name].astype(int) - want).max() <= 1, name
+
+
 def test_reel_render_sp2_gives_the_single_process_frames(ray_session, tmp_path, windowed_model,
                                                          reference_generator):
     """The whole pipeline with each replica a group of 2 ranks; its render actor is killed after the
