@@ -40,7 +40,7 @@ ROWS = [
     {"id": "ball", "prompt": "a red ball moves right on black", "seed": 3, "width": 32, "height": 32, "seconds": 1,
      "steps": 3},
     {"id": "wide", "prompt": "a blue square drifts left, gray backdrop", "seed": 4, "width": 64, "height": 32,
-     "seconds": 2, "steps": 12},  # 3 windows: still rendering when the actor is killed
+     "seconds": 2, "steps": 40},  # 3 windows: still rendering when the actor is killed
 ]
 # what the two-node group samples directly (the generator seam), and the reference with it
 REQUESTS = [RenderRequest(caption="A red ball moves right.", width=32, height=32, frames=8, fps=8, seed=1, steps=3,
