@@ -118,14 +118,11 @@ def wan_autoencoded(gen, frames):
     """uint8 frames (4k+1 of them) through a Wan generator's VAE: preprocessed as diffusers does, encoded (the
     latent distribution's mode), normalised, then the generator's own decode."""
     import torch
-    from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
 
     with torch.inference_mode():
         video = gen.video_processor.preprocess_video(frames.astype("float32") / 255.0, height=frames.shape[1],
-                                                     width=frames.shape[2]).to(gen.device, gen.vae.dtype)
-        latents = retrieve_latents(gen.vae.encode(video), sample_mode="argmax").float()
-        mean, inv_std = gen._latent_stats(torch.float32)
-        return gen.decode((latents - mean) * inv_std)
+                                                     width=frames.shape[2]).to(gen.device)
+        return gen.decode(gen.encode_latents(video))
 
 
 if __name__ == "__main__":

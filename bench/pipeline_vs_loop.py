@@ -160,22 +160,23 @@ def one_round(tmp: str, manifest: str, args: argparse.Namespace, n: int) -> dict
     loop_cpu, meter = meter.done(), CpuMeter()
     pipe_s, startup_s = pipeline(manifest, pipe_out, args.model, args.replicas, args.threads, args.cpus_per_replica)
     pipe_start, pipe_cpu = time.time() - pipe_s, meter.done()  # render_manifest's start (ray.init excluded)
+    def variant(prefix: str, with_stages: bool = False, **options) -> dict:
+        """The pipeline again with `options` (RenderConfig's), its figures under `prefix`_…"""
+        variant_out, meter = f"{tmp}/{prefix}{n}", CpuMeter()
+        seconds, _ = pipeline(manifest, variant_out, args.model, args.replicas, args.threads, args.cpus_per_replica,
+                              **options)
+        figures = {f"{prefix}_seconds": round(seconds, 2), f"ratio_{prefix}_over_loop": round(loop_s / seconds, 3),
+                   f"{prefix}_pace": pace(variant_out, time.time() - seconds, seconds),
+                   f"{prefix}_cpu_seconds": meter.done()}
+        if with_stages:
+            figures[f"{prefix}_median_stage_seconds"] = stage_medians(variant_out)
+        return figures
+
     apart = {}
     if args.apart:  # the light stages in actors of their own, as before they were fused on CPUs
-        apart_out, meter = f"{tmp}/apart{n}", CpuMeter()
-        apart_s, _ = pipeline(manifest, apart_out, args.model, args.replicas, args.threads, args.cpus_per_replica,
-                              fuse=False)
-        apart = {"apart_seconds": round(apart_s, 2), "ratio_apart_over_loop": round(loop_s / apart_s, 3),
-                 "apart_pace": pace(apart_out, time.time() - apart_s, apart_s), "apart_cpu_seconds": meter.done()}
+        apart.update(variant("apart", fuse=False))
     if args.disaggregate:  # text encoding and decoding in actor pools of their own (reel render --disaggregate)
-        split_out, meter = f"{tmp}/disaggregated{n}", CpuMeter()
-        split_s, _ = pipeline(manifest, split_out, args.model, args.replicas, args.threads, args.cpus_per_replica,
-                              disaggregate=True)
-        apart.update({"disaggregated_seconds": round(split_s, 2),
-                      "ratio_disaggregated_over_loop": round(loop_s / split_s, 3),
-                      "disaggregated_pace": pace(split_out, time.time() - split_s, split_s),
-                      "disaggregated_cpu_seconds": meter.done(),
-                      "disaggregated_median_stage_seconds": stage_medians(split_out)})
+        apart.update(variant("disaggregated", with_stages=True, disaggregate=True))
     return {
         "loop_seconds": round(loop_s, 2), "loop_clips_per_s": round(args.rows / loop_s, 3),
         "pipeline_seconds": round(pipe_s, 2), "pipeline_clips_per_s": round(args.rows / pipe_s, 3),

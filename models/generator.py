@@ -123,13 +123,15 @@ class DiffusionVideoGenerator(HandsOver):
             block.compile()
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None
-                 ) -> list[RenderOutput]:
+    def generate(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None,
+                 decode: bool = True) -> list[RenderOutput]:
         self.require("dit", "sample a clip")
         for request in requests:  # all or nothing: reject before spending time on any
             self.check(request)
+            if not decode and not self.hands_over(request):
+                raise ValueError("this request decodes where it samples (given frames, or more than one window)")
         with self.text_from(text_states):
-            return [self._generate_one(request) for request in requests]
+            return [self._generate_one(request, decode) for request in requests]
 
     # --- the stages apart (models/handoff.py) ---------------------------------------------------
 
@@ -144,26 +146,9 @@ class DiffusionVideoGenerator(HandsOver):
         before them: those decode where they sample.)"""
         return r.cond_frames is None and r.strength > 0 and len(self.windows(r)) == 1
 
-    @torch.no_grad()
     def generate_latents(self, requests: Sequence[RenderRequest], text_states: TextStates | None = None
                          ) -> list[RenderOutput]:
-        self.require("dit", "sample a clip")
-        for r in requests:
-            self.check(r)
-            if not self.hands_over(r):
-                raise ValueError("this request decodes where it samples (given frames, or more than one window)")
-        outputs = []
-        with self.text_from(text_states):
-            for r in requests:
-                t0 = self._now()
-                (text, text_mask), (uncond, uncond_mask) = self.caption_states([r.caption]), \
-                    self.caption_states([r.negative_caption])
-                timings = {"text": self._now() - t0, "sample": 0.0}
-                cache = None if r.step_cache is None else self.new_step_cache(r.step_cache)
-                latents = self._window_latents(r, text, text_mask, uncond, uncond_mask, timings, cache)
-                outputs.append(RenderOutput(frames=None, latents=latents.cpu(), timings=timings,
-                                            steps_computed=None if cache is None else cache.steps_computed))
-        return outputs
+        return self.generate(requests, text_states, decode=False)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
@@ -233,11 +218,17 @@ class DiffusionVideoGenerator(HandsOver):
                 "batch": len(rs)}))
         return outputs
 
-    def _generate_one(self, r: RenderRequest) -> RenderOutput:
+    def _generate_one(self, r: RenderRequest, decode: bool = True) -> RenderOutput:
         t0 = self._now()
         text, text_mask = self.caption_states([r.caption])
         uncond, uncond_mask = self.caption_states([r.negative_caption])
-        timings = {"text": self._now() - t0, "sample": 0.0, "decode": 0.0}
+        timings = {"text": self._now() - t0, "sample": 0.0}
+        if not decode:  # a request this generator `hands_over`: one window from noise or a remix
+            cache = None if r.step_cache is None else self.new_step_cache(r.step_cache)
+            latents = self._window_latents(r, text, text_mask, uncond, uncond_mask, timings, cache)
+            return RenderOutput(frames=None, latents=latents.cpu(), timings=timings,
+                                steps_computed=None if cache is None else cache.steps_computed)
+        timings["decode"] = 0.0
         caches: list[StepCache] = []
         if r.strength == 0.0:  # a remix at strength 0 is the input itself
             return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8), timings=timings)
@@ -277,7 +268,7 @@ class DiffusionVideoGenerator(HandsOver):
         n, size, step = r.frames, self.limits.window_frames, self.limits.window_frames - self.limits.context_frames
         if n <= size:
             return [(0, n)]
-        starts = list(range(0, n - size, step)) + [n - size]
+        starts = window_starts(n, size, step)
         given = sorted(r.cond_index) if r.cond_frames is not None else []
         if given and given[0] >= n - size and given[-1] == n - 1:  # only a suffix is given
             return [(n - s - size, n - s) for s in starts]
@@ -382,16 +373,13 @@ class ParallelVideoGenerator(DiffusionVideoGenerator):
 
     def new_step_cache(self, threshold: float) -> StepCache:
         """A step cache whose decisions are agreed over the whole group (tp copies do not count twice)."""
-        import torch.distributed as dist
-
-        group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
-        return StepCache(threshold, group=group, contributes=self.mesh.tp_rank == 0)
+        return StepCache(threshold, group=self.mesh.replica_group, contributes=self.mesh.tp_rank == 0)
 
     def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
         """The tiled decode spread over the group (video on rank 0), then broadcast to every rank."""
         import torch.distributed as dist
 
-        group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
+        group = self.mesh.replica_group
         with self._autocast():
             video = self.vae.decode_tiled(latents, tile=self.DECODE_TILE, overlap=self.decode_overlap, group=group)
         if video is not None:  # rank 0
@@ -408,6 +396,11 @@ def video_to_frames(video: torch.Tensor) -> torch.Tensor:
     """The VAE's output (1, 3, T, H, W), about [-1, 1], as uint8 frames (T, H, W, 3) on its device."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0)
+
+
+def window_starts(total: int, size: int, step: int) -> list[int]:
+    """Where windows of `size` start over `total` frames, `step` apart, the last one aligned to the end."""
+    return list(range(0, total - size, step)) + [total - size]
 
 
 def window_seed(seed: int, window: int) -> int:

@@ -101,7 +101,7 @@ class ParallelMesh:
     config: ParallelConfig
     ulysses: int
     ring: int
-    group: object  # the replica's group (None: the default world)
+    group: object  # the replica's group (None: the default world; `replica_group` names it either way)
     rank: int  # rank in `group`
     cfg_rank: int
     sp_rank: int  # = ring_rank · ulysses + ulysses_rank: which token shard this rank holds
@@ -113,6 +113,13 @@ class ParallelMesh:
     ulysses_group: object = None
     ring_group: object = None
     tp_group: object = None
+
+    @property
+    def replica_group(self):
+        """The replica's process group for collectives over all its ranks (the default world where `group` is None)."""
+        import torch.distributed as dist
+
+        return self.group if self.group is not None else dist.group.WORLD
 
     @property
     def sp(self) -> int:

@@ -439,7 +439,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     local_ray_on_loopback(args.address or os.environ.get("RAY_ADDRESS"))  # before serve.app imports ray
     from pipeline.serve.app import run
-    from pipeline.serve.config import ServeConfig, key_hash, read_key_file
+    from pipeline.serve.config import ServeConfig, key_hashes
 
     options = {k: getattr(args, k) for k in (
         "model", "out", "store", "recaptioner", "replicas", "min_replicas", "max_replicas", "cpus_per_replica",
@@ -448,10 +448,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_upload_mb is not None:
         options["max_upload_bytes"] = int(args.max_upload_mb * (1 << 20))
     try:
-        cfg = ServeConfig.from_env(**options)
-        if args.api_key_file:
-            keys = {key_hash(k) for k in read_key_file(args.api_key_file)}
-            cfg = ServeConfig.from_env(**options, api_key_sha256=tuple(sorted(keys | set(cfg.api_key_sha256))))
+        cfg = ServeConfig.from_env(**options, api_key_sha256=key_hashes(os.environ, args.api_key_file))
     except (OSError, ValueError) as e:
         print(f"reel serve: {e}", file=sys.stderr)
         return 2
@@ -534,12 +531,10 @@ def _gallery(args: argparse.Namespace) -> int:
             print(f"reel gallery: wrote {write_static(args.out)}", file=sys.stderr)
             return 0
         from pipeline.gallery.app import serve_gallery
-        from pipeline.serve.config import ServeConfig, key_hash, read_key_file
+        from pipeline.serve.config import key_hashes
 
-        keys = set(ServeConfig.from_env().api_key_sha256)
-        if args.api_key_file:
-            keys |= {key_hash(k) for k in read_key_file(args.api_key_file)}
-        serve_gallery(args.out, host=args.host, port=args.port, api_key_sha256=tuple(sorted(keys)))
+        serve_gallery(args.out, host=args.host, port=args.port,
+                      api_key_sha256=key_hashes(os.environ, args.api_key_file))
     except (UserError, OSError, ValueError) as e:
         print(f"reel gallery: {e}", file=sys.stderr)
         return 2

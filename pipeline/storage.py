@@ -349,6 +349,18 @@ def list_sizes(prefix_uri: str) -> dict[str, int]:
             if e.get("type") != "directory"}
 
 
+def dataset_files(fs, path: str) -> dict[str, dict]:
+    """{name: listing info} of a Parquet dataset folder's data files, at any depth, without the hidden and
+    underscore names (a writer's temp files, _SUCCESS); {} when the folder is missing."""
+    root = path.rstrip("/") + "/"
+    try:
+        listing = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {name: info for name, info in listing.items() if name.startswith(root)
+            and not any(part.startswith((".", "_")) for part in name[len(root):].split("/"))}
+
+
 def read_parquet_dataset(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """All Parquet files in the folder `uri` (recursively; "." and "_" names skipped) as one table;
     `uri` may also name a single Parquet file.
@@ -362,15 +374,7 @@ def read_parquet_dataset(uri: str, columns: list[str] | None = None) -> pa.Table
 
     fs, path = resolve(uri)
     try:
-        if fs.isfile(path):
-            files = [path]
-        else:
-            root = path.rstrip("/") + "/"
-            files = sorted(
-                p for p in fs.find(path)
-                if p.startswith(root)
-                and not any(part.startswith((".", "_")) for part in p[len(root):].split("/"))
-            )
+        files = [path] if fs.isfile(path) else sorted(dataset_files(fs, path))
     except FileNotFoundError:
         return None
     if not files:

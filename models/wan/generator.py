@@ -197,7 +197,7 @@ class WanVideoGenerator(HandsOver):
         return self.decode(latents)
 
     def _generate_one(self, r: RenderRequest, decode: bool = True) -> RenderOutput:
-        if r.init_frames is not None and int(r.steps * r.strength) == 0:  # a remix that takes no step: the video
+        if not self.hands_over(r):  # a remix that takes no step: the video itself
             return RenderOutput(frames=np.array(r.init_frames, dtype=np.uint8),
                                 timings={"text": 0.0, "sample": 0.0, "decode": 0.0})
         t0 = self._now()
@@ -230,10 +230,7 @@ class WanVideoGenerator(HandsOver):
             return {}
         group, contributes = None, True
         if self.mesh is not None:
-            import torch.distributed as dist
-
-            group = self.mesh.group if self.mesh.group is not None else dist.group.WORLD
-            contributes = self.mesh.tp_rank == 0
+            group, contributes = self.mesh.replica_group, self.mesh.tp_rank == 0
         return {id(expert): WanStepCache(expert, StepCache(threshold, group, contributes), self.shards.get(id(expert)))
                 for expert in (self.transformer, self.transformer_2) if expert is not None}
 
@@ -308,12 +305,16 @@ class WanVideoGenerator(HandsOver):
         distribution), normalised, and noised to `timestep` with the seed's noise."""
         frames = r.init_frames.astype(np.float32) / 255.0  # what diffusers makes of PIL frames
         video = self.video_processor.preprocess_video(frames, height=r.height, width=r.width)
-        video = video.to(self.device, dtype=torch.float32).to(dtype=self.vae.dtype)
-        latents = retrieve_latents(self.vae.encode(video), sample_mode="argmax").to(torch.float32)
-        mean, inv_std = self._latent_stats(torch.float32)
-        latents = (latents - mean) * inv_std
+        latents = self.encode_latents(video.to(self.device, dtype=torch.float32))
         noise = randn_tensor(self.latent_shape(r), generator=generator, device=self.device, dtype=torch.float32)
         return scheduler.add_noise(latents, noise, timestep)
+
+    def encode_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """A preprocessed video (1, 3, T, H, W) as the transformer's latents: the VAE's encode (the mode of its
+        latent distribution), normalised by the VAE's latent mean and std, fp32 (diffusers' pipelines' steps)."""
+        latents = retrieve_latents(self.vae.encode(video.to(dtype=self.vae.dtype)), sample_mode="argmax")
+        mean, inv_std = self._latent_stats(torch.float32)
+        return (latents.to(self.device, torch.float32) - mean) * inv_std
 
     def _timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input: t per clip, or (TI2V-5B) t per latent token."""
@@ -334,9 +335,7 @@ class WanVideoGenerator(HandsOver):
         if (t - 1) * ft + 1 <= self.limits.window_frames and h * w * fs * fs <= UNTILED_MAX_PIXELS:
             video = self.vae.decode(z, return_dict=False)[0]
             return frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])
-        group = None
-        if self.mesh is not None:  # the replica's group (None there: the default world)
-            group = torch.distributed.group.WORLD if self.mesh.group is None else self.mesh.group
+        group = None if self.mesh is None else self.mesh.replica_group
         frames = np.empty(((t - 1) * ft + 1, h * fs, w * fs, 3), dtype=np.uint8)
         for start, video in WanTiledDecoder(self.vae, group).iter_decode(z):
             chunk = frames_to_uint8(self.video_processor.postprocess_video(video, output_type="np")[0])

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
 from PIL import Image
 
 from models.render_types import RenderRequest
@@ -131,9 +130,7 @@ def image_conditioning(gen, r: RenderRequest, latent_shape: tuple[int, ...]) -> 
         gap = r.frames - 1 if last is None else r.frames - 2
         parts = [image, image.new_zeros(1, 3, gap, r.height, r.width)] + ([] if last is None else [preprocess(last)])
         video = torch.cat(parts, dim=2)
-    latents = retrieve_latents(gen.vae.encode(video.to(dtype=gen.vae.dtype)), sample_mode="argmax")
-    mean, inv_std = gen._latent_stats(torch.float32)
-    latents = (latents.to(gen.device, torch.float32) - mean) * inv_std
+    latents = gen.encode_latents(video)
     if kind == "first-latent":
         mask = torch.ones(1, 1, frames_latent, h, w, dtype=torch.float32, device=gen.device)
         mask[:, :, 0] = 0

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.generator import window_seed
+from models.generator import window_seed, window_starts
 from models.render_types import RenderRequest
 
 
@@ -41,8 +41,7 @@ def latent_windows(total: int, window: int, context: int) -> list[tuple[int, int
         return [(0, total)]
     if not 0 < context < window:
         raise ValueError(f"context={context} latent frames must be in 1..{window - 1}")
-    starts = list(range(0, total - window, window - context)) + [total - window]
-    return [(s, s + window) for s in starts]
+    return [(s, s + window) for s in window_starts(total, window, window - context)]
 
 
 class ContextHold:

@@ -133,7 +133,8 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
     summary.rows, summary.errors = table.num_rows, list(errors)
     hashes = {s.id: s.request_sha256(model_sha256=model_info.weights_sha256, recaptioner=recaptioner,
                                      codec=cfg.codec, dtype=cfg.dtype) for s in specs}
-    done = _completed_requests(cfg.out, cfg.resume, cfg)
+    _check_out_readable(cfg.out)
+    done = _completed_requests(cfg.out, cfg) if cfg.resume else {}
     todo = [s for s in specs if done.get(s.id) != hashes[s.id]]
     summary.skipped = len(specs) - len(todo)
     if summary.skipped:
@@ -165,9 +166,13 @@ def render_manifest(cfg: RenderConfig) -> RunSummary:
                         summary.rendered += 1
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: record what finished (a rerun resumes), then stop
             summary.interrupted = True
-            # what the writers finished, also clips whose rows had not reached this loop yet
-            finished = _completed_requests(cfg.out, True)
-            summary.rendered = sum(finished.get(s.id) == hashes[s.id] for s in todo)
+            # what the writers finished, also clips whose rows had not reached this loop yet (a store gone
+            # down meanwhile leaves the count of rows that reached it: run.json is still written, or said why not)
+            try:
+                finished = _completed_requests(cfg.out)
+                summary.rendered = sum(finished.get(s.id) == hashes[s.id] for s in todo)
+            except UsageError:
+                pass
         finally:
             if layout.world_size > 1:  # the render actors' placement groups outlive them
                 from pipeline.stages.replica import remove_placement_groups
@@ -232,16 +237,24 @@ def _has_media(spec: ClipSpec) -> bool:
     return bool(spec.image or spec.image_end or spec.video or spec.video_end)
 
 
-def _completed_requests(out: str, resume: bool, cfg: RenderConfig | None = None) -> dict[str, str]:
-    """id → request hash of every clip complete under `out` (nothing without `resume`): its metadata
-    (written last) exists and so do its files, the video (or still) with the byte count the metadata
-    recorded. A video deleted or truncated under kept metadata is not complete: the clip renders again.
-    The sizes come from one listing per folder, so checking costs no request per clip. An output store
-    that cannot be reached or read is a UsageError (exit 2) before anything renders, with or without resume."""
-    columns = ["id", "request_sha256", "video_uri", "image_uri", "thumbnail_uri", "bytes"]
+def _check_out_readable(out: str) -> None:
+    """An output store that cannot be reached is a UsageError (exit 2) before anything renders, with or
+    without resume."""
     try:
         storage.check_reachable(out)
-        table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=columns) if resume else None
+    except Exception as e:  # botocore, aiohttp, OSError: whatever the store's client raises
+        raise UsageError(f"cannot read --out {out}: {one_line(e, show_type=True)}") from None
+
+
+def _completed_requests(out: str, cfg: RenderConfig | None = None) -> dict[str, str]:
+    """id → request hash of every clip complete under `out`: its metadata (written last) exists and so
+    do its files, the video (or still) with the byte count the metadata recorded. A video deleted or
+    truncated under kept metadata is not complete: the clip renders again (said on stderr when `cfg` is
+    given). The sizes come from one listing per folder, so checking costs no request per clip. A store
+    that cannot be read is a UsageError."""
+    columns = ["id", "request_sha256", "video_uri", "image_uri", "thumbnail_uri", "bytes"]
+    try:
+        table = storage.read_parquet_dataset(storage.join(out, "metadata"), columns=columns)
         if table is None:
             return {}
         listed = {folder: storage.list_sizes(storage.join(out, folder))

@@ -147,10 +147,13 @@ def build_stages(*, model_spec: str, recaptioner: str, policy: str | None, out: 
     ]
     if disaggregate:
         part = {"model": model_spec, "num_threads": threads, "dtype": dtype}
-        pool = {"compute": ActorPoolStrategy(min_size=1, max_size=replicas), "num_cpus": 1 if stage_gpus else 0.25,
-                "num_gpus": stage_gpus}
+
+        def pool() -> dict[str, Any]:
+            return {"compute": ActorPoolStrategy(min_size=1, max_size=replicas), "num_cpus": 1 if stage_gpus else 0.25,
+                    "num_gpus": stage_gpus}
+
         at = next(i for i, s in enumerate(stages) if s.udf is RenderUDF)
-        stages[at:at + 1] = [Stage(TextStatesUDF, part, dict(pool)), stages[at], Stage(DecodeUDF, part, dict(pool))]
+        stages[at:at + 1] = [Stage(TextStatesUDF, part, pool()), stages[at], Stage(DecodeUDF, part, pool())]
         return stages
     if fuse is None:
         fuse = not gpus_per_replica and world == 1 and not recaptioner.startswith(LLM_PREFIXES)

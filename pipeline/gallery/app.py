@@ -18,7 +18,6 @@ a URL; the cookie holds a random session token (in this process's memory), not t
 from __future__ import annotations
 
 import getpass
-import hmac
 import ipaddress
 import json
 import re
@@ -91,10 +90,9 @@ class Gallery:
         return self.run.clip(clip_id) or self.reload().clip(clip_id)
 
     def owner_of_key(self, key: str) -> str | None:
-        from pipeline.serve.config import key_hash
+        from pipeline.serve.config import known_key
 
-        digest = key_hash(key.strip())
-        return digest if any(hmac.compare_digest(digest, known) for known in self.api_key_sha256) else None
+        return known_key(key, self.api_key_sha256)
 
     def owner_of(self, cookie: str | None, authorization: str | None) -> str | None:
         """The caller's owner id (its key's hash) from the session cookie or a bearer key; None: unknown."""

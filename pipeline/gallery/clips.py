@@ -127,7 +127,7 @@ def load_run(out: str, read: Callable[[str], pa.Table | None] = storage.read_par
     """The run under `out` as the gallery shows it (GalleryError when there is no metadata/ there);
     `read` reads a dataset folder (the server passes its `CachedDatasets.read`)."""
     meta = read(storage.join(out, "metadata"))
-    errors = storage.read_parquet_dataset(storage.join(out, "errors"))
+    errors = read(storage.join(out, "errors"))
     if (meta is None or meta.num_rows == 0) and (errors is None or errors.num_rows == 0):
         raise GalleryError(f"no rendered clips under {out} (no metadata/ and no errors/): is it a reel render OUT?")
     verdicts = latest_verdicts(out, read)

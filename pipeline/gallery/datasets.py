@@ -29,13 +29,7 @@ class CachedDatasets:
 
     def read(self, uri: str) -> pa.Table | None:
         fs, path = storage.resolve(uri)
-        root = path.rstrip("/") + "/"
-        try:
-            listing = fs.find(path, detail=True)
-        except FileNotFoundError:
-            listing = {}
-        listing = {name: info for name, info in listing.items() if name.startswith(root)
-                   and not any(part.startswith((".", "_")) for part in name[len(root):].split("/"))}
+        listing = storage.dataset_files(fs, path)
         with self._lock:
             cached = self._files.setdefault(uri, {})
             changed = False

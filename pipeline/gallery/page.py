@@ -12,7 +12,7 @@ from functools import cache
 import jinja2
 
 from pipeline import storage
-from pipeline.gallery.clips import Run, ensure_sprite, load_run
+from pipeline.gallery.clips import SPRITES, Run, ensure_sprite, load_run
 
 STATIC_PAGE = "gallery/index.html"
 
@@ -26,7 +26,8 @@ def _environment() -> jinja2.Environment:
 def render_page(run: Run, *, static: bool, base: str, reviewer: str = "") -> str:
     """The page over `run`; media links are `base` + their key under OUT ("files/" when served,
     "../" in the static copy); `static` leaves out the review controls."""
-    totals = {state: sum(c["review"] == state for c in run.clips) for state in ("approved", "rejected")}
+    review = dict(next(f.counts for f in run.facets if f.key == "review"))
+    totals = {state: review[state] for state in ("approved", "rejected")}
     # embedded in a <script> element: "</" must not close it
     clips_json = json.dumps(run.clips, ensure_ascii=False, default=str).replace("</", "<\\/")
     title = posixpath.basename(run.out.rstrip("/")) or run.out
@@ -39,8 +40,10 @@ def write_static(out: str) -> str:
     """Write the read-only page to OUT/gallery/index.html (spritesheets under OUT/gallery/sprites/,
     made where missing); returns its URI."""
     run = load_run(out)
+    made = set(storage.list_names(storage.join(out, SPRITES)))  # one listing, not a download of each
+    missing = [clip for clip in run.clips if posixpath.basename(clip["sprite"]) not in made]
     with ThreadPoolExecutor(max_workers=4) as pool:  # ffmpeg decodes in its own processes
-        list(pool.map(lambda clip: ensure_sprite(out, clip), run.clips))
+        list(pool.map(lambda clip: ensure_sprite(out, clip), missing))
     uri = storage.join(out, STATIC_PAGE)
     storage.write_bytes_atomic(uri, render_page(run, static=True, base="../").encode("utf-8"))
     return uri

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hmac
 import logging
 import math
 import time
@@ -19,7 +18,7 @@ from pipeline import storage
 from pipeline.batch.manifest import ClipSpec
 from pipeline.errors import UserError, one_line
 from pipeline.media.decode import decode_image, probe_video
-from pipeline.serve.config import ServeConfig, key_hash
+from pipeline.serve.config import ServeConfig, known_key
 from pipeline.serve.errors import APIError
 from pipeline.serve.http import build_api
 from pipeline.serve.jobs_store import Job, JobStore, Rejected
@@ -89,8 +88,8 @@ class VideoAPI:
         if scheme.lower() != "bearer" or not key.strip():
             raise APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
-        digest = key_hash(key.strip())
-        if not any(hmac.compare_digest(digest, known) for known in self.cfg.api_key_sha256):
+        digest = known_key(key, self.cfg.api_key_sha256)
+        if digest is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return digest[:24]
 

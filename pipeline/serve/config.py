@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +112,7 @@ class ServeConfig:
                 continue
             values[f.name] = ((int(raw) if "int" in kind else float(raw) if "float" in kind else raw)
                               if raw != "" else None)
-        keys = [k.strip() for k in env.get("REEL_API_KEYS", "").split(",") if k.strip()]
-        if env.get("REELFORGE_API_KEY_FILE"):
-            keys += read_key_file(env["REELFORGE_API_KEY_FILE"])
-        values["api_key_sha256"] = tuple(sorted({key_hash(k) for k in keys}))
+        values["api_key_sha256"] = key_hashes(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -140,3 +139,19 @@ def read_key_file(path: str) -> list[str]:
 
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_hashes(env: Mapping[str, str], key_file: str | None = None) -> tuple[str, ...]:
+    """The hashes of the API keys a server accepts: REEL_API_KEYS (comma-separated), REELFORGE_API_KEY_FILE's
+    and `key_file`'s (one a line)."""
+    keys = [k.strip() for k in env.get("REEL_API_KEYS", "").split(",") if k.strip()]
+    for path in (env.get("REELFORGE_API_KEY_FILE"), key_file):
+        if path:
+            keys += read_key_file(path)
+    return tuple(sorted({key_hash(k) for k in keys}))
+
+
+def known_key(key: str, hashes: Sequence[str]) -> str | None:
+    """The hash of `key` when it is one of `hashes` (compared in constant time), else None."""
+    digest = key_hash(key.strip())
+    return digest if any(hmac.compare_digest(digest, known) for known in hashes) else None

@@ -25,13 +25,21 @@ from pipeline.stages.modes import row_captions, single_request_frames
 from pipeline.stages.render import put_frames
 
 
-class TextStatesUDF:
-    """captions → their text states (bytes in the row's `text_states`), with the model's text encoder alone."""
+class PartUDF:
+    """A stage that loads one part of the model (`parts`, `load_generator`'s)."""
+
+    parts: tuple[str, ...] = ()
 
     def __init__(self, model: str, num_threads: int | None = None, dtype: str | None = None):
         from models.interface import load_generator
 
-        self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, parts=("text",))
+        self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, parts=self.parts)
+
+
+class TextStatesUDF(PartUDF):
+    """captions → their text states (bytes in the row's `text_states`), with the model's text encoder alone."""
+
+    parts = ("text",)
 
     def text_row(self, row: dict[str, Any]) -> None:
         from models.interface import to_bytes
@@ -44,13 +52,10 @@ class TextStatesUDF:
         return each_row(batch, "text", self.text_row)
 
 
-class DecodeUDF:
+class DecodeUDF(PartUDF):
     """latents → frames, with the model's VAE alone; rows already decoded by their sampling replica pass on."""
 
-    def __init__(self, model: str, num_threads: int | None = None, dtype: str | None = None):
-        from models.interface import load_generator
-
-        self.generator = load_generator(model, num_threads=num_threads, dtype=dtype, parts=("vae",))
+    parts = ("vae",)
 
     def decode_row(self, row: dict[str, Any]) -> None:
         if not row.get("latents"):

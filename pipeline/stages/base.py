@@ -35,8 +35,11 @@ def each_row(batch: pd.DataFrame, stage: str, fn: Callable[[dict[str, Any]], Non
 
 
 def add_timing(row: dict[str, Any], **seconds: float) -> None:
+    """Add seconds to the row's timings; a part two stages share adds up (a disaggregated render's "text": the
+    text stage's encoding and the sampling replica's picture encoding)."""
     timings = json.loads(row.get("timings") or "{}")
-    timings.update(seconds)
+    for part, value in seconds.items():
+        timings[part] = timings.get(part, 0.0) + value
     row["timings"] = json.dumps(timings)
 
 

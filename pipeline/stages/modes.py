@@ -86,12 +86,13 @@ def base_request(row: dict[str, Any]) -> RenderRequest:
         lora=row_adapters(row), step_cache=optional_number(row.get("step_cache")))
 
 
-def single_request(row: dict[str, Any], inputs: dict[str, np.ndarray], limits: GridLimits) -> RenderRequest | None:
+def single_request(row: dict[str, Any], inputs: dict[str, np.ndarray], limits: GridLimits,
+                   base: RenderRequest | None = None) -> RenderRequest | None:
     """The one request a row's clip is, where its frames are that request's (`single_request_frames`):
     text→video, a still, image→video, interpolation between two pictures. None for the modes that render
     several requests or join given frames to the new ones (extension, interpolation between clips, remix,
-    storyboards)."""
-    base = base_request(row)
+    storyboards). `base`: the row's `base_request`, where the caller has it."""
+    base = base or base_request(row)
     mode = row["mode"]
     if mode == "t2v":
         return base
@@ -131,7 +132,7 @@ def render_clip(generator: VideoGenerator, row: dict[str, Any], inputs: dict[str
         return out.frames
 
     mode = row["mode"]
-    single = single_request(row, inputs, limits)
+    single = single_request(row, inputs, limits, base)
     if single is not None:
         frames = single_request_frames(row, run(single))
     elif mode == "interpolate":

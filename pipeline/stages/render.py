@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.interface import RenderRequest
 from pipeline.stages.base import add_timing, each_row
 from pipeline.stages.modes import (
     base_request,
@@ -74,10 +75,10 @@ class RenderUDF:
         if request is not None and self.generator.hands_over(request):
             [out] = self.generator.generate_latents([request], text_states=states)
             row["latents"] = to_bytes(out.latents)
-            self._fill(row, None, without_text(out.timings), [], out.steps_computed)
+            self._fill(row, None, out.timings, [], out.steps_computed)
         else:
             frames, timings, shots, steps_computed = render_clip(self.generator, row, inputs, text_states=states)
-            self._fill(row, frames, without_text(timings), shots, steps_computed)
+            self._fill(row, frames, timings, shots, steps_computed)
 
     def render_rows(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
         """`render_row` for several rows, text→video rows of one shape and settings sampled as one
@@ -85,12 +86,13 @@ class RenderUDF:
         row's exception, or None where it rendered; one row's failure leaves the others alone."""
         errors: list[Exception | None] = [None] * len(rows)
         together = getattr(self.generator, "generate_together", None)
-        batched: list[int] = []
+        batched: dict[int, RenderRequest] = {}
         for i, row in enumerate(rows):
             if together is not None and row["mode"] == "t2v":
                 try:
-                    self.generator.check(base_request(row))
-                    batched.append(i)
+                    request = base_request(row)
+                    self.generator.check(request)
+                    batched[i] = request
                 except Exception as e:
                     errors[i] = e
                 continue
@@ -100,7 +102,7 @@ class RenderUDF:
                 errors[i] = e
         if batched:
             try:
-                outputs = together([base_request(rows[i]) for i in batched])
+                outputs = together(list(batched.values()))
             except Exception as e:  # the whole batch failed (a device error): each of its rows did
                 return [e if i in batched else err for i, err in enumerate(errors)]
             for i, out in zip(batched, outputs):
@@ -128,11 +130,6 @@ class RenderUDF:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return each_row(batch, "render", self.render_row)
-
-
-def without_text(timings: dict[str, float]) -> dict[str, float]:
-    """A sampling stage's timings without "text": the text stage's own seconds stand for it."""
-    return {k: v for k, v in timings.items() if k != "text"}
 
 
 def put_frames(row: dict[str, Any], frames: np.ndarray) -> None:

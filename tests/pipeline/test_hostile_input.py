@@ -25,6 +25,7 @@ from pipeline.batch.manifest import read_manifest, validate
 from pipeline.cli import main
 from pipeline.serve.errors import APIError
 from pipeline.serve.requests import fetch_url
+from tests.waiting import wait_for
 
 MODEL = "tiny"
 QUICK = {"steps": 2}
@@ -234,24 +235,10 @@ def api(ray_session, tmp_path_factory):
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
                           timeout=30)
-    wait(lambda: client.get("/readyz").status_code == 200, 120)
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, interval=0.2)
     yield client, folder
     client.close()
     serve.shutdown()
-
-
-def wait(predicate, timeout):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def bomb_upload():
@@ -310,7 +297,7 @@ def test_a_good_request_renders_and_nothing_lands_outside_out(api):
         done.update(client.get(f"/v1/videos/{video_id}").json())
         return done["status"] in ("completed", "failed")
 
-    wait(finished, 120)
+    wait_for(finished, 120, interval=0.2)
     assert done["status"] == "completed", done
     assert client.get("/v1/videos", params={"limit": 100}).json()["data"][0]["id"] == video_id  # the only job
     assert all(p.startswith(("out/", "jobs.sqlite")) for p in tree(folder)), tree(folder)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from pipeline.batch.ray_watchdog import descendants, process_stat
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
 
@@ -22,15 +23,6 @@ REEL = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.ex
 def environment():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     return {**env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")}
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def alive(processes):
@@ -87,7 +79,7 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it_and_ray_listens_on_loopb
                     pass
             return all(any(name in c for name in names for c in cmdlines) for names in wanted)
 
-        wait_for(started, 60, "Ray's GCS, raylet and agents started")
+        wait_for(started, 60, interval=0.2, what="Ray's GCS, raylet and agents started")
         ray_processes = descendants(driver.pid)
         addresses = listening_addresses(ray_processes)
         loopback = [getattr(a, "ipv4_mapped", None) or a for a in map(ipaddress.ip_address, addresses)]
@@ -97,7 +89,8 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it_and_ray_listens_on_loopb
         driver.wait()
     t0 = time.monotonic()
     try:
-        wait_for(lambda: not alive(ray_processes), 30, "every process of the killed driver's Ray gone")
+        wait_for(lambda: not alive(ray_processes), 30, interval=0.2,
+                 what="every process of the killed driver's Ray gone")
     except AssertionError:
         left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(ray_processes)}
         raise AssertionError(f"still running 30 s after the driver's SIGKILL: {left}") from None
@@ -113,7 +106,7 @@ def test_ctrl_c_gives_one_line_exit_130_and_run_json_of_what_finished(tmp_path):
                             "--replicas", "1"], env=environment(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any((out / "metadata").glob("*.parquet")), 180, "the first clip written")
+        wait_for(lambda: any((out / "metadata").glob("*.parquet")), 180, interval=0.2, what="the first clip written")
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=60)
     finally:

@@ -8,7 +8,6 @@ down and deploys it again on the same job store.
 import io
 import json
 import socket
-import time
 import warnings
 
 import boto3
@@ -21,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from pipeline import storage
 from pipeline.media.encode import probe_mp4
 from pipeline.serve.jobs_store import JobStore
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks videos.* deprecated
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -56,18 +56,6 @@ class Server:
 
     def sdk(self, key=KEY):
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0)
-
-
-def wait_for(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def free_port():
