@@ -59,6 +59,11 @@ class StepCache:
         self._previous: torch.Tensor | None = None  # the conditional first-block residual of the last computed step
         self._decision: bool | None = None  # this step's: True = reuse the tail
 
+    def new_window(self) -> None:
+        """The next window of a long clip, sampled on the same cache: its first step computes, as any run's first
+        does (the last window's residuals are of another latent and noise level); the steps computed add up."""
+        self._previous = self.tail = None
+
     def start_step(self) -> None:
         """A new sampling step: its first forward decides, the step's later forwards follow."""
         self.steps += 1

@@ -280,8 +280,9 @@ def check_settings(folder: WanFolder) -> WanFolder:
         raise WanFolderError(f"{where} must be a JSON object with keys among {', '.join(SETTINGS_KEYS)}, got {got}")
     for key, v in s.items():
         if key == "default_guidance":
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 100:
-                raise WanFolderError(f"{where}: default_guidance={v!r} must be a number in 0..100")
+            top = GridLimits.max_guidance  # what a request may ask for: the default must be one
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top:
+                raise WanFolderError(f"{where}: default_guidance={v!r} must be a number in 0..{top:g}")
         elif isinstance(v, bool) or not isinstance(v, int):
             raise WanFolderError(f"{where}: {key}={v!r} must be a whole number"
                                  + (" of frames" if key.endswith("_frames") else ""))

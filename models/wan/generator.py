@@ -262,6 +262,8 @@ class WanVideoGenerator(HandsOver):
         `caches`: `step_caches`'. `context`: latents the first latent frames are held to (a long clip's window
         after the first: `ContextHold`)."""
         caches = caches or {}
+        for cache in caches.values():  # a long clip's windows share the request's caches
+            cache.step_cache.new_window()
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(r.steps, device=self.device)
         timesteps = scheduler.timesteps

@@ -98,6 +98,14 @@ def test_a_long_clip_is_three_windows_each_held_to_the_one_before(short, generat
     assert diff.max() <= 1, diff.max()
 
 
+def test_each_window_of_a_long_clip_computes_its_first_step_under_the_step_cache(short):
+    """A threshold no change reaches reuses every step it may: then only each window's first step computes (the
+    last window's residuals are of another latent and noise level), three windows of 4 steps: 3 computed."""
+    _, generator = short
+    [out] = generator.generate([dataclasses.replace(LONG, steps=4, step_cache=1e9)])
+    assert out.steps_computed == 3
+
+
 def test_long_remix_and_off_settings_are_refused(short, tmp_path):
     from models.wan.folder import WanFolderError, read_wan_folder
 

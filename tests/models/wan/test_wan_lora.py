@@ -164,3 +164,7 @@ def test_a_few_step_distill_takes_steps_guidance_and_scheduler_from_its_folder(d
     with pytest.raises(WanFolderError, match="reelforge.json must be a JSON object with keys among default_steps, "
                                              "default_guidance, .*, got keys steps"):
         describe_model(bad)
+    # a default guidance no request could ask for is refused with the folder, not on every row
+    json.dump({"default_guidance": 50}, open(f"{bad}/reelforge.json", "w"))
+    with pytest.raises(WanFolderError, match=r"reelforge.json: default_guidance=50 must be a number in 0\.\.30$"):
+        describe_model(bad)
